@@ -1,0 +1,30 @@
+# Every target does its own set-up from a fresh clone: a .venv with the project installed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on its embedded default (local, synthetic data).
+demo: $(STAMP)
+	@test -f data/OL/train.txt || $(PY) -m anodfd synth OL --out data/OL --pairs 60 --size 512x384 --seed 1
+	$(PY) -m anodfd data check data/OL
+
+test: $(STAMP)
+	$(PY) -m ruff check anodfd tests benchmarks
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_loading.py
+	$(PY) benchmarks/bench_model.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

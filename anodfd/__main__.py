@@ -1,0 +1,3 @@
+from anodfd.cli import main
+
+raise SystemExit(main())

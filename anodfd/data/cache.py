@@ -1,0 +1,125 @@
+"""Decode a pair once, at the training size, and keep it: in memory and on disk.
+
+A 2048x1536 JPEG costs tens of milliseconds to decode; a model at 256x256 needs a sixty-fourth of its pixels.
+So JPEGs at least twice the target size are decoded at reduced size by libjpeg itself (IMREAD_REDUCED_*), then
+area-resized; the resulting uint8 pair (hist RGB, cur RGB, mask {0,1}) is stored as one ``.npy`` keyed by the
+three files' identity (path, size, mtime) and the target size. Later epochs, runs and processes read that
+instead of decoding. Writes are atomic (temp file + rename), so concurrent workers can share one cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from anodfd.data.layouts import DatasetError, Pair, image_size
+
+_VERSION = "v1"  # bump when the decoding below changes, so stale entries are not reused
+_REDUCED = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2}
+cv2.setNumThreads(1)  # DataLoader workers already run in parallel; nested OpenCV threads only contend
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("ANODFD_CACHE_DIR"):
+        return Path(os.environ["ANODFD_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "anodfd"
+
+
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """An RGB uint8 image of ``size`` x ``size``; JPEGs decoded at reduced size when large enough."""
+    flag = cv2.IMREAD_COLOR
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        w, h = image_size(path)
+        for factor, reduced in _REDUCED.items():
+            if min(w, h) >= factor * size:  # still at least the target size after reduction
+                flag = reduced
+                break
+    img = cv2.imread(str(path), flag)
+    if img is None:
+        raise DatasetError(f"{path}: OpenCV could not decode this image; replace the file")
+    img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def decode_mask(path: Path, size: int) -> np.ndarray:
+    """A {0,1} uint8 mask of ``size`` x ``size`` from a 0/1 or 0/255, grey or RGB, PNG or JPG file.
+
+    Area-resizing then thresholding at half coverage keeps the labels hard (no fake soft labels) and keeps
+    the anomalous area about the same.
+    """
+    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if m is None:
+        raise DatasetError(f"{path}: OpenCV could not decode this mask; replace the file")
+    binary = (m > 127) if m.max() > 1 else (m > 0)  # 0/255 masks (JPEG noise tolerated) or 0/1 masks
+    small = cv2.resize(binary.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    return (small >= 0.5).astype(np.uint8)
+
+
+class PairCache:
+    """Decoded, resized pairs as one HxWx7 uint8 array: hist RGB, cur RGB, mask.
+
+    ``memory_bytes`` caps the in-process cache (each DataLoader worker has its own); the disk cache is shared.
+    ``stats`` counts decodes, disk hits and memory hits, so tests and benchmarks can see what happened.
+    """
+
+    def __init__(self, cache_dir: str | Path | None = None, disk: bool = True, memory_bytes: int = 2 << 30):
+        self.dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.disk = disk
+        self.memory_bytes = memory_bytes
+        self._memory: dict[str, np.ndarray] = {}
+        self._used = 0
+        self._lock = threading.Lock()
+        self.stats = {"decoded": 0, "disk_hits": 0, "memory_hits": 0}
+
+    def key(self, pair: Pair, size: int) -> str:
+        parts = [_VERSION, str(size)]
+        for f in (pair.hist, pair.cur, pair.mask):
+            st = f.stat()
+            parts += [str(f.resolve()), str(st.st_size), str(st.st_mtime_ns)]
+        return hashlib.sha1("|".join(parts).encode()).hexdigest()
+
+    def get(self, pair: Pair, size: int) -> np.ndarray:
+        key = self.key(pair, size)
+        arr = self._memory.get(key)
+        if arr is not None:
+            self.stats["memory_hits"] += 1
+            return arr
+        path = self.dir / key[:2] / f"{key}.npy"
+        arr = self._read(path) if self.disk else None
+        if arr is not None:
+            self.stats["disk_hits"] += 1
+        else:
+            arr = np.concatenate(
+                [decode_image(pair.hist, size), decode_image(pair.cur, size), decode_mask(pair.mask, size)[..., None]],
+                axis=2,
+            )
+            self.stats["decoded"] += 1
+            if self.disk:
+                self._write(path, arr)
+        self._remember(key, arr)
+        return arr
+
+    def _read(self, path: Path) -> np.ndarray | None:
+        try:
+            return np.load(path)
+        except (FileNotFoundError, ValueError, OSError):  # absent, or a partial file from a killed writer
+            return None
+
+    def _write(self, path: Path, arr: np.ndarray) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+
+    def _remember(self, key: str, arr: np.ndarray) -> None:
+        with self._lock:
+            if self._used + arr.nbytes <= self.memory_bytes:
+                self._memory[key] = arr
+                self._used += arr.nbytes

@@ -1,0 +1,90 @@
+"""`anodfd data check`: decode every listed file once and summarise the dataset."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from anodfd.data.layouts import SPLITS, DatasetError, detect_layout, image_size, list_path, read_split
+
+
+@dataclass
+class CheckReport:
+    root: Path
+    layout: str
+    pairs: dict[str, int] = field(default_factory=dict)  # split -> pairs
+    sizes: Counter = field(default_factory=Counter)  # (w, h) of current images -> count
+    anomaly_fraction: dict[str, float] = field(default_factory=dict)  # split -> anomalous pixel fraction
+    normal_pairs: dict[str, int] = field(default_factory=dict)  # split -> pairs with an empty mask
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def format(self) -> str:
+        lines = [f"dataset {self.root} (layout {self.layout})"]
+        for split, n in self.pairs.items():
+            frac = self.anomaly_fraction.get(split, float("nan"))
+            lines.append(
+                f"  {split:5s} {n:6d} pairs, {self.normal_pairs.get(split, 0)} normal, "
+                f"anomalous pixels {100 * frac:.3f}%"
+            )
+        common = ", ".join(f"{w}x{h} ({c})" for (w, h), c in self.sizes.most_common(5))
+        more = f" and {len(self.sizes) - 5} more" if len(self.sizes) > 5 else ""
+        lines.append(f"  current image sizes: {common}{more}")
+        lines += [f"  note: {n}" for n in self.notes]
+        shown = self.errors[:20]
+        lines += [f"  error: {e}" for e in shown]
+        if len(self.errors) > len(shown):
+            lines.append(f"  ... and {len(self.errors) - len(shown)} more errors")
+        lines.append("OK" if self.ok else f"FAILED: {len(self.errors)} problem(s)")
+        return "\n".join(lines)
+
+
+def check_dataset(root: str | Path, layout: str = "auto", val_fraction: float = 0.2) -> CheckReport:
+    """Every listed file must exist, have a sane header and decode; every problem is collected, not just one."""
+    root = Path(root).resolve()
+    layout = detect_layout(root, layout)
+    report = CheckReport(root=root, layout=layout)
+    if not list_path(root, "val", layout).is_file():
+        report.notes.append(f"no validation list: val is a deterministic {val_fraction:.0%} of train")
+    for split in SPLITS:
+        if split == "test" and not list_path(root, "test", layout).is_file():
+            report.notes.append("no test list")
+            continue
+        try:
+            pairs = read_split(root, split, layout, val_fraction)
+        except DatasetError as e:
+            report.errors.append(str(e))
+            continue
+        report.pairs[split] = len(pairs)
+        anomalous = total = normal = 0
+        for p in pairs:
+            try:
+                cur_size = image_size(p.cur)
+                image_size(p.hist)
+                if image_size(p.mask) != cur_size:
+                    raise DatasetError(f"{p.mask}: mask size differs from its current image {p.cur}")
+                for f in (p.cur, p.hist):
+                    if cv2.imread(str(f), cv2.IMREAD_REDUCED_COLOR_4) is None:
+                        raise DatasetError(f"{f}: OpenCV could not decode this image; replace the file")
+                m = cv2.imread(str(p.mask), cv2.IMREAD_GRAYSCALE)
+                if m is None:
+                    raise DatasetError(f"{p.mask}: OpenCV could not decode this mask; replace the file")
+            except DatasetError as e:
+                report.errors.append(str(e))
+                continue
+            report.sizes[cur_size] += 1
+            positive = int(np.count_nonzero((m > 127) if m.max() > 1 else m))
+            anomalous += positive
+            total += m.size
+            normal += positive == 0
+        report.anomaly_fraction[split] = anomalous / max(total, 1)
+        report.normal_pairs[split] = normal
+    return report

@@ -1,0 +1,245 @@
+"""Find the pairs of a dataset on disk, in the layouts their owners use, and validate them cheaply.
+
+Two layouts:
+- ``paper``: the official AnoDFDNet layout. Split lists ``train.txt``, ``validation.txt``, ``test.txt`` at the
+  root, each line ``cur,hist,gt`` with paths relative to the root, often written on Windows with backslashes.
+- ``abl``: the common change-detection layout (LEVIR-CD, DeepPCB): ``A/`` history, ``B/`` current, ``label/``
+  masks, and ``list/{train,val,test}.txt`` with one id a line.
+
+Every problem is raised as one `DatasetError` that names the file (and line) and says how to fix it, before any
+training starts. Validation reads list files and image headers only; nothing is decoded and nothing written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+SPLITS = ("train", "val", "test")
+NAMED_DATASETS = ("OL", "FB", "Diff")
+LAYOUTS = ("auto", "paper", "abl")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+SYNTH_HINT = "anodfd synth {name} --out {path}"
+
+_PAPER_LISTS = {"train": "train.txt", "val": "validation.txt", "test": "test.txt"}
+_ABL_LISTS = {"train": "train.txt", "val": "val.txt", "test": "test.txt"}
+
+
+class DatasetError(ValueError):
+    """A dataset problem, phrased for the person who has to fix it."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    hist: Path
+    cur: Path
+    mask: Path
+
+    @property
+    def name(self) -> str:
+        # paper layout: the pair's folder; abl layout: the file id
+        return self.cur.parent.name if self.cur.stem == "cur" else self.cur.stem
+
+
+def resolve_data_dir(dataset: str | None = None, data: str | None = None, data_root: str | None = None) -> Path:
+    """The dataset folder for ``--dataset NAME`` (under the data root) or ``--data DIR`` (any folder)."""
+    if (dataset is None) == (data is None):
+        raise DatasetError("give exactly one of --dataset NAME (OL, FB, Diff) or --data DIR")
+    if data is not None:
+        path = Path(data).expanduser().resolve()
+        if not path.is_dir():
+            raise DatasetError(f"data folder {path} does not exist; pass the folder that holds the split lists")
+        return path
+    canonical = {n.lower(): n for n in NAMED_DATASETS}.get(dataset.lower())
+    if canonical is None:
+        raise DatasetError(
+            f"unknown dataset {dataset!r}; named datasets are {', '.join(NAMED_DATASETS)}, "
+            "or pass --data DIR for any folder in a supported layout"
+        )
+    if data_root:
+        root, source = Path(data_root), "--data-root"
+    elif os.environ.get("ANODFD_DATA_ROOT"):
+        root, source = Path(os.environ["ANODFD_DATA_ROOT"]), "ANODFD_DATA_ROOT"
+    else:
+        root, source = Path("data"), "the default ./data"
+    root = root.expanduser().resolve()
+    path = root / canonical
+    hint = SYNTH_HINT.format(name=canonical, path=path)
+    if not root.is_dir():
+        raise DatasetError(
+            f"data root {root} (from {source}) does not exist; set --data-root or ANODFD_DATA_ROOT to the folder "
+            f"holding {canonical}/, or make a synthetic stand-in: {hint}"
+        )
+    if not path.is_dir():
+        raise DatasetError(
+            f"dataset {canonical} not found: looked for {path} (data root from {source}); put the dataset there "
+            f"or make a synthetic stand-in: {hint}"
+        )
+    return path
+
+
+def detect_layout(root: Path, layout: str = "auto") -> str:
+    root = Path(root)
+    if layout not in LAYOUTS:
+        raise DatasetError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout != "auto":
+        return layout
+    if (root / "train.txt").is_file():
+        return "paper"
+    if (root / "A").is_dir() and (root / "B").is_dir() and (root / "list").is_dir():
+        return "abl"
+    raise DatasetError(
+        f"{root}: no dataset layout recognised; expected either train.txt (the paper's layout, lines "
+        "'cur,hist,gt') or A/, B/, label/ and list/train.txt (change-detection layout)"
+    )
+
+
+def list_path(root: Path, split: str, layout: str) -> Path:
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if layout == "paper":
+        return Path(root) / _PAPER_LISTS[split]
+    return Path(root) / "list" / _ABL_LISTS[split]
+
+
+def read_split(root: Path, split: str, layout: str = "auto", val_fraction: float = 0.2) -> list[Pair]:
+    """Pairs listed for a split, every listed file checked to exist. No image is opened here.
+
+    Without a validation list, validation is a deterministic ``val_fraction`` of train (the paper's 8:2) and
+    train is the rest, so the two never overlap.
+    """
+    root = Path(root).resolve()
+    layout = detect_layout(root, layout)
+    path = list_path(root, split, layout)
+    if split in ("train", "val") and not list_path(root, "val", layout).is_file():
+        train = _read_list(root, list_path(root, "train", layout), layout)
+        val = set(_holdout(train, val_fraction))
+        return [p for p in train if (p in val) == (split == "val")]
+    if not path.is_file():
+        raise DatasetError(f"{path}: split list for {split!r} not found; add it or choose another split")
+    return _read_list(root, path, layout)
+
+
+def _holdout(pairs: list[Pair], fraction: float) -> list[Pair]:
+    # Ordering by a hash of the name is deterministic and stays stable when pairs are added to the list.
+    n = max(1, round(len(pairs) * fraction)) if len(pairs) > 1 else 0
+    return sorted(pairs, key=lambda p: hashlib.sha1(p.name.encode()).hexdigest())[:n]
+
+
+def _read_list(root: Path, path: Path, layout: str) -> list[Pair]:
+    pairs = []
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        where = f"{path} line {lineno}"
+        if layout == "paper":
+            fields = [f.strip() for f in line.split(",")]
+            if len(fields) != 3 or not all(fields):
+                raise DatasetError(
+                    f"{where}: expected 3 comma-separated fields 'cur,hist,gt', got {len(fields)}: {line!r}; "
+                    "fix the line or regenerate the list"
+                )
+            cur, hist, gt = (_listed_file(root, f, where) for f in fields)
+        else:
+            cur = _find_image(root / "B", line, where)
+            hist = _find_image(root / "A", line, where)
+            gt = _find_image(root / "label", line, where)
+        pairs.append(Pair(hist=hist, cur=cur, mask=gt))
+    if not pairs:
+        raise DatasetError(f"{path}: the split is empty; list at least one pair in it")
+    return pairs
+
+
+def _listed_file(root: Path, field: str, where: str) -> Path:
+    rel = field.replace("\\", "/")  # lists written on Windows use backslashes
+    path = root / rel
+    if not path.is_file():
+        raise DatasetError(f"{where}: listed file {field!r} not found at {path}; fix the list or restore the file")
+    return path
+
+
+def _find_image(folder: Path, stem: str, where: str) -> Path:
+    for ext in IMAGE_EXTS:
+        path = folder / f"{stem}{ext}"
+        if path.is_file():
+            return path
+    raise DatasetError(
+        f"{where}: no image for id {stem!r} in {folder} (tried {', '.join(IMAGE_EXTS)}); "
+        "fix the list or restore the file"
+    )
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the header, after a cheap check that the file is not truncated."""
+    try:
+        with Image.open(path) as im:
+            size, fmt = im.size, im.format
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f"{path}: not a readable image ({e}); replace the file") from None
+    tail = _tail(path, 1024)
+    # JPEG ends with the EOI marker, PNG with the IEND chunk: a file cut short lacks them.
+    if (fmt == "JPEG" and b"\xff\xd9" not in tail) or (fmt == "PNG" and b"IEND" not in tail[-64:]):
+        raise DatasetError(f"{path}: the {fmt} file is truncated (no end marker); replace the file")
+    return size
+
+
+def _tail(path: Path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - n))
+        return f.read()
+
+
+def validate_pairs(pairs: list[Pair]) -> dict[str, set[tuple[int, int]]]:
+    """Check every image header; return the (width, height) sizes seen for hist, cur and mask.
+
+    History and current may differ in size (real captures do; both get resized), the mask may not differ
+    from its current image, since it is in current-image coordinates.
+    """
+    sizes: dict[str, set[tuple[int, int]]] = {"hist": set(), "cur": set(), "mask": set()}
+    for p in pairs:
+        hist, cur, mask = image_size(p.hist), image_size(p.cur), image_size(p.mask)
+        if mask != cur:
+            raise DatasetError(
+                f"{p.mask}: mask is {mask[0]}x{mask[1]} but its current image {p.cur} is {cur[0]}x{cur[1]}; "
+                "masks must be in current-image coordinates: fix or regenerate the mask"
+            )
+        sizes["hist"].add(hist)
+        sizes["cur"].add(cur)
+        sizes["mask"].add(mask)
+    return sizes
+
+
+def load_split(
+    root: Path, split: str, layout: str = "auto", val_fraction: float = 0.2, check: bool = True
+) -> list[Pair]:
+    """`read_split`, then (by default) `validate_pairs`: the up-front check before any compute is spent."""
+    pairs = read_split(root, split, layout, val_fraction)
+    if check:
+        validate_pairs(pairs)
+    return pairs
+
+
+def available_splits(root: Path, layout: str = "auto") -> list[str]:
+    layout = detect_layout(Path(root), layout)
+    out = ["train", "val"]  # val always exists: listed, or held out of train
+    if list_path(root, "test", layout).is_file():
+        out.append("test")
+    return out
+
+
+def fingerprint(root: Path, layout: str = "auto") -> str:
+    """A short hash of the split lists and the listed files' sizes: identifies the data a model was scored on."""
+    root = Path(root).resolve()
+    layout = detect_layout(root, layout)
+    h = hashlib.sha256()
+    for split in available_splits(root, layout):
+        for p in read_split(root, split, layout):
+            for f in (p.hist, p.cur, p.mask):
+                h.update(f"{split}|{f.relative_to(root).as_posix()}|{f.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,312 @@
+"""Layouts, bad input, the decode cache and the dataset, on small datasets written by hand."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from anodfd.cli import main as cli
+from anodfd.data.cache import PairCache, decode_image, decode_mask
+from anodfd.data.check import check_dataset
+from anodfd.data.dataset import PairDataset, normalize
+from anodfd.data.layouts import DatasetError, detect_layout, fingerprint, load_split, read_split, resolve_data_dir
+
+
+def _write_pair(root: Path, hist: str, cur: str, gt: str, size=(96, 64), seed=0, mask_scale=255) -> None:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    mask[h // 4 : h // 2, w // 4 : w // 2] = mask_scale
+    for rel, arr in ((hist, img), (cur, img), (gt, mask)):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(path), arr)
+
+
+def make_paper(root: Path, n=(6, 2, 2), size=(96, 64)) -> Path:
+    """The official layout: one folder per pair, Windows-style lists with backslashes."""
+    for split, count in zip(("train", "validation", "test"), n):
+        lines = []
+        for i in range(count):
+            d = f"oil_leak_{split}_{i}"
+            _write_pair(root, f"{d}/hist.jpg", f"{d}/cur.jpg", f"{d}/cur_gt.png", size, seed=i)
+            lines.append(f"{d}\\cur.jpg,{d}\\hist.jpg,{d}\\cur_gt.png  ")
+        if count:
+            (root / f"{split}.txt").write_text("\r\n".join(lines) + "\r\n\r\n")
+    return root
+
+
+def make_abl(root: Path, ids=("a1", "a2", "a3", "a4", "a5"), mask_ext=".png", mask_scale=255) -> Path:
+    """The change-detection layout: A/ B/ label/ list/, no validation list."""
+    for i, name in enumerate(ids):
+        _write_pair(root, f"A/{name}.jpg", f"B/{name}.jpg", f"label/{name}{mask_ext}", seed=i, mask_scale=mask_scale)
+    (root / "list").mkdir()
+    (root / "list" / "train.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+# --- layouts -------------------------------------------------------------------------------------------
+
+
+def test_paper_layout_backslash_lists(tmp_path):
+    root = make_paper(tmp_path / "OL")
+    assert detect_layout(root) == "paper"
+    train = load_split(root, "train")
+    assert len(train) == 6 and len(load_split(root, "val")) == 2 and len(load_split(root, "test")) == 2
+    assert train[0].cur == root / "oil_leak_train_0" / "cur.jpg"
+    assert train[0].hist.name == "hist.jpg" and train[0].mask.name == "cur_gt.png"
+    assert train[0].name == "oil_leak_train_0"
+
+
+def test_forward_slashes_work_too(tmp_path):
+    root = make_paper(tmp_path / "d")
+    text = (root / "train.txt").read_text().replace("\\", "/")
+    (root / "train.txt").write_text(text)
+    assert len(read_split(root, "train")) == 6
+
+
+def test_abl_layout_and_deterministic_holdout(tmp_path):
+    ids = tuple(f"{i:04d}" for i in range(10))
+    root = make_abl(tmp_path / "pcb", ids)
+    assert detect_layout(root) == "abl"
+    train, val = read_split(root, "train"), read_split(root, "val")
+    assert len(val) == 2 and len(train) == 8  # the paper's 8:2
+    assert not {p.name for p in train} & {p.name for p in val}
+    assert [p.name for p in read_split(root, "val")] == [p.name for p in val]  # same every time
+    assert train[0].hist.parent.name == "A" and train[0].cur.parent.name == "B"
+
+
+@pytest.mark.parametrize("ext,scale", [(".png", 255), (".png", 1), (".jpg", 255)])
+def test_masks_png_jpg_01_0255(tmp_path, ext, scale):
+    root = make_abl(tmp_path / "d", ("x1", "x2"), mask_ext=ext, mask_scale=scale)
+    pair = read_split(root, "train")[0]
+    m = decode_mask(pair.mask, 32)
+    assert set(np.unique(m)) == {0, 1}
+    assert abs(m.mean() - 1 / 16) < 0.02  # the quarter-by-quarter square of the original
+
+
+def test_rgb_mask_is_read_as_binary(tmp_path):
+    path = tmp_path / "m.png"
+    m = np.zeros((40, 40, 3), np.uint8)
+    m[10:30, 10:30] = 255
+    cv2.imwrite(str(path), m)
+    assert set(np.unique(decode_mask(path, 40))) == {0, 1}
+
+
+def test_named_dataset_resolution(tmp_path, monkeypatch):
+    make_paper(tmp_path / "root" / "OL")
+    assert resolve_data_dir("OL", data_root=str(tmp_path / "root")) == tmp_path / "root" / "OL"
+    monkeypatch.setenv("ANODFD_DATA_ROOT", str(tmp_path / "root"))
+    assert resolve_data_dir("ol") == tmp_path / "root" / "OL"  # case-insensitive
+    assert resolve_data_dir(data=str(tmp_path / "root" / "OL")) == tmp_path / "root" / "OL"
+
+
+def test_fingerprint_changes_with_the_lists(tmp_path):
+    root = make_paper(tmp_path / "d")
+    before = fingerprint(root)
+    assert fingerprint(root) == before
+    (root / "test.txt").write_text((root / "test.txt").read_text().splitlines()[0])
+    assert fingerprint(root) != before
+
+
+# --- bad input: one clear error naming the file (and line) and the fix, nothing written --------------------
+
+
+def _error(fn, *args, **kw) -> str:
+    with pytest.raises(DatasetError) as e:
+        fn(*args, **kw)
+    return str(e.value)
+
+
+def test_missing_data_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("ANODFD_DATA_ROOT", raising=False)
+    msg = _error(resolve_data_dir, "OL", data_root=str(tmp_path / "nowhere"))
+    assert str(tmp_path / "nowhere") in msg and "anodfd synth OL --out" in msg
+
+
+def test_missing_named_dataset(tmp_path):
+    (tmp_path / "root").mkdir()
+    msg = _error(resolve_data_dir, "FB", data_root=str(tmp_path / "root"))
+    assert str(tmp_path / "root" / "FB") in msg and "anodfd synth FB" in msg
+
+
+def test_unknown_dataset_name():
+    msg = _error(resolve_data_dir, "Oil")
+    assert "'Oil'" in msg and "OL, FB, Diff" in msg and "--data" in msg
+
+
+def test_missing_split_list(tmp_path):
+    root = make_paper(tmp_path / "d", n=(6, 2, 0))
+    msg = _error(load_split, root, "test")
+    assert str(root / "test.txt") in msg and "not found" in msg
+
+
+def test_line_without_three_fields(tmp_path):
+    root = make_paper(tmp_path / "d")
+    lines = (root / "train.txt").read_text().splitlines()
+    lines[2] = "oil_leak_train_2\\cur.jpg,oil_leak_train_2\\hist.jpg"
+    (root / "train.txt").write_text("\n".join(lines))
+    msg = _error(load_split, root, "train")
+    assert f"{root / 'train.txt'} line 3" in msg and "3 comma-separated fields" in msg
+
+
+def test_listed_file_missing(tmp_path):
+    root = make_paper(tmp_path / "d")
+    (root / "oil_leak_train_4" / "hist.jpg").unlink()
+    msg = _error(load_split, root, "train")
+    assert f"{root / 'train.txt'} line 5" in msg and "oil_leak_train_4\\\\hist.jpg" in msg
+    assert str(root / "oil_leak_train_4" / "hist.jpg") in msg
+
+
+def test_abl_missing_id(tmp_path):
+    root = make_abl(tmp_path / "d")
+    (root / "B" / "a3.jpg").unlink()
+    msg = _error(load_split, root, "train")
+    assert "line 3" in msg and "'a3'" in msg and str(root / "B") in msg
+
+
+def test_truncated_image(tmp_path):
+    root = make_paper(tmp_path / "d")
+    f = root / "oil_leak_train_1" / "cur.jpg"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    msg = _error(load_split, root, "train")
+    assert str(f) in msg and "truncated" in msg
+
+
+def test_unreadable_image(tmp_path):
+    root = make_paper(tmp_path / "d")
+    f = root / "oil_leak_train_1" / "hist.jpg"
+    f.write_text("not an image")
+    msg = _error(load_split, root, "train")
+    assert str(f) in msg and "not a readable image" in msg
+
+
+def test_mask_size_differs(tmp_path):
+    root = make_paper(tmp_path / "d")
+    f = root / "oil_leak_train_0" / "cur_gt.png"
+    cv2.imwrite(str(f), np.zeros((10, 10), np.uint8))
+    msg = _error(load_split, root, "train")
+    assert str(f) in msg and "current-image coordinates" in msg
+
+
+def test_hist_and_cur_sizes_may_differ(tmp_path):
+    root = make_paper(tmp_path / "d")
+    f = root / "oil_leak_train_0" / "hist.jpg"
+    cv2.imwrite(str(f), np.zeros((50, 70, 3), np.uint8))
+    assert len(load_split(root, "train")) == 6
+
+
+def test_empty_split(tmp_path):
+    root = make_paper(tmp_path / "d")
+    (root / "validation.txt").write_text("\n  \n")
+    msg = _error(load_split, root, "val")
+    assert str(root / "validation.txt") in msg and "empty" in msg
+
+
+def test_no_layout(tmp_path):
+    msg = _error(detect_layout, tmp_path)
+    assert str(tmp_path) in msg and "train.txt" in msg
+
+
+def test_bad_input_writes_nothing(tmp_path, monkeypatch):
+    root = make_paper(tmp_path / "d")
+    (root / "oil_leak_train_4" / "hist.jpg").unlink()
+    monkeypatch.setenv("ANODFD_CACHE_DIR", str(tmp_path / "cache"))
+    before = sorted(p for p in tmp_path.rglob("*"))
+    assert cli(["data", "check", str(root)]) == 1
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+# --- data check ------------------------------------------------------------------------------------------
+
+
+def test_data_check_reports_and_exit_status(tmp_path, capsys):
+    root = make_paper(tmp_path / "d")
+    assert cli(["data", "check", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "train      6 pairs" in out and "96x64 (10)" in out and "OK" in out
+    assert "6.250%" in out  # the square is (64/4 * 96/4) / (64 * 96) = 1/16 of every mask
+    f = root / "oil_leak_test_1" / "cur.jpg"
+    f.write_bytes(f.read_bytes()[:300])
+    report = check_dataset(root)
+    assert not report.ok and any(str(f) in e for e in report.errors)
+    assert cli(["data", "check", str(root)]) == 1
+
+
+def test_cli_unknown_dataset_is_one_line(tmp_path, capsys):
+    assert cli(["data", "check", "--dataset", "XX", "--data-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("anodfd: error:") and "\n" not in err
+
+
+# --- decoding and the cache ------------------------------------------------------------------------------
+
+
+def test_reduced_decoding_matches_full_decoding(tmp_path):
+    # A smooth large image: reduced JPEG decoding + area resize must give nearly the full-decode result.
+    yy, xx = np.mgrid[0:1536, 0:2048]
+    img = np.stack([(xx / 8) % 256, (yy / 6) % 256, (xx + yy) / 14 % 256], -1).astype(np.uint8)
+    path = tmp_path / "big.jpg"
+    cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    fast = decode_image(path, 256)
+    full = cv2.cvtColor(cv2.resize(cv2.imread(str(path)), (256, 256), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+    assert fast.shape == (256, 256, 3) and fast.dtype == np.uint8
+    assert np.abs(fast.astype(int) - full.astype(int)).mean() < 3
+
+
+def test_second_epoch_decodes_nothing(tmp_path):
+    root = make_paper(tmp_path / "d")
+    pairs = load_split(root, "train")
+    cache = PairCache(tmp_path / "cache")
+    ds = PairDataset(pairs, 32, cache)
+    first = [ds[i] for i in range(len(ds))]
+    assert cache.stats["decoded"] == 6
+    second = [ds[i] for i in range(len(ds))]
+    assert cache.stats["decoded"] == 6 and cache.stats["memory_hits"] == 6
+    for a, b in zip(first, second):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # A new process (a fresh cache object) reads the disk cache: still no decoding.
+    other = PairCache(tmp_path / "cache")
+    third = [PairDataset(pairs, 32, other)[i] for i in range(len(ds))]
+    assert other.stats == {"decoded": 0, "disk_hits": 6, "memory_hits": 0}
+    assert all(torch.equal(x, y) for a, b in zip(first, third) for x, y in zip(a, b))
+
+
+def test_cache_key_follows_file_identity_and_size(tmp_path):
+    root = make_paper(tmp_path / "d")
+    pair = load_split(root, "train")[0]
+    cache = PairCache(tmp_path / "cache")
+    assert cache.key(pair, 32) != cache.key(pair, 64)
+    before = cache.key(pair, 32)
+    _write_pair(root, "oil_leak_train_0/hist.jpg", "oil_leak_train_0/cur.jpg", "oil_leak_train_0/cur_gt.png", seed=9)
+    os.utime(pair.cur, ns=(1, 1))  # rewritten files get a new identity even within one mtime tick
+    assert cache.key(pair, 32) != before
+
+
+def test_dataset_tensors(tmp_path):
+    root = make_paper(tmp_path / "d")
+    ds = PairDataset(load_split(root, "train"), 32, PairCache(tmp_path / "cache"))
+    hist, cur, mask = ds[0]
+    assert hist.shape == cur.shape == (3, 32, 32) and mask.shape == (1, 32, 32)
+    assert hist.dtype == cur.dtype == mask.dtype == torch.uint8
+    assert set(mask.unique().tolist()) == {0, 1}
+    x = normalize(hist)
+    assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+    loader = torch.utils.data.DataLoader(ds, batch_size=4)
+    h, c, m = next(iter(loader))
+    assert h.shape == (4, 3, 32, 32) and m.shape == (4, 1, 32, 32)
+
+
+def test_copied_dataset_gets_fresh_cache_entries(tmp_path):
+    root = make_paper(tmp_path / "d")
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    cache = PairCache(tmp_path / "cache")
+    assert cache.key(load_split(root, "train")[0], 32) != cache.key(load_split(copy, "train")[0], 32)
