@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+
 class ConfigError(ValueError):
     """A bad setting, phrased for the person who has to fix it."""
 
@@ -76,7 +77,7 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
+    def from_dict(cls, d: dict[str, Any]) -> Config:
         return cls(
             data=_build(DataConfig, d.get("data", {})),
             model=_build(ModelConfig, d.get("model", {})),
@@ -87,7 +88,7 @@ class Config:
         """`{"model.depth": 2, ...}`: the form MLflow params and search spaces use."""
         return {f"{k}.{kk}": vv for k, v in self.to_dict().items() for kk, vv in v.items()}
 
-    def with_flat(self, overrides: dict[str, Any]) -> "Config":
+    def with_flat(self, overrides: dict[str, Any]) -> Config:
         """A copy with dotted overrides applied (`{"train.lr": 1e-4}`); unknown keys are an error."""
         d = self.to_dict()
         for key, value in overrides.items():

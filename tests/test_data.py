@@ -15,7 +15,14 @@ from anodfd.cli import main as cli
 from anodfd.data.cache import PairCache, decode_image, decode_mask
 from anodfd.data.check import check_dataset
 from anodfd.data.dataset import PairDataset, normalize
-from anodfd.data.layouts import DatasetError, detect_layout, fingerprint, load_split, read_split, resolve_data_dir
+from anodfd.data.layouts import (
+    DatasetError,
+    detect_layout,
+    fingerprint,
+    load_split,
+    read_split,
+    resolve_data_dir,
+)
 
 
 def _write_pair(root: Path, hist: str, cur: str, gt: str, size=(96, 64), seed=0, mask_scale=255) -> None:
@@ -300,7 +307,7 @@ def test_dataset_tensors(tmp_path):
     x = normalize(hist)
     assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
     loader = torch.utils.data.DataLoader(ds, batch_size=4)
-    h, c, m = next(iter(loader))
+    h, _c, m = next(iter(loader))
     assert h.shape == (4, 3, 32, 32) and m.shape == (4, 1, 32, 32)
 
 

@@ -1,0 +1,240 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from anodfd.metrics import ImageScores, PixelHistogram, format_row, image_scores, plot_roc
+
+torch.set_num_threads(1)
+
+
+def _hist(probs, target, bins: int = 1000) -> PixelHistogram:
+    hist = PixelHistogram(bins)
+    hist.update(torch.as_tensor(probs), torch.as_tensor(target))
+    return hist
+
+
+def _informative(n: int, seed: int, positive_rate: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Scores that separate the classes imperfectly (AUC about 0.85)."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < positive_rate).astype(np.float32)
+    probs = 1 / (1 + np.exp(-(rng.normal(size=n) + 1.5 * labels - 1.0)))
+    return probs.astype(np.float32), labels
+
+
+def test_small_case_by_hand():
+    # 4 anomalous pixels, 6 normal ones, as a 1 x 1 x 2 x 5 map.
+    probs = torch.tensor([0.9, 0.6, 0.5, 0.4, 0.2, 0.1, 0.7, 0.3, 0.55, 0.05]).view(1, 1, 2, 5)
+    target = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], dtype=torch.float32).view(1, 1, 2, 5)
+    hist = _hist(probs, target)
+    # At 0.5: anomalies 0.9, 0.6, 0.5 found (0.5 >= 0.5), 0.4 missed; normals 0.7 and 0.55 flagged.
+    assert hist.confusion(0.5) == (3, 2, 4, 1)
+    m = hist.compute(0.5)
+    assert m["precision"] == pytest.approx(3 / 5)  # 0.6
+    assert m["recall"] == pytest.approx(3 / 4)  # 0.75
+    assert m["oa"] == pytest.approx(7 / 10)  # 0.7
+    assert m["f1"] == pytest.approx(6 / 9)  # 2*3 / (2*3 + 2 + 1) = 0.667 = harmonic mean of 0.6 and 0.75
+    assert m["iou"] == pytest.approx(3 / 6)  # 3 / (3 + 2 + 1) = 0.5
+    assert m["threshold"] == 0.5
+    # At 0.6: 0.9, 0.6 found; 0.7 flagged.
+    assert hist.confusion(0.6) == (2, 1, 5, 2)
+    # AUC by counting pairs: of the 24 (anomaly, normal) pairs the anomaly scores higher in 19
+    # (0.9 beats all 6 normals, 0.6 beats 5, 0.5 beats 4, 0.4 beats 4), no ties.
+    assert m["auc"] == pytest.approx(19 / 24)
+
+
+def test_merge_of_halves_equals_whole():
+    probs, labels = _informative(20_000, seed=0)
+    whole = _hist(probs, labels)
+    first, second = _hist(probs[:7_000], labels[:7_000]), _hist(probs[7_000:], labels[7_000:])
+    assert first.merge(second) is first
+    assert torch.equal(first.state(), whole.state())
+    assert int(whole.state().sum()) == 20_000
+    assert first.compute() == whole.compute()
+
+
+def test_state_round_trip_and_summed_states():
+    probs, labels = _informative(5_000, seed=1)
+    a, b = _hist(probs[:2_000], labels[:2_000]), _hist(probs[2_000:], labels[2_000:])
+    state = a.state()
+    assert state.dtype == torch.int64 and state.shape == (2, 1000)
+    assert torch.equal(PixelHistogram.from_state(state).state(), state)
+    # What all_reduce(SUM) does across workers: add the states.
+    summed = PixelHistogram.from_state(a.state() + b.state())
+    assert torch.equal(summed.state(), _hist(probs, labels).state())
+    # state() is a copy: reducing it in place must not touch the histogram.
+    state += 1
+    assert not torch.equal(a.state(), state)
+
+
+def test_threshold_exact_on_every_grid_point():
+    bins = 1000
+    grid = np.arange(bins) / bins
+    # Every edge as float64 and float32, plus the neighbouring representable values on both sides.
+    edges = [grid, np.nextafter(grid, -1), np.nextafter(grid, 2)]
+    grid32 = grid.astype(np.float32)
+    edges32 = [grid32, np.nextafter(grid32, np.float32(-1)), np.nextafter(grid32, np.float32(2))]
+    for probs in (np.concatenate(edges), np.concatenate(edges32)):
+        probs = probs[(probs >= 0) & (probs < 1)]
+        hist = _hist(probs, np.ones_like(probs))
+        for k in range(bins):
+            tp, fp, tn, _ = hist.confusion(k / bins)
+            assert tp == int((probs.astype(np.float64) >= k / bins).sum()), k
+            assert fp == tn == 0
+
+
+def test_probability_exactly_at_threshold_counts_positive():
+    hist = _hist(torch.tensor([0.5, np.nextafter(0.5, 0)], dtype=torch.float64), torch.tensor([1.0, 0.0]))
+    assert hist.confusion(0.5) == (1, 0, 1, 0)
+    assert hist.compute(0.5)["f1"] == 1.0
+
+
+def test_off_grid_threshold_is_rounded_and_reported():
+    hist = _hist(torch.tensor([0.5003, 0.9]), torch.tensor([1.0, 1.0]))
+    assert hist.compute(0.5004)["threshold"] == 0.5
+    assert hist.confusion(0.5004) == (2, 0, 0, 0)  # 0.5003 counts: the threshold used is 0.5
+    assert hist.compute(0.5006)["threshold"] == 0.501
+    assert hist.confusion(0.5006) == (1, 0, 0, 1)
+
+
+def test_out_of_range_probabilities_are_clamped_and_nan_rejected():
+    hist = _hist(torch.tensor([-0.5, 1.0, 2.0]), torch.tensor([0.0, 1.0, 1.0]))
+    assert hist.neg[0] == 1 and hist.pos[-1] == 2
+    # Threshold 1.0 predicts nothing positive: p == 1.0 shares the top bin [0.999, 1].
+    assert hist.confusion(1.0) == (0, 0, 1, 2)
+    with pytest.raises(ValueError, match="NaN"):
+        hist.update(torch.tensor([float("nan")]), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="shape"):
+        hist.update(torch.zeros(2, 1, 4, 4), torch.zeros(2, 4, 4))
+
+
+def test_empty_denominator_conventions():
+    negatives = torch.zeros(100)
+    # All negative, none predicted: nothing to find, nothing flagged -> a perfect score.
+    perfect = _hist(torch.full((100,), 0.1), negatives).compute()
+    assert [perfect[k] for k in ("precision", "recall", "oa", "f1", "iou")] == [1.0] * 5
+    # All negative, some flagged: every flagged pixel is a false positive.
+    flagged = _hist(torch.tensor([0.9] * 10 + [0.1] * 90), negatives).compute()
+    assert [flagged[k] for k in ("precision", "recall", "f1", "iou")] == [0.0] * 4
+    assert flagged["oa"] == pytest.approx(0.9)
+    # Anomalies present, none predicted: 0/0 precision is 0.
+    silent = _hist(torch.full((100,), 0.1), torch.tensor([1.0] * 5 + [0.0] * 95)).compute()
+    assert [silent[k] for k in ("precision", "recall", "f1", "iou")] == [0.0] * 4
+    # With one class only, AUC, EER and the ROC are undefined.
+    for m in (perfect, flagged):
+        assert math.isnan(m["auc"]) and math.isnan(m["eer"])
+    assert np.isnan(_hist(torch.rand(10), torch.ones(10)).roc()[0]).all()
+
+
+def test_auc_matches_sklearn():
+    probs, labels = _informative(300_000, seed=2)
+    hist = _hist(probs, labels)
+    reference = roc_auc_score(labels, probs)
+    assert 0.8 < reference < 0.95  # informative, not trivial
+    assert hist.compute()["auc"] == pytest.approx(reference, abs=1e-3)
+    fpr, tpr = hist.roc()
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all()
+
+
+def test_eer_matches_sklearn_roc():
+    probs, labels = _informative(200_000, seed=3)
+    fpr, tpr, _ = roc_curve(labels, probs)
+    # Crossing of sklearn's exact ROC with FPR = 1 - TPR, interpolated the same way.
+    gap = fpr + tpr - 1
+    i = int(np.argmax(gap >= 0))
+    reference = fpr[i - 1] + gap[i - 1] / (gap[i - 1] - gap[i]) * (fpr[i] - fpr[i - 1])
+    assert 0.15 < reference < 0.35
+    assert _hist(probs, labels).eer() == pytest.approx(reference, abs=2e-3)
+
+
+def test_eer_perfect_and_random():
+    rng = np.random.default_rng(4)
+    labels = (rng.random(100_000) < 0.3).astype(np.float32)
+    separated = np.where(labels == 1, rng.uniform(0.8, 1.0, labels.size), rng.uniform(0.0, 0.3, labels.size))
+    perfect = _hist(separated, labels).compute()
+    assert perfect["eer"] == 0.0 and perfect["auc"] == 1.0
+    random = _hist(rng.random(labels.size), labels).compute()
+    assert random["eer"] == pytest.approx(0.5, abs=0.01)
+    assert random["auc"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_best_f1_threshold_constructed_case():
+    # bins = 10: normals 100 at 0.05, 10 at 0.35, 2 at 0.65; anomalies 5 at 0.25, 20 at 0.45, 20 at 0.85.
+    probs = np.array([0.05] * 100 + [0.35] * 10 + [0.65] * 2 + [0.25] * 5 + [0.45] * 20 + [0.85] * 20)
+    labels = np.array([0.0] * 112 + [1.0] * 45)
+    hist = _hist(probs, labels, bins=10)
+    # By hand, F1 = 2tp / (2tp + fp + fn): t <= 0.2: 90/202; t = 0.3: 80/97; t = 0.4: tp 40, fp 2, fn 5
+    # -> 80/87 = 0.920; t = 0.5, 0.6: 40/67; t = 0.7, 0.8: 40/65; t >= 0.9: 0.
+    threshold, f1 = hist.best_f1_threshold()
+    assert threshold == 0.4 and f1 == pytest.approx(80 / 87)
+    # Brute force on the raw scores agrees.
+    brute = [
+        (2 * ((probs >= t) & (labels == 1)).sum()) / ((probs >= t).sum() + 45) for t in np.arange(11) / 10
+    ]
+    assert int(np.argmax(brute)) == 4 and max(brute) == pytest.approx(f1)
+    # Classes separated by empty bins: F1 = 1 for t in 0.2 .. 0.8; the middle of the tie is chosen.
+    separated = _hist(np.array([0.15] * 10 + [0.85] * 10), np.array([0.0] * 10 + [1.0] * 10), bins=10)
+    assert separated.best_f1_threshold() == (0.5, 1.0)
+
+
+def test_image_scores_top_fraction():
+    ramp = (torch.arange(100, dtype=torch.float32) / 100).view(1, 1, 10, 10)
+    assert image_scores(ramp).item() == pytest.approx(0.99)  # top 1% of 100 pixels = the max
+    assert image_scores(ramp, topk_fraction=0.05).item() == pytest.approx(0.97)  # mean of 0.95 .. 0.99
+    # One hot pixel among 400 weighs 1/4 (top 4 pixels), not 1 as a max would.
+    hot = torch.zeros(2, 1, 20, 20)
+    hot[0, 0, 3, 3] = 1.0
+    assert image_scores(hot).tolist() == pytest.approx([0.25, 0.0])
+
+
+def test_image_auroc_matches_sklearn():
+    g = torch.Generator().manual_seed(5)
+    n = 400
+    labels = (torch.rand(n, generator=g) < 0.5).float()
+    probs = torch.rand(n, 1, 16, 16, generator=g) * 0.6
+    masks = torch.zeros(n, 1, 16, 16)
+    for i in torch.nonzero(labels).flatten().tolist():
+        masks[i, 0, 4:6, 4:6] = 1
+        probs[i, 0, 4:6, 4:6] = torch.rand(2, 2, generator=g) * 0.6 + 0.3  # a faint, overlapping blob
+    scores = ImageScores()
+    for start in range(0, n, 64):  # in batches, as an evaluation loop would
+        scores.update(probs[start : start + 64], masks[start : start + 64])
+    reference = roc_auc_score(labels.numpy(), image_scores(probs).numpy())
+    assert 0.6 < reference < 0.99
+    assert scores.auroc() == pytest.approx(reference, abs=1e-2)
+    # Gathering: the state round trip and a merge of halves give the same counts.
+    half_a, half_b = ImageScores(), ImageScores()
+    half_a.update(probs[:150], masks[:150])
+    half_b.update(probs[150:], masks[150:])
+    assert torch.equal(half_a.merge(half_b).state(), scores.state())
+    assert ImageScores.from_state(scores.state()).auroc() == scores.auroc()
+
+
+def test_plot_roc_writes_png(tmp_path):
+    probs, labels = _informative(20_000, seed=6)
+    hist = _hist(probs, labels)
+    single = plot_roc(hist, tmp_path / "roc.png")
+    weaker = _hist(np.clip(probs + np.random.default_rng(7).normal(0, 0.3, probs.size), 0, 1), labels)
+    several = plot_roc({"AnoDFDNet": hist, "UNet": weaker}, tmp_path / "sub" / "baselines.png", title="OL")
+    for path in (single, several):
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+
+
+def test_format_row():
+    metrics = {
+        "precision": 0.8123,
+        "recall": 0.79,
+        "oa": 0.9912,
+        "f1": 0.8006,
+        "iou": 0.6679,
+        "auc": 0.987,
+        "eer": 0.0549,
+        "threshold": 0.5,
+    }
+    expected = "Pre 0.812 | Re 0.790 | OA 0.991 | F1 0.801 | IoU 0.668 | AUC 0.987 | EER 0.055"
+    assert format_row(metrics) == expected
+    assert format_row({"f1": 0.5, "iou": 1 / 3}) == "F1 0.500 | IoU 0.333"
