@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from anodfd.config import ConfigError
+from anodfd.config import DEPTHS, MODEL_NAMES, PRESETS, Config, ConfigError
 from anodfd.data.layouts import LAYOUTS, DatasetError
 
 
@@ -31,6 +32,131 @@ def _data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+# CLI flag -> dotted config keys it sets (image size sets both the data and the model's position grid).
+_FLAGS = {
+    "model": ["model.name"], "depth": ["model.depth"], "pretrained": ["model.pretrained"],
+    "image_size": ["data.image_size", "model.image_size"], "layout": ["data.layout"],
+    "augment": ["data.augment"], "misregister": ["data.misregister"], "num_workers": ["data.num_workers"],
+    "cache_dir": ["data.cache_dir"], "epochs": ["train.epochs"], "batch_size": ["train.batch_size"],
+    "lr": ["train.lr"], "bce_weight": ["train.bce_weight"], "dice_weight": ["train.dice_weight"],
+    "focal_weight": ["train.focal_weight"], "pos_weight": ["train.pos_weight"], "seed": ["train.seed"],
+    "device": ["train.device"], "max_steps_per_epoch": ["train.max_steps_per_epoch"],
+    "log_every": ["train.log_every"],
+}
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Preset first, then every flag the user gave; the data folder resolved and validated to exist."""
+    config = Config().with_flat(PRESETS[args.preset])
+    overrides = {"data.data": str(resolve_data_dir_for(args))}
+    for flag, keys in _FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.update({k: value for k in keys})
+    return config.with_flat(overrides)
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--data", default=None, help="dataset folder (paper or A/B/label layout)")
+    g.add_argument("--dataset", default=None, help="named dataset under the data root: OL, FB or Diff")
+    p.add_argument("--data-root", default=None, help="folder holding named datasets (default $ANODFD_DATA_ROOT or ./data)")
+    p.add_argument("--layout", choices=LAYOUTS, default=None)
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    _add_data_flags(p)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
+                   help="starting point; explicit flags override it (default: the paper's recipe)")
+    p.add_argument("--model", choices=MODEL_NAMES, default=None)
+    p.add_argument("--depth", type=int, choices=DEPTHS, default=None, help="Transformer layers (0 = none)")
+    p.add_argument("--pretrained", action="store_true", default=None, help="timm variants: download ImageNet weights")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--augment", choices=["none", "paper", "strong"], default=None)
+    p.add_argument("--misregister", type=float, default=None, help="max independent history misalignment (0.03 = 3%%)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--bce-weight", type=float, default=None)
+    p.add_argument("--dice-weight", type=float, default=None)
+    p.add_argument("--focal-weight", type=float, default=None)
+    p.add_argument("--pos-weight", type=float, default=None, help="BCE weight of anomalous pixels")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader processes")
+    p.add_argument("--cache-dir", default=None, help="decode cache (default $ANODFD_CACHE_DIR or ~/.cache/anodfd)")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None)
+    p.add_argument("--log-every", type=int, default=None, help="print a line every N steps")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from anodfd.train.loop import fit
+
+    config = config_from_args(args)
+    result = fit(config, args.out)
+    print(f"best validation F1 {result['best_f1']:.4f}; checkpoints: {result['best']} (best), {result['last']} (last)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from anodfd.metrics import format_row, plot_roc
+    from anodfd.predict import check_threshold
+    from anodfd.train.loop import (
+        evaluate,
+        load_checkpoint,
+        make_loader,
+        model_from_checkpoint,
+        resolve_device,
+    )
+
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    model, config = model_from_checkpoint(ckpt, device)
+    data_cfg = config.data
+    data_cfg.data = str(resolve_data_dir_for(args))
+    data_cfg.layout = args.layout or "auto"
+    from anodfd.data.dataset import make_dataset
+
+    dataset = make_dataset(data_cfg, args.split, train=False)
+    pixels, images = evaluate(model, make_loader(dataset, args.batch_size, shuffle=False), device)
+    threshold = check_threshold(args.threshold)
+    metrics = pixels.compute(threshold)
+    calibrated = float(ckpt.get("threshold", threshold))
+    print(f"{args.split} ({len(dataset)} pairs), threshold {metrics['threshold']:.3f}: {format_row(metrics)}")
+    print(f"{args.split}, calibrated threshold {calibrated:.3f}: {format_row(pixels.compute(calibrated))}")
+    print(f"image-level AUROC {images.auroc():.4f}")
+    if args.json:
+        keys = ("precision", "recall", "oa", "f1", "iou", "auc", "eer", "threshold")
+        Path(args.json).write_text(json.dumps({k: metrics[k] for k in keys}, indent=2))
+    if args.plot:
+        plot_roc(pixels, args.plot, title=f"ROC, {args.split} split")
+    return 0
+
+
+def resolve_data_dir_for(args: argparse.Namespace) -> Path:
+    from anodfd.data.layouts import resolve_data_dir
+
+    return resolve_data_dir(dataset=args.dataset, data=args.data, data_root=args.data_root)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from anodfd.predict import check_threshold, find_pairs, predict_pairs
+    from anodfd.train.loop import load_checkpoint, model_from_checkpoint, resolve_device
+
+    if not args.list and not (args.hist and args.cur):
+        raise ConfigError("give --hist H --cur C (files or folders), or --list FILE")
+    pairs = find_pairs(args.hist, args.cur, args.list)
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    model, config = model_from_checkpoint(ckpt, device)
+    threshold = check_threshold(args.threshold if args.threshold is not None else ckpt.get("threshold", 0.5))
+    for p in predict_pairs(model, config, pairs, args.out, threshold, device):
+        print(f"{p.name}: score {p.score:.4f}, {len(p.boxes)} region(s) -> {p.overlay_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anodfd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +177,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="folder holding named datasets (default $ANODFD_DATA_ROOT or ./data)")
     p.add_argument("--layout", choices=LAYOUTS, default="auto")
     p.set_defaults(func=_data_check)
+
+    p = sub.add_parser("train", help="train AnoDFDNet (the paper's recipe by default)")
+    _add_train_flags(p)
+    p.add_argument("--out", required=True, help="run folder: best.pt, last.pt; rerun with it to resume")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="the paper's metrics of a checkpoint on a split")
+    p.add_argument("--checkpoint", required=True)
+    _add_data_flags(p)
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--threshold", type=float, default=0.5, help="the paper's fixed 0.5 by default")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="write precision, recall, oa, f1, iou, auc, eer, threshold")
+    p.add_argument("--plot", default=None, help="write the ROC curve PNG")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="anomaly maps, overlays and boxes for pairs of any resolution")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--hist", default=None, help="history image, or a folder of them")
+    p.add_argument("--cur", default=None, help="current image, or a folder (matched to history by file name)")
+    p.add_argument("--list", default=None, help="a list file of 'cur,hist[,gt]' lines relative to its folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threshold", type=float, default=None, help="default: the checkpoint's calibrated threshold")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_predict)
     return parser
 
 

@@ -117,7 +117,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.image_size": 64,
         "train.epochs": 3,
         "train.batch_size": 4,
-        "train.lr": 1e-3,
+        "train.lr": 3e-3,
         "train.bce_weight": 1.0,
         "train.dice_weight": 1.0,
     },

@@ -1,0 +1,120 @@
+"""Anomaly maps for pairs of any resolution: full-size map PNG, overlay, and JSON with a score and boxes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from anodfd.config import Config, ConfigError
+from anodfd.data.cache import decode_image
+from anodfd.data.layouts import IMAGE_EXTS, DatasetError
+from anodfd.metrics import image_scores
+from anodfd.train.loop import predict_probs, resize_probs
+
+
+@dataclass
+class Prediction:
+    name: str
+    score: float  # the pair's anomaly score (see metrics.image_scores)
+    boxes: list[dict]  # regions above the threshold, in current-image pixels
+    map_path: Path
+    overlay_path: Path
+    json_path: Path
+
+
+def find_pairs(hist: str, cur: str | None = None, list_file: str | None = None) -> list[tuple[str, Path, Path]]:
+    """(name, history, current) from two files, two folders (matched by file name), or a split list."""
+    if list_file:
+        root = Path(list_file).resolve().parent
+        pairs = []
+        for n, line in enumerate(Path(list_file).read_text().splitlines(), 1):
+            if line.strip():
+                fields = [f.strip().replace("\\", "/") for f in line.split(",")]
+                if len(fields) < 2:
+                    raise DatasetError(f"{list_file} line {n}: expected 'cur,hist[,gt]', got {line.strip()!r}")
+                c, h = root / fields[0], root / fields[1]
+                pairs.append((c.parent.name if c.stem == "cur" else c.stem, h, c))
+    else:
+        h, c = Path(hist), Path(cur)
+        if h.is_dir() and c.is_dir():
+            names = sorted(p.name for p in c.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+            pairs = [(Path(n).stem, h / n, c / n) for n in names]
+        else:
+            pairs = [(c.stem, h, c)]
+    for _, h, c in pairs:
+        for f in (h, c):
+            if not f.is_file():
+                raise DatasetError(f"{f}: input image not found; pass an existing file or folder")
+    if not pairs:
+        raise DatasetError(f"no images found in {cur}; pass files or folders of .jpg/.png images")
+    return pairs
+
+
+def predict_pairs(
+    model: nn.Module, config: Config, pairs: list[tuple[str, Path, Path]], out: str | Path,
+    threshold: float, device: torch.device | str = "cpu", min_area: int = 16,
+) -> list[Prediction]:
+    out, device = Path(out), torch.device(device)
+    out.mkdir(parents=True, exist_ok=True)
+    size = config.data.image_size
+    results = []
+    for name, hist_path, cur_path in pairs:
+        cur_full = cv2.imread(str(cur_path), cv2.IMREAD_COLOR)
+        if cur_full is None:
+            raise DatasetError(f"{cur_path}: OpenCV could not decode this image; replace the file")
+        hist = torch.from_numpy(decode_image(hist_path, size)).permute(2, 0, 1)[None]
+        cur = torch.from_numpy(decode_image(cur_path, size)).permute(2, 0, 1)[None]
+        probs = predict_probs(model, hist, cur, device)
+        score = float(image_scores(probs)[0])
+        height, width = cur_full.shape[:2]
+        full = resize_probs(probs, height, width)[0, 0].numpy()
+        binary = (full >= threshold).astype(np.uint8)
+        boxes = regions(binary, full, min_area)
+        map_path, overlay_path, json_path = out / f"{name}_map.png", out / f"{name}_overlay.jpg", out / f"{name}.json"
+        cv2.imwrite(str(map_path), np.round(full * 255).astype(np.uint8))
+        cv2.imwrite(str(overlay_path), overlay(cur_full, binary, boxes))
+        json_path.write_text(json.dumps({
+            "history": str(hist_path), "current": str(cur_path), "score": score, "threshold": threshold,
+            "anomalous_fraction": float(binary.mean()), "boxes": boxes,
+        }, indent=2))
+        results.append(Prediction(name, score, boxes, map_path, overlay_path, json_path))
+    return results
+
+
+def regions(binary: np.ndarray, probs: np.ndarray, min_area: int = 16) -> list[dict]:
+    """Connected anomalous regions as boxes, largest first; specks under ``min_area`` pixels are dropped."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    boxes = []
+    for i in range(1, n):
+        x, y, w, h, area = (int(v) for v in stats[i])
+        if area >= min_area:
+            boxes.append({"x": x, "y": y, "width": w, "height": h, "area": area,
+                          "max_prob": float(probs[labels == i].max())})
+    return sorted(boxes, key=lambda b: -b["area"])
+
+
+def overlay(image_bgr: np.ndarray, binary: np.ndarray, boxes: list[dict] | None = None) -> np.ndarray:
+    """The image with anomalous pixels tinted red, their outlines drawn, and boxes around regions."""
+    out = image_bgr.copy()
+    red = np.zeros_like(out)
+    red[..., 2] = 255
+    sel = binary.astype(bool)
+    out[sel] = (0.55 * out[sel] + 0.45 * red[sel]).astype(np.uint8)
+    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    thickness = max(1, round(max(out.shape[:2]) / 400))
+    cv2.drawContours(out, contours, -1, (0, 0, 255), thickness)
+    for b in boxes or []:
+        cv2.rectangle(out, (b["x"], b["y"]), (b["x"] + b["width"], b["y"] + b["height"]), (0, 255, 255), thickness)
+    return out
+
+
+def check_threshold(threshold: float) -> float:
+    if not 0.0 < threshold < 1.0:
+        raise ConfigError(f"threshold {threshold} must lie strictly between 0 and 1")
+    return threshold

@@ -1,0 +1,270 @@
+"""Plain PyTorch: one epoch of training, one pass of evaluation, checkpoints, and a single-process `fit`.
+
+Nothing here knows Ray or MLflow. The Ray Train worker calls the same `train_one_epoch` and `evaluate`, with
+a DDP-wrapped model and a distributed sampler, and sums the evaluation histograms across ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from anodfd.config import Config, ConfigError
+from anodfd.data.dataset import PairDataset, make_dataset, normalize, worker_init_fn
+from anodfd.losses import CombinedLoss
+from anodfd.metrics import ImageScores, PixelHistogram
+from anodfd.model import build_model
+
+CHECKPOINT_VERSION = 1
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU (no loss scaling needed, unlike fp16); full precision on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def make_loader(
+    dataset: PairDataset, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
+    sampler: Sampler | None = None, num_workers: int = 0, pin_memory: bool = False,
+) -> DataLoader:
+    # The shuffle order depends only on (seed, epoch), so a resumed run sees the epochs it would have seen.
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        generator=generator, num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
+        worker_init_fn=worker_init_fn, persistent_workers=False,
+    )
+
+
+def _to_device(batch, device: torch.device, channels_last: bool):
+    hist, cur, mask = (t.to(device, non_blocking=True) for t in batch)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return (
+        normalize(hist).contiguous(memory_format=fmt),
+        normalize(cur).contiguous(memory_format=fmt),
+        mask.float(),
+    )
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    pairs: int
+    seconds: float
+    data_seconds: float  # time spent waiting for the loader: the part a faster pipeline would remove
+
+    @property
+    def pairs_per_s(self) -> float:
+        return self.pairs / max(self.seconds, 1e-9)
+
+
+def train_one_epoch(
+    model: nn.Module, loader: DataLoader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+    device: torch.device, max_steps: int = 0, log_every: int = 0, log: Callable[[str], None] = print,
+) -> EpochStats:
+    model.train()
+    channels_last = device.type == "cuda"
+    total, pairs, data_time = 0.0, 0, 0.0
+    start = tick = time.perf_counter()
+    for step, batch in enumerate(loader):
+        if max_steps and step >= max_steps:
+            break
+        hist, cur, mask = _to_device(batch, device, channels_last)
+        data_time += time.perf_counter() - tick
+        with autocast(device):
+            logits = model(hist, cur)
+        loss = loss_fn(logits.float(), mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(mask)
+        pairs += len(mask)
+        if log_every and (step + 1) % log_every == 0:
+            log(f"  step {step + 1}: loss {loss.item():.4f}")
+        tick = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if pairs == 0:
+        raise ConfigError("the training split gave no batch; check the dataset and --batch-size")
+    return EpochStats(total / pairs, pairs, time.perf_counter() - start, data_time)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, bins: int = 1000
+) -> tuple[PixelHistogram, ImageScores]:
+    """Histograms of pixel probabilities and per-pair scores over a whole split (add them across ranks)."""
+    model.eval()
+    pixels, images = PixelHistogram(bins, device=device), ImageScores(device=device)
+    for batch in loader:
+        hist, cur, mask = _to_device(batch, device, device.type == "cuda")
+        with autocast(device):
+            probs = torch.sigmoid(model(hist, cur).float())
+        pixels.update(probs, mask)
+        images.update(probs, mask)
+    return pixels, images
+
+
+@torch.inference_mode()
+def predict_probs(model: nn.Module, hist: torch.Tensor, cur: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 Bx3xHxW pairs at the model's size -> Bx1xHxW probabilities on the CPU."""
+    model.eval()
+    h, c, _ = _to_device((hist, cur, torch.zeros(0)), device, device.type == "cuda")
+    with autocast(device):
+        return torch.sigmoid(model(h, c).float()).cpu()
+
+
+def epoch_metrics(pixels: PixelHistogram, images: ImageScores, threshold: float) -> dict[str, float]:
+    """The paper's row at the fixed threshold, plus the F1-calibrated threshold and image-level AUROC."""
+    metrics = pixels.compute(threshold)
+    best_t, best_f1 = pixels.best_f1_threshold()
+    metrics.update(calibrated_threshold=best_t, calibrated_f1=best_f1, image_auroc=images.auroc())
+    return metrics
+
+
+def selection_key(metrics: dict[str, float]) -> tuple[float, float]:
+    """Best epoch = highest validation F1 at the fixed threshold (the paper's rule).
+
+    Early in training every pixel can sit below 0.5, so F1 ties at 0; the calibrated F1 breaks such ties,
+    so the kept checkpoint is the most promising one rather than the first.
+    """
+    return (metrics["f1"], metrics["calibrated_f1"])
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+
+def checkpoint_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, epoch: int, config: Config,
+    metrics: dict[str, float], best: tuple[float, float],
+) -> dict:
+    """Self-describing: enough on its own to rebuild the model, report on it, or resume training."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    return {
+        "version": CHECKPOINT_VERSION,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "epoch": epoch,
+        "config": config.to_dict(),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "threshold": float(metrics.get("calibrated_threshold", config.train.threshold)),
+        "best": [float(v) for v in best],  # selection key of the best epoch so far, see `selection_key`
+    }
+
+
+def save_checkpoint(ckpt: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)  # atomic: a crash mid-write never leaves a half checkpoint under the real name
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} not found; pass the .pt file written by `anodfd train`")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise ConfigError(f"{path}: not a readable anodfd checkpoint ({e})") from None
+
+
+def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
+    config = Config.from_dict(ckpt["config"])
+    model = build_model(config.model)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), config
+
+
+# --- single-process training ---------------------------------------------------------------------------
+
+
+def fit(config: Config, out: str | Path, log: Callable[[str], None] = print) -> dict:
+    """Train with validation every epoch, keeping ``best.pt`` (by validation F1) and ``last.pt`` in ``out``.
+
+    Rerunning with the same ``out`` resumes from ``last.pt``; a config that changes the model is refused
+    rather than silently overwriting the earlier run.
+    """
+    out = Path(out).resolve()
+    device = resolve_device(config.train.device)
+    t = config.train
+    # Validate every split before anything is computed or written.
+    train_ds = make_dataset(config.data, "train", train=True, seed=t.seed)
+    val_ds = make_dataset(config.data, "val", train=False)
+
+    torch.manual_seed(t.seed)
+    model = build_model(config.model).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    loss_fn = CombinedLoss.from_config(t)
+
+    start_epoch, best = 1, (-1.0, -1.0)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if last_path.exists():
+        ckpt = load_checkpoint(last_path)
+        check_resumable(ckpt, config, last_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, best = ckpt["epoch"] + 1, tuple(ckpt["best"])
+        log(f"resuming {out} from epoch {ckpt['epoch']} (best F1 so far {best[0]:.4f})")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    history = []
+    for epoch in range(start_epoch, t.epochs + 1):
+        loader = make_loader(train_ds, t.batch_size, shuffle=True, seed=t.seed, epoch=epoch,
+                             num_workers=config.data.num_workers, pin_memory=device.type == "cuda")
+        stats = train_one_epoch(model, loader, loss_fn, optimizer, device, t.max_steps_per_epoch, t.log_every, log)
+        if not math.isfinite(stats.loss):
+            raise RuntimeError(f"epoch {epoch}: training loss is {stats.loss}; lower --lr or check the data")
+        val_loader = make_loader(val_ds, t.batch_size, shuffle=False, num_workers=config.data.num_workers)
+        pixels, images = evaluate(model, val_loader, device)
+        metrics = epoch_metrics(pixels, images, t.threshold)
+        metrics.update(train_loss=stats.loss, pairs_per_s=stats.pairs_per_s, epoch=epoch)
+        improved = selection_key(metrics) > best
+        best = max(best, selection_key(metrics))
+        ckpt = checkpoint_dict(model, optimizer, epoch, config, metrics, best)
+        if improved:
+            save_checkpoint(ckpt, best_path)
+        save_checkpoint(ckpt, last_path)
+        history.append(metrics)
+        log(
+            f"epoch {epoch}/{t.epochs}  loss {stats.loss:.4f}  val F1 {metrics['f1']:.4f} "
+            f"(calibrated {metrics['calibrated_f1']:.4f} @ {metrics['calibrated_threshold']:.3f})  "
+            f"AUC {metrics['auc']:.4f}  {stats.pairs_per_s:.1f} pairs/s{'  *best' if improved else ''}"
+        )
+    return {"best_f1": best[0], "history": history, "best": best_path, "last": last_path}
+
+
+def check_resumable(ckpt: dict, config: Config, path: Path) -> None:
+    before = Config.from_dict(ckpt["config"])
+    if before.model != config.model or before.data.image_size != config.data.image_size:
+        raise ConfigError(
+            f"{path} was trained with a different model ({before.model}, image size {before.data.image_size}); "
+            "resume with the same settings, or pass a new --out so the earlier run is kept"
+        )
+
+
+def resize_probs(probs: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A Bx1xhxw probability map at another resolution (bilinear: probabilities stay in [0, 1])."""
+    return F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
