@@ -90,11 +90,28 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from anodfd.train.loop import fit
+    from anodfd.tracking import ui_command
+    from anodfd.train.launch import RayOptions, train_on_ray
 
     config = config_from_args(args)
-    result = fit(config, args.out)
-    print(f"best validation F1 {result['best_f1']:.4f}; checkpoints: {result['best']} (best), {result['last']} (last)")
+    storage, name = args.storage, args.name
+    if args.out:  # --out DIR is the run folder itself
+        if args.name or args.storage:
+            raise ConfigError("give either --out DIR, or --storage and --name, not both")
+        out = Path(args.out).expanduser().resolve()
+        storage, name = str(out.parent), out.name
+    opts = RayOptions(
+        workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+        address=args.address, storage=storage or "runs", name=name, max_failures=args.max_failures,
+        keep=args.keep, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
+    )
+    outcome = train_on_ray(config, opts)
+    m = outcome.best_metrics
+    if m:
+        print(f"best epoch {int(m['epoch'])}: validation F1 {m['f1']:.4f} (calibrated {m['calibrated_f1']:.4f} "
+              f"@ {m['calibrated_threshold']:.3f}), AUC {m['auc']:.4f}")
+    print(f"run folder: {outcome.run_dir}" + (f"; best checkpoint {outcome.best_checkpoint}" if outcome.best_checkpoint else ""))
+    print(f"MLflow run {outcome.mlflow_run_id}; to browse: {ui_command(outcome.mlflow_uri)}")
     return 0
 
 
@@ -178,9 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=LAYOUTS, default="auto")
     p.set_defaults(func=_data_check)
 
-    p = sub.add_parser("train", help="train AnoDFDNet (the paper's recipe by default)")
+    p = sub.add_parser("train", help="train AnoDFDNet on Ray Train (the paper's recipe by default)")
     _add_train_flags(p)
-    p.add_argument("--out", required=True, help="run folder: best.pt, last.pt; rerun with it to resume")
+    p.add_argument("--out", default=None, help="run folder (best.pt, last.pt, Ray checkpoints); rerun to resume")
+    p.add_argument("--storage", default=None, help="where runs live: a folder (default ./runs) or s3://... URI")
+    p.add_argument("--name", default=None, help="run name under --storage; rerunning with it resumes")
+    p.add_argument("--workers", type=int, default=1, help="DDP workers (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else local Ray)")
+    p.add_argument("--max-failures", type=int, default=2, help="worker failures survived from the last checkpoint")
+    p.add_argument("--keep", type=int, default=2, help="best checkpoints kept by validation F1, besides the latest")
+    p.add_argument("--mlflow-uri", default=None, help="tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--experiment", default="anodfd", help="MLflow experiment")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="the paper's metrics of a checkpoint on a split")

@@ -13,6 +13,7 @@ from torch import nn
 
 from anodfd.config import Config, ConfigError
 from anodfd.data.cache import decode_image
+from anodfd.data.dataset import to_chw
 from anodfd.data.layouts import IMAGE_EXTS, DatasetError
 from anodfd.metrics import image_scores
 from anodfd.train.loop import predict_probs, resize_probs
@@ -68,8 +69,7 @@ def predict_pairs(
         cur_full = cv2.imread(str(cur_path), cv2.IMREAD_COLOR)
         if cur_full is None:
             raise DatasetError(f"{cur_path}: OpenCV could not decode this image; replace the file")
-        hist = torch.from_numpy(decode_image(hist_path, size)).permute(2, 0, 1)[None]
-        cur = torch.from_numpy(decode_image(cur_path, size)).permute(2, 0, 1)[None]
+        hist, cur = to_chw(decode_image(hist_path, size))[None], to_chw(decode_image(cur_path, size))[None]
         probs = predict_probs(model, hist, cur, device)
         score = float(image_scores(probs)[0])
         height, width = cur_full.shape[:2]
@@ -118,3 +118,23 @@ def check_threshold(threshold: float) -> float:
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"threshold {threshold} must lie strictly between 0 and 1")
     return threshold
+
+
+def overlay_grid(
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], threshold: float = 0.5
+) -> np.ndarray:
+    """One row per pair: history | current | ground truth outlined | predicted map tinted (RGB uint8 in).
+
+    Logged every epoch on the same validation pairs, so training progress is something to look at.
+    """
+    out = []
+    for hist, cur, mask, probs in rows:
+        cur_bgr = cv2.cvtColor(cur, cv2.COLOR_RGB2BGR)
+        truth = overlay(cur_bgr, mask.astype(np.uint8))
+        heat = cv2.applyColorMap(np.round(probs * 255).astype(np.uint8), cv2.COLORMAP_JET)
+        pred = cv2.addWeighted(cur_bgr, 0.5, heat, 0.5, 0)
+        contours, _ = cv2.findContours((probs >= threshold).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                       cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(pred, contours, -1, (255, 255, 255), 1)
+        out.append(np.concatenate([cv2.cvtColor(hist, cv2.COLOR_RGB2BGR), cur_bgr, truth, pred], axis=1))
+    return np.concatenate(out, axis=0)

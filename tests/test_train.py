@@ -76,11 +76,17 @@ def test_resume_continues_and_refuses_another_model(synth_ol, tmp_path):
     assert (out / "last.pt").read_bytes() == before  # nothing already written is lost
 
 
-def test_train_eval_predict_commands(synth_ol, tmp_path, capsys):
+def test_train_eval_predict_commands(synth_ol, tmp_path, capsys, monkeypatch, ray_local):
+    # `anodfd train` is a Ray Train run: 2 DDP workers on this 2-core machine, local MLflow store in the cwd.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = tmp_path / "R"
-    assert cli(["train", "--data", str(synth_ol), "--preset", "smoke", "--epochs", "2", "--out", str(run)]) == 0
+    argv = ["train", "--data", str(synth_ol), "--preset", "smoke", "--epochs", "2", "--workers", "2", "--out", str(run)]
+    assert cli(argv) == 0
     assert (run / "best.pt").exists() and (run / "last.pt").exists()
-    assert "epoch 2/2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "best epoch" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+    assert (tmp_path / "mlflow.db").exists() and any((tmp_path / "mlartifacts").rglob("overlays_epoch_0002.png"))
 
     m = tmp_path / "m.json"
     roc = tmp_path / "roc.png"

@@ -39,7 +39,7 @@ class PairDataset(Dataset):
         hist, cur, mask = arr[..., :3], arr[..., 3:6], arr[..., 6]
         if self.transform is not None:
             hist, cur, mask = self.transform(hist, cur, mask)
-        return _chw(hist), _chw(cur), torch.from_numpy(np.ascontiguousarray(mask))[None]
+        return to_chw(hist), to_chw(cur), torch.from_numpy(np.ascontiguousarray(mask))[None]
 
     def arrays(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The un-augmented uint8 pair (HxWx3, HxWx3, HxW), for overlays and reports."""
@@ -47,7 +47,7 @@ class PairDataset(Dataset):
         return arr[..., :3], arr[..., 3:6], arr[..., 6]
 
 
-def _chw(img: np.ndarray) -> torch.Tensor:
+def to_chw(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
 
 

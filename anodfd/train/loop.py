@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from anodfd.config import Config, ConfigError
 from anodfd.data.dataset import PairDataset, make_dataset, normalize, worker_init_fn
@@ -63,6 +64,17 @@ def _to_device(batch, device: torch.device, channels_last: bool):
     )
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place); the identity in a single process."""
+    if _distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 @dataclass
 class EpochStats:
     loss: float
@@ -101,16 +113,22 @@ def train_one_epoch(
         tick = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    if pairs == 0:
+    # Every rank ends with the global figures: loss per pair and pairs over all ranks.
+    sums = all_reduce_sum(torch.tensor([total, float(pairs)], dtype=torch.float64, device=device)).tolist()
+    if sums[1] == 0:
         raise ConfigError("the training split gave no batch; check the dataset and --batch-size")
-    return EpochStats(total / pairs, pairs, time.perf_counter() - start, data_time)
+    return EpochStats(sums[0] / sums[1], int(sums[1]), time.perf_counter() - start, data_time)
 
 
 @torch.inference_mode()
 def evaluate(
     model: nn.Module, loader: DataLoader, device: torch.device, bins: int = 1000
 ) -> tuple[PixelHistogram, ImageScores]:
-    """Histograms of pixel probabilities and per-pair scores over a whole split (add them across ranks)."""
+    """Histograms of pixel probabilities and per-pair scores over a split.
+
+    Under DDP each rank sees its own shard (see `val_shard`) and the integer counts are summed over ranks,
+    so the metrics are exactly those of one process seeing the whole split.
+    """
     model.eval()
     pixels, images = PixelHistogram(bins, device=device), ImageScores(device=device)
     for batch in loader:
@@ -119,7 +137,46 @@ def evaluate(
             probs = torch.sigmoid(model(hist, cur).float())
         pixels.update(probs, mask)
         images.update(probs, mask)
+    if _distributed():
+        pixels = PixelHistogram.from_state(all_reduce_sum(pixels.state().to(device)).cpu())
+        images = ImageScores.from_state(all_reduce_sum(images.state().to(device)).cpu())
     return pixels, images
+
+
+def val_shard(dataset: PairDataset, rank: int, world: int):
+    """Every `world`-th pair from `rank`: each pair evaluated exactly once (DistributedSampler pads instead)."""
+    return dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
+
+
+def run_epoch(
+    model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, train_ds: PairDataset,
+    val_ds: PairDataset, config: Config, epoch: int, device: torch.device, rank: int = 0, world: int = 1,
+    log: Callable[[str], None] = print,
+) -> tuple[dict[str, float], PixelHistogram]:
+    """Train one epoch on this rank's shard, evaluate on the whole validation split.
+
+    Returns the global metrics and the validation histogram (for the ROC plot), the same on every rank.
+    """
+    t, workers = config.train, config.data.num_workers
+    pin = device.type == "cuda"
+    sampler = None
+    if world > 1:
+        # Reshuffled by epoch number, so resuming at epoch e sees the order a straight run would have.
+        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed)
+        sampler.set_epoch(epoch)
+    loader = make_loader(train_ds, t.batch_size, shuffle=True, seed=t.seed, epoch=epoch, sampler=sampler,
+                         num_workers=workers, pin_memory=pin)
+    stats = train_one_epoch(model, loader, loss_fn, optimizer, device, t.max_steps_per_epoch, t.log_every,
+                            log if rank == 0 else lambda s: None)
+    if not math.isfinite(stats.loss):
+        raise RuntimeError(f"epoch {epoch}: training loss is {stats.loss}; lower --lr or check the data")
+    val_loader = make_loader(val_shard(val_ds, rank, world), t.batch_size, shuffle=False, num_workers=workers,
+                             pin_memory=pin)
+    pixels, images = evaluate(model, val_loader, device)
+    metrics = epoch_metrics(pixels, images, t.threshold)
+    metrics.update(train_loss=stats.loss, pairs_per_s=stats.pairs / max(stats.seconds, 1e-9),
+                   data_wait=stats.data_seconds / max(stats.seconds, 1e-9), epoch=epoch)
+    return metrics, pixels
 
 
 @torch.inference_mode()
@@ -232,15 +289,7 @@ def fit(config: Config, out: str | Path, log: Callable[[str], None] = print) -> 
 
     history = []
     for epoch in range(start_epoch, t.epochs + 1):
-        loader = make_loader(train_ds, t.batch_size, shuffle=True, seed=t.seed, epoch=epoch,
-                             num_workers=config.data.num_workers, pin_memory=device.type == "cuda")
-        stats = train_one_epoch(model, loader, loss_fn, optimizer, device, t.max_steps_per_epoch, t.log_every, log)
-        if not math.isfinite(stats.loss):
-            raise RuntimeError(f"epoch {epoch}: training loss is {stats.loss}; lower --lr or check the data")
-        val_loader = make_loader(val_ds, t.batch_size, shuffle=False, num_workers=config.data.num_workers)
-        pixels, images = evaluate(model, val_loader, device)
-        metrics = epoch_metrics(pixels, images, t.threshold)
-        metrics.update(train_loss=stats.loss, pairs_per_s=stats.pairs_per_s, epoch=epoch)
+        metrics, _ = run_epoch(model, optimizer, loss_fn, train_ds, val_ds, config, epoch, device, log=log)
         improved = selection_key(metrics) > best
         best = max(best, selection_key(metrics))
         ckpt = checkpoint_dict(model, optimizer, epoch, config, metrics, best)
@@ -248,12 +297,16 @@ def fit(config: Config, out: str | Path, log: Callable[[str], None] = print) -> 
             save_checkpoint(ckpt, best_path)
         save_checkpoint(ckpt, last_path)
         history.append(metrics)
-        log(
-            f"epoch {epoch}/{t.epochs}  loss {stats.loss:.4f}  val F1 {metrics['f1']:.4f} "
-            f"(calibrated {metrics['calibrated_f1']:.4f} @ {metrics['calibrated_threshold']:.3f})  "
-            f"AUC {metrics['auc']:.4f}  {stats.pairs_per_s:.1f} pairs/s{'  *best' if improved else ''}"
-        )
+        log(epoch_line(metrics, t.epochs) + ("  *best" if improved else ""))
     return {"best_f1": best[0], "history": history, "best": best_path, "last": last_path}
+
+
+def epoch_line(metrics: dict[str, float], epochs: int) -> str:
+    return (
+        f"epoch {int(metrics['epoch'])}/{epochs}  loss {metrics['train_loss']:.4f}  val F1 {metrics['f1']:.4f} "
+        f"(calibrated {metrics['calibrated_f1']:.4f} @ {metrics['calibrated_threshold']:.3f})  "
+        f"AUC {metrics['auc']:.4f}  {metrics['pairs_per_s']:.1f} pairs/s"
+    )
 
 
 def check_resumable(ckpt: dict, config: Config, path: Path) -> None:

@@ -1,0 +1,185 @@
+"""Launch a Ray Train run (`TorchTrainer`) from a config: checks first, then Ray, then MLflow bookkeeping.
+
+Everything that can be wrong with the input (data, tracking server, storage, resources) is reported before
+Ray starts a single worker.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray.train import UserCallback  # Ray
+
+from anodfd import tracking
+from anodfd.config import Config, ConfigError
+from anodfd.data.cache import default_cache_dir
+from anodfd.data.dataset import make_dataset
+from anodfd.train.loop import check_resumable, load_checkpoint, selection_key
+from anodfd.train.worker import CHECKPOINT_FILE, train_func_per_worker
+
+
+@dataclass
+class RayOptions:
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    address: str | None = None  # None: $RAY_ADDRESS, else a local Ray instance
+    storage: str = "runs"  # local folder (made absolute) or a URI such as s3://bucket/path
+    name: str | None = None
+    max_failures: int = 2
+    keep: int = 2  # best checkpoints kept by validation F1, besides the latest
+    mlflow_uri: str | None = None
+    experiment: str = tracking.DEFAULT_EXPERIMENT
+
+
+class MlflowCallback(UserCallback):
+    """Runs in Ray Train's controller: logs each epoch Ray has accepted to the MLflow run.
+
+    Logging here rather than in the worker means MLflow holds exactly the epochs Ray holds: a worker that
+    dies after logging but before Ray registered its report would otherwise have its epoch logged twice.
+    """
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri, self.run_id = uri, run_id
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        m = metrics[0]  # rank 0's; every rank reports the same global metrics
+        epoch = int(m["epoch"])
+        tracking.log_metrics(self.uri, self.run_id, {k: v for k, v in m.items() if k != "epoch"}, step=epoch)
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                for png in sorted(Path(d).glob("*.png")):
+                    tracking.log_file(self.uri, self.run_id, png, png.name.split("_epoch_")[0])
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: str
+    best_checkpoint: Path | None  # a local copy of the best checkpoint file
+    best_metrics: dict
+    mlflow_run_id: str
+    mlflow_uri: str
+    result: object  # ray.train.Result
+
+
+def prepare(config: Config, opts: RayOptions) -> tuple[Config, str, str]:
+    """Validate everything cheap to validate; returns (config with absolute paths, storage, run name)."""
+    if opts.workers < 1:
+        raise ConfigError(f"--workers {opts.workers}: need at least 1")
+    if not config.data.cache_dir:  # workers run in another directory: give them an absolute cache
+        config.data.cache_dir = str(default_cache_dir().resolve())
+    make_dataset(config.data, "train")  # lists, files and image headers: DatasetError names the problem
+    make_dataset(config.data, "val")
+    storage = opts.storage if "://" in opts.storage else str(Path(opts.storage).expanduser().resolve())
+    if "://" not in storage:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        if not os.access(storage, os.W_OK):
+            raise ConfigError(f"storage folder {storage} is not writable; pass --storage DIR you can write to")
+    name = opts.name or "{}-{}-d{}-{}".format(
+        Path(config.data.data).name, config.model.name, config.model.depth, time.strftime("%Y%m%d-%H%M%S"))
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise ConfigError(f"run name {name!r}: use letters, digits, '.', '_' and '-' only")
+    if "://" not in storage:
+        latest = latest_checkpoint(Path(storage) / name)
+        if latest is not None:  # resuming: the model must be the one trained so far
+            check_resumable(load_checkpoint(latest), config, latest)
+    return config, storage, name
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted(run_dir.glob(f"epoch_*/{CHECKPOINT_FILE}"))
+    return found[-1] if found else None
+
+
+def init_ray(address: str | None, need_cpus: float, need_gpus: float) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # No address and no RAY_ADDRESS: Ray starts a local instance (the embedded default).
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    res = ray.cluster_resources()
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    if local and (res.get("CPU", 0) < need_cpus or res.get("GPU", 0) < need_gpus):
+        # On a fixed local machine this would wait forever for resources that never come.
+        raise ConfigError(
+            f"this run needs {need_cpus:g} CPUs and {need_gpus:g} GPUs but the local Ray instance has "
+            f"{res.get('CPU', 0):g} CPUs and {res.get('GPU', 0):g} GPUs; lower --workers, --cpus-per-worker "
+            "or --gpus-per-worker"
+        )
+
+
+def train_on_ray(config: Config, opts: RayOptions, tags: dict[str, str] | None = None) -> TrainOutcome:
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # Ray
+    from ray.train.torch import TorchTrainer  # Ray
+
+    uri = tracking.resolve_tracking_uri(opts.mlflow_uri)
+    tracking.check_tracking(uri)
+    config, storage, name = prepare(config, opts)
+    init_ray(opts.address, opts.workers * opts.cpus_per_worker, opts.workers * opts.gpus_per_worker)
+
+    run_dir = f"{storage.rstrip('/')}/{name}"
+    run_id, resumed = tracking.start_run(uri, config, run_dir, name, opts.experiment, tags={
+        "anodfd.workers": str(opts.workers),
+        # DDP averages gradients over workers: the effective batch grows, the learning rate is not scaled.
+        "anodfd.global_batch": str(config.train.batch_size * opts.workers),
+        **(tags or {}),
+    })
+    print(f"{'resuming' if resumed else 'starting'} run {name} in {storage} "
+          f"({opts.workers} worker(s), global batch {config.train.batch_size * opts.workers}); MLflow run {run_id}")
+
+    resources = {"CPU": opts.cpus_per_worker}
+    if opts.gpus_per_worker:
+        resources["GPU"] = opts.gpus_per_worker
+    trainer = TorchTrainer(  # Ray
+        train_func_per_worker,
+        train_loop_config={"config": config.to_dict(), "threads": max(1, int(opts.cpus_per_worker))},
+        scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=opts.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=opts.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=opts.keep, checkpoint_score_attribute="f1",
+                                               checkpoint_score_order="max"),
+            callbacks=[MlflowCallback(uri, run_id)],
+            logging_config=LoggingConfig(log_level="WARNING"),  # one line per epoch, not per report
+            # Ray Train routes print() through its logger as well as stdout: without this each line shows twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+    )
+    try:
+        result = trainer.fit()  # Ray
+    except KeyboardInterrupt:
+        tracking.end_run(uri, run_id, "KILLED")  # rerun the same command to resume
+        raise
+    except Exception:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    best_path, best_metrics = export_best(result, Path(storage) / name if "://" not in storage else None)
+    if best_path is not None:
+        tracking.log_file(uri, run_id, best_path, "checkpoints")
+        tracking.log_metrics(uri, run_id, {f"best_{k}": v for k, v in best_metrics.items()
+                                           if k in ("f1", "iou", "auc", "eer", "precision", "recall", "oa")},
+                             step=int(best_metrics.get("epoch", 0)))
+    tracking.end_run(uri, run_id)
+    return TrainOutcome(run_dir, best_path, best_metrics, run_id, uri, result)
+
+
+def export_best(result, run_dir: Path | None) -> tuple[Path | None, dict]:
+    """Copy the best kept checkpoint (and the latest) to ``best.pt`` / ``last.pt`` in the run folder."""
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if m]
+    if not candidates:
+        return None, {}
+    checkpoint, metrics = max(candidates, key=lambda cm: selection_key(cm[1]))
+    if run_dir is None:
+        return None, metrics
+    with checkpoint.as_directory() as d:
+        shutil.copyfile(Path(d) / CHECKPOINT_FILE, run_dir / "best.pt")
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            shutil.copyfile(Path(d) / CHECKPOINT_FILE, run_dir / "last.pt")
+    return run_dir / "best.pt", metrics

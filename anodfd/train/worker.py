@@ -1,0 +1,123 @@
+"""The Ray Train per-worker function: the plain loop of `loop.py`, plus Ray's lines (marked `# Ray`).
+
+Each worker trains on its shard under DDP; evaluation counts are summed over ranks, so every rank holds the
+same global metrics. Rank 0 alone writes the epoch's checkpoint directory (weights and state, plus the ROC
+curve and anomaly overlays as PNGs) and hands it to `ray.train.report`. MLflow is written on the driver side
+from what Ray accepted (see `launch.MlflowCallback`), so a crash never logs an epoch that is then retrained.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import cv2
+import ray.train  # Ray
+import ray.train.torch  # Ray
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from anodfd.config import Config
+from anodfd.data.dataset import PairDataset, make_dataset, to_chw
+from anodfd.losses import CombinedLoss
+from anodfd.metrics import PixelHistogram, plot_roc
+from anodfd.model import build_model
+from anodfd.predict import overlay_grid
+from anodfd.train.loop import (
+    checkpoint_dict,
+    epoch_line,
+    load_checkpoint,
+    predict_probs,
+    run_epoch,
+    save_checkpoint,
+    selection_key,
+)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+OVERLAY_PAIRS = 4  # the first validation pairs, drawn every epoch
+
+
+def train_func_per_worker(loop_config: dict) -> None:
+    # A size-1 dimension makes DDP see a harmless stride mismatch in one decoder weight's gradient.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    config = Config.from_dict(loop_config["config"])
+    t = config.train
+    torch.set_num_threads(loop_config.get("threads", 1))
+    ctx = ray.train.get_context()  # Ray
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()  # Ray
+    device = ray.train.torch.get_device()  # Ray
+
+    # The launcher validated the data already; each rank augments with its own stream.
+    train_ds = make_dataset(config.data, "train", train=True, seed=t.seed + 7919 * rank, check=False)
+    val_ds = make_dataset(config.data, "val", check=False)
+
+    torch.manual_seed(t.seed)
+    model = build_model(config.model)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)  # Ray: DDP (gloo on CPU, NCCL on GPU), moved to the device
+    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    loss_fn = CombinedLoss.from_config(t)
+
+    start_epoch, best = 1, (-1.0, -1.0)
+    checkpoint = ray.train.get_checkpoint()  # Ray: the latest one, after a worker failure or on resume
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            ckpt = load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device)
+        _unwrap(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, best = ckpt["epoch"] + 1, tuple(ckpt["best"])
+        if rank == 0:
+            print(f"restored from the checkpoint of epoch {ckpt['epoch']}; continuing at epoch {start_epoch}")
+
+    for epoch in range(start_epoch, t.epochs + 1):
+        metrics, pixels = run_epoch(model, optimizer, loss_fn, train_ds, val_ds, config, epoch, device, rank, world)
+        metrics["param_spread"] = param_spread(model)  # 0.0 when DDP kept every rank's weights identical
+        metrics["workers"] = world
+        best = max(best, selection_key(metrics))
+        with tempfile.TemporaryDirectory() as d:
+            ckpt_obj = None
+            if rank == 0:
+                save_checkpoint(checkpoint_dict(model, optimizer, epoch, config, metrics, best), Path(d) / CHECKPOINT_FILE)
+                write_pictures(Path(d), epoch, metrics, pixels, _unwrap(model), val_ds, device)
+                ckpt_obj = ray.train.Checkpoint.from_directory(d)  # Ray
+            # Ray: a barrier; every rank reports each epoch, rank 0 with the checkpoint.
+            ray.train.report(metrics, checkpoint=ckpt_obj, checkpoint_dir_name=f"epoch_{epoch:04d}")
+        if rank == 0:
+            print(epoch_line(metrics, t.epochs), flush=True)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def param_spread(model: nn.Module) -> float:
+    """Largest difference across ranks of any parameter tensor's sum (every rank must call this)."""
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0.0
+    hi, lo = sums.clone(), sums.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return float((hi - lo).abs().max())
+
+
+def write_pictures(
+    folder: Path, epoch: int, metrics: dict[str, float], pixels: PixelHistogram, model: nn.Module,
+    val_ds: PairDataset, device: torch.device,
+) -> None:
+    """The epoch's validation ROC curve and anomaly overlays of the same few validation pairs every epoch."""
+    plot_roc(pixels, folder / f"roc_epoch_{epoch:04d}.png", title=f"validation ROC, epoch {epoch}")
+    grid = overlay_grid(fixed_pair_maps(model, val_ds, device), metrics["threshold"])
+    cv2.imwrite(str(folder / f"overlays_epoch_{epoch:04d}.png"), grid)
+
+
+def fixed_pair_maps(model: nn.Module, val_ds: PairDataset, device: torch.device):
+    rows = []
+    for i in range(min(OVERLAY_PAIRS, len(val_ds))):
+        hist, cur, mask = val_ds.arrays(i)
+        probs = predict_probs(model, to_chw(hist)[None], to_chw(cur)[None], device)[0, 0].numpy()
+        rows.append((hist, cur, mask, probs))
+    return rows

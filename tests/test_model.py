@@ -1,0 +1,243 @@
+"""The network: shapes, gradients, symmetry, parameter counts, input sizes, inference optimisation."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from anodfd.config import DEPTHS, MODEL_NAMES, ModelConfig
+from anodfd.model import AnoDFDNet, build_model, count_parameters, optimize_for_inference
+from anodfd.model.decoder import SubPixelConvTranspose2d
+from anodfd.model.encoders import build_encoder
+
+TIMM_NAMES = [n for n in MODEL_NAMES if n not in ("paper", "tiny")]
+# Every variant at depth 0 and 2, tiny at every depth; paper only at 0 and 2 (it is large).
+CASES = sorted({(n, d) for n in MODEL_NAMES for d in (0, 2)} | {("tiny", d) for d in DEPTHS})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def make(name: str, depth: int = 2, image_size: int = 64, seed: int = 0, **kw) -> AnoDFDNet:
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(name=name, depth=depth, image_size=image_size, **kw))
+
+
+def pair(b: int = 2, h: int = 64, w: int = 64, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, h, w, generator=g) * 2 - 1, torch.rand(b, 3, h, w, generator=g) * 2 - 1
+
+
+def settle_batchnorm(model: nn.Module, steps: int = 3) -> None:
+    """Give BatchNorm non-trivial running statistics and affine weights, so eval mode is a real test."""
+    g = torch.Generator().manual_seed(7)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.uniform_(-0.2, 0.2, generator=g)
+            m.momentum = 0.5
+    model.train()
+    with torch.no_grad():
+        for s in range(steps):
+            model(*pair(seed=100 + s))
+    model.eval()
+
+
+@pytest.mark.parametrize("name,depth", CASES)
+def test_logits_shape_and_every_parameter_gets_a_gradient(name: str, depth: int) -> None:
+    model = make(name, depth)
+    hist, cur = pair()
+    out = model(hist, cur)
+    assert out.shape == (2, 1, 64, 64)
+    assert torch.isfinite(out).all()
+    mask = (torch.rand(2, 1, 64, 64) > 0.9).float()
+    nn.functional.binary_cross_entropy_with_logits(out, mask).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without gradient (would break DDP): {missing[:5]}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert (model.transformer is None) == (depth == 0)
+    if depth:
+        assert len(model.transformer.blocks) == depth
+
+
+@pytest.mark.parametrize("name", ["tiny", "paper", "resnet18"])
+def test_one_encoder_run_once_on_both_images(name: str) -> None:
+    model = make(name, depth=1)
+    parts = sum(count_parameters(m) for m in (model.encoder, model.transformer, model.decoder))
+    assert parts == count_parameters(model)  # no second (history / current) encoder anywhere
+    assert count_parameters(model.encoder) == count_parameters(build_encoder(name))
+    batches: list[int] = []
+    model.encoder.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+    model(*pair(b=3))
+    assert batches == [6]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_swapping_history_and_current_gives_the_same_map(name: str) -> None:
+    model = make(name, depth=2 if name == "tiny" else 1)
+    settle_batchnorm(model)
+    a, b = pair()
+    with torch.no_grad():
+        ab, ba = model(a, b), model(b, a)
+    assert ab.abs().max() > 0
+    torch.testing.assert_close(ab, ba, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_identical_images_give_the_same_map_whatever_they_show(name: str) -> None:
+    model = make(name, depth=2 if name == "tiny" else 1)
+    settle_batchnorm(model)
+    a, b = pair()
+    with torch.no_grad():
+        same_a, same_b, differ = model(a, a), model(b, b), model(a, b)
+    torch.testing.assert_close(same_a, same_b, rtol=0, atol=1e-6)
+    assert (differ - same_a).abs().max() > 1e-3  # and the map does react to a real difference
+
+
+def test_paper_parameter_count_matches_the_official_network() -> None:
+    model = make("paper", depth=2, image_size=256)
+    n = count_parameters(model)
+    assert abs(n - 35.93e6) / 35.93e6 < 0.01, n
+    # Each extra layer adds one 1024-wide block: attention (4 x 1024^2) + MLP (2 x 1024 x 2048) + norms.
+    per_block = 4 * (1024 * 1024 + 1024) + (1024 * 2048 + 2048) + (2048 * 1024 + 1024) + 4 * 1024
+    assert count_parameters(make("paper", depth=4, image_size=256)) - n == 2 * per_block
+
+
+def test_tiny_is_the_paper_network_eight_times_narrower() -> None:
+    paper, tiny = make("paper", depth=2, image_size=64), make("tiny", depth=2, image_size=64)
+    assert tiny.encoder.channels == [c // 8 for c in paper.encoder.channels]
+    assert tiny.transformer.hidden == paper.transformer.hidden // 8
+    assert count_parameters(tiny) < count_parameters(paper) / 40
+
+
+@pytest.mark.parametrize("name", ["tiny", "paper", "resnet18", "convnext_atto"])
+def test_other_input_sizes_interpolate_the_position_embedding(name: str) -> None:
+    model = make(name, depth=1, image_size=64).eval()
+    hist, cur = pair(b=1, h=96, w=128)
+    with torch.no_grad():
+        out = model(hist, cur)
+    assert out.shape == (1, 1, 96, 128) and torch.isfinite(out).all()
+    tr = model.transformer
+    h, w = 96 // model.stride, 128 // model.stride
+    pos = tr.position_embedding(h, w)
+    assert pos.shape == (1, h * w, tr.hidden)
+    assert tr.position_embedding(*tr.grid) is tr.pos_embed  # native grid: no interpolation
+    # Bicubic interpolation keeps a constant embedding constant.
+    with torch.no_grad():
+        tr.pos_embed.fill_(0.25)
+    torch.testing.assert_close(tr.position_embedding(h, w), torch.full_like(pos, 0.25))
+
+
+def test_sizes_not_divisible_by_the_stride_are_rejected() -> None:
+    model = make("tiny", depth=1)
+    with pytest.raises(ValueError, match="divisible"):
+        model(*pair(h=72, w=64))
+    with pytest.raises(ValueError, match="divisible"):
+        make("resnet18", image_size=80)
+
+
+def test_same_seed_builds_the_same_model() -> None:
+    for name in ["tiny", "resnet18"]:
+        a, b = make(name, seed=3).state_dict(), make(name, seed=3).state_dict()
+        assert list(a) == list(b)
+        for key in a:
+            assert a[key].shape == b[key].shape
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+        c = make(name, seed=4).state_dict()
+        assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+def test_width_overrides_and_defaults() -> None:
+    model = make("tiny", depth=1, hidden=64, heads=2, mlp=96)
+    block = model.transformer.blocks[0]
+    assert (model.transformer.hidden, block.attn.heads, block.mlp.fc1.out_features) == (64, 2, 96)
+    model = make("resnet18", depth=1)
+    block = model.transformer.blocks[0]
+    assert (model.transformer.hidden, block.attn.heads, block.mlp.fc1.out_features) == (256, 8, 512)
+    assert model.transformer.embed.in_features == 512  # 1x1 projection from resnet18's deepest channels
+    with pytest.raises(ValueError, match="divisible"):
+        make("tiny", depth=1, hidden=100, heads=3)
+
+
+def test_the_network_returns_logits() -> None:
+    model = make("tiny", depth=1)
+    assert not any(isinstance(m, nn.Sigmoid) for m in model.modules())
+    with torch.no_grad():
+        model.decoder.head.bias.fill_(5.0)
+        out = model(*pair())
+    assert out.min() > 1.0  # a sigmoid would have capped this at 1
+
+
+@pytest.mark.parametrize("name", ["tiny", "paper", "resnet18"])
+def test_channels_last_inputs_give_the_same_map(name: str) -> None:
+    model = make(name, depth=1)
+    settle_batchnorm(model)
+    hist, cur = pair()
+    cl = torch.channels_last
+    with torch.no_grad():
+        ref = model(hist, cur)
+        out = model(hist.contiguous(memory_format=cl), cur.contiguous(memory_format=cl))
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_optimize_for_inference_folds_batchnorm_and_keeps_the_output(name: str) -> None:
+    model = make(name, depth=1)
+    settle_batchnorm(model)
+    model.train()
+    hist, cur = pair()
+    fast = optimize_for_inference(model)
+    assert model.training  # the original is left alone
+    assert not fast.training
+    if name != "convnext_atto":  # convnext has LayerNorm only
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    cl = torch.channels_last
+    with torch.inference_mode():
+        ref = model.eval()(hist, cur)
+        out = fast(hist.contiguous(memory_format=cl), cur.contiguous(memory_format=cl))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def _load_benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"
+    spec = importlib.util.spec_from_file_location("bench_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name,depth", [("tiny", 0), ("tiny", 2), ("paper", 2)])
+def test_paper_variants_compute_the_official_architecture(name: str, depth: int) -> None:
+    """Loaded with our weights, a plain re-implementation of the official network gives the same map."""
+    model = make(name, depth)
+    settle_batchnorm(model)
+    reference = _load_benchmark().official_style_like(model).eval()
+    hist, cur = pair()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.sigmoid(model(hist, cur)), reference(hist, cur), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_sub_pixel_head_equals_the_transposed_convolution(bias: bool) -> None:
+    torch.manual_seed(0)
+    deconv = nn.ConvTranspose2d(6, 2, 4, 2, 1, bias=bias)
+    fast = SubPixelConvTranspose2d(deconv)
+    x = torch.randn(2, 6, 5, 7)
+    with torch.no_grad():
+        ref = deconv(x)
+        assert fast(x).shape == ref.shape == (2, 2, 10, 14)
+        torch.testing.assert_close(fast(x), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        SubPixelConvTranspose2d(nn.ConvTranspose2d(6, 2, 3, 1, 1))
