@@ -13,10 +13,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on its embedded default (local, synthetic data).
+# The main job on its embedded default: synthetic OL data, local Ray, local MLflow store (./mlflow.db).
 demo: $(STAMP)
 	@test -f data/OL/train.txt || $(PY) -m anodfd synth OL --out data/OL --pairs 60 --size 512x384 --seed 1
 	$(PY) -m anodfd data check data/OL
+	$(PY) -m anodfd train --dataset OL --preset smoke --workers 2 --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m ruff check anodfd tests benchmarks

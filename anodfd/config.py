@@ -115,7 +115,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.name": "tiny",
         "model.image_size": 64,
         "data.image_size": 64,
-        "train.epochs": 3,
+        "train.epochs": 8,
         "train.batch_size": 4,
         "train.lr": 3e-3,
         "train.bce_weight": 1.0,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from collections.abc import Callable
 
@@ -300,8 +301,9 @@ def main() -> None:
         r_train = interleaved({"r18": train_step_fn(r18, hist, cur, mask, logits=True)}, args.iters, args.rounds)["r18"]
         rows.append(("resnet18", "ours", b / r_train, b / r_inf, ""))
 
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"\nCPU, {torch.get_num_threads()} threads, {s}x{s}, batch {b}, depth {args.depth}, "
+        f"\nCPU, {torch.get_num_threads()} threads (machine load average {load}), {s}x{s}, batch {b}, depth {args.depth}, "
         f"best of {args.rounds} rounds x {args.iters} calls; eval outputs agree to {max(err, err_fast):.1e}\n"
     )
     print("| variant | implementation | train step pairs/s | inference pairs/s | speed-up |")

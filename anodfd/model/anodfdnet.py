@@ -30,6 +30,8 @@ class AnoDFDNet(nn.Module):
     1. One weight-shared encoder runs once on `cat([hist, cur])`; with BatchNorm in training mode this
        normalises both images with the same statistics, so the network stays symmetric in (hist, cur).
        (The official code runs two passes, so its train-mode BatchNorm statistics differ per image.)
+       The paper encoder's last convolution is linear and runs once, on the difference (see
+       `PaperEncoder`). The network runs channels_last internally (faster convolutions on CPU and GPU).
     2. At every scale the absolute difference |f_hist - f_cur| is taken, so swapping the images gives the
        same map, and identical images give the same map whatever they show.
     3. `config.depth` pre-norm Transformer blocks refine the deepest difference map (depth 0: none).
@@ -75,11 +77,13 @@ class AnoDFDNet(nn.Module):
             raise ValueError(f"history {tuple(hist.shape)} and current {tuple(cur.shape)} differ in shape")
         if hist.shape[-2] % self.stride or hist.shape[-1] % self.stride:
             raise ValueError(f"input size {tuple(hist.shape[-2:])} is not divisible by {self.stride}")
-        # channels_last: oneDNN (CPU) and cuDNN (GPU) convolutions run faster on NHWC; the result is the same.
+        # channels_last: oneDNN (CPU) and cuDNN (GPU) convolutions run faster on NHWC; same result.
         features = self.encoder(torch.cat([hist, cur]).contiguous(memory_format=torch.channels_last))
-        # chunk, not f[:b] / f[b:]: its backward is one cat instead of two zero-filled scatters.
-        # abs_ in place saves a memory pass (autograd only needs its output).
-        diffs = [torch.sub(*f.chunk(2)).abs_() for f in features]
+        # f_hist - f_cur per scale; chunk, not f[:b] / f[b:], so the backward is one cat, not two scatters.
+        signed = [torch.sub(*f.chunk(2)) for f in features]
+        if isinstance(self.encoder, PaperEncoder):
+            signed.append(self.encoder.latent(signed[-1]))  # linear: latent(a) - latent(b) = latent(a - b)
+        diffs = [d.abs() for d in signed]
         deepest = diffs[-1]
         if self.transformer is not None:
             deepest = self.transformer(deepest)

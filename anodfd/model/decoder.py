@@ -67,9 +67,10 @@ class UpBlock(nn.Module):
 class UNetDecoder(nn.Module):
     """U-Net style decoder for the timm encoders.
 
-    One `UpBlock` per skip level (width = the skip's channels, at least 32), then plain upsampling blocks
-    (halving the width, at least 16) until full resolution, which covers encoders whose first features are
-    at stride 4 (convnext). A 1x1 convolution gives the logits.
+    One `UpBlock` per skip level, then plain upsampling blocks until full resolution (which covers
+    encoders whose first features are at stride 4, like convnext), and a 1x1 convolution for the logits.
+    The width at output stride s is 16 * s, at most 256 (256, 128, 64, 32, 16 from stride 16 to 1, as
+    in the common U-Net decoders): full-resolution layers are the expensive ones, so they stay thin.
     """
 
     def __init__(
@@ -79,17 +80,21 @@ class UNetDecoder(nn.Module):
         ch, stride = in_channels, deepest_stride
         stages = []
         for skip_ch, skip_stride in reversed(list(zip(skip_channels, skip_strides))):
-            out = max(skip_ch, 32)
+            out = self.width(skip_stride)
             stages.append(UpBlock(ch, skip_ch, out, stride // skip_stride))
             ch, stride = out, skip_stride
         self.stages = nn.ModuleList(stages)
         tail = []
         while stride > 1:
-            out = max(ch // 2, 16)
+            out = self.width(stride // 2)
             tail.append(UpBlock(ch, 0, out, 2))
             ch, stride = out, stride // 2
         self.tail = nn.ModuleList(tail)
         self.head = nn.Conv2d(ch, 1, 1)
+
+    @staticmethod
+    def width(stride: int) -> int:
+        return min(16 * stride, 256)
 
     def forward(self, x: Tensor, skips: Sequence[Tensor]) -> Tensor:
         for stage, skip in zip(self.stages, reversed(skips)):

@@ -37,8 +37,12 @@ class PaperEncoder(nn.Module):
     """The official CNN: five scales of 4x4/2 convolutions plus one extra 3x3 layer at 1/2.
 
     `width=64, latent=1024` is the paper; `tiny` divides both by 8. As in the official code the stem
-    uses ReLU, the other layers LeakyReLU(0.2), and the last 3x3 convolution (the deepest features fed to
-    the Transformer) has neither BatchNorm nor activation.
+    uses ReLU, the other layers LeakyReLU(0.2), and the last 3x3 convolution `latent` (the deepest
+    features, fed to the Transformer) has neither BatchNorm nor activation.
+
+    Because `latent` is linear, |latent(a) - latent(b)| = |latent(a - b)|: `forward` stops before it and
+    returns five maps, and the network applies `latent` once to the difference of the last one, which
+    halves the cost of the largest encoder layer. `channels` and `strides` still list all six levels.
     """
 
     def __init__(self, width: int = 64, latent: int = 1024) -> None:
@@ -54,13 +58,13 @@ class PaperEncoder(nn.Module):
         self.strides = [2, 2, 4, 8, 16, 16]
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        """The five maps before `latent` (1/2, 1/2, 1/4, 1/8, 1/16)."""
         e1 = self.stem(x)
         e_extra = self.extra(e1)
         e2 = self.down2(e_extra)
         e3 = self.down3(e2)
         e4 = self.down4(e3)
-        e5 = self.latent(e4)
-        return [e1, e_extra, e2, e3, e4, e5]
+        return [e1, e_extra, e2, e3, e4]
 
 
 class TimmEncoder(nn.Module):

@@ -176,6 +176,8 @@ def run_epoch(
     metrics = epoch_metrics(pixels, images, t.threshold)
     metrics.update(train_loss=stats.loss, pairs_per_s=stats.pairs / max(stats.seconds, 1e-9),
                    data_wait=stats.data_seconds / max(stats.seconds, 1e-9), epoch=epoch)
+    if device.type == "cuda":
+        metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return metrics, pixels
 
 
