@@ -17,10 +17,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	@test -f data/OL/train.txt || $(PY) -m anodfd synth OL --out data/OL --pairs 60 --size 512x384 --seed 1
 	$(PY) -m anodfd data check data/OL
-	$(PY) -m anodfd train --dataset OL --preset smoke --workers 2 --out runs/demo
+	$(PY) tune/search.py --dataset OL --preset smoke
 
 test: $(STAMP)
-	$(PY) -m ruff check anodfd tests benchmarks
+	$(PY) -m ruff check anodfd tests benchmarks tune
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

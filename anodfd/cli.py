@@ -120,16 +120,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     from anodfd.metrics import format_row, plot_roc
     from anodfd.predict import check_threshold
-    from anodfd.train.loop import (
-        evaluate,
-        load_checkpoint,
-        make_loader,
-        model_from_checkpoint,
-        resolve_device,
-    )
+    from anodfd.train.loop import evaluate, make_loader, model_from_checkpoint, resolve_device
 
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = _load_checkpoint_for(args)
     model, config = model_from_checkpoint(ckpt, device)
     data_cfg = config.data
     data_cfg.data = str(resolve_data_dir_for(args))
@@ -152,6 +146,44 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_checkpoint_for(args: argparse.Namespace) -> dict:
+    """The checkpoint behind ``--checkpoint FILE`` or ``--model models:/...`` (downloaded from the registry)."""
+    if args.model:
+        from anodfd.registry import load_checkpoint_from_registry
+        from anodfd.tracking import resolve_tracking_uri
+
+        return load_checkpoint_from_registry(resolve_tracking_uri(args.mlflow_uri), args.model)
+    from anodfd.train.loop import load_checkpoint
+
+    return load_checkpoint(args.checkpoint)
+
+
+def _add_model_source_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--checkpoint", default=None, help="a .pt file written by `anodfd train`")
+    g.add_argument("--model", default=None,
+                   help="a registered model: models:/anodfdnet-OL@champion or models:/anodfdnet-OL/VERSION")
+    p.add_argument("--mlflow-uri", default=None,
+                   help="registry for --model (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from anodfd.registry import format_versions, list_versions
+    from anodfd.tracking import resolve_tracking_uri
+
+    print(format_versions(list_versions(resolve_tracking_uri(args.mlflow_uri), args.dataset)))
+    return 0
+
+
+def _models_promote(args: argparse.Namespace) -> int:
+    from anodfd.registry import model_name, promote
+    from anodfd.tracking import resolve_tracking_uri
+
+    promote(resolve_tracking_uri(args.mlflow_uri), args.dataset, args.version, args.alias)
+    print(f"{model_name(args.dataset)}@{args.alias} -> version {args.version}")
+    return 0
+
+
 def resolve_data_dir_for(args: argparse.Namespace) -> Path:
     from anodfd.data.layouts import resolve_data_dir
 
@@ -160,13 +192,13 @@ def resolve_data_dir_for(args: argparse.Namespace) -> Path:
 
 def _predict(args: argparse.Namespace) -> int:
     from anodfd.predict import check_threshold, find_pairs, predict_pairs
-    from anodfd.train.loop import load_checkpoint, model_from_checkpoint, resolve_device
+    from anodfd.train.loop import model_from_checkpoint, resolve_device
 
     if not args.list and not (args.hist and args.cur):
         raise ConfigError("give --hist H --cur C (files or folders), or --list FILE")
     pairs = find_pairs(args.hist, args.cur, args.list)
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = _load_checkpoint_for(args)
     model, config = model_from_checkpoint(ckpt, device)
     threshold = check_threshold(args.threshold if args.threshold is not None else ckpt.get("threshold", 0.5))
     for p in predict_pairs(model, config, pairs, args.out, threshold, device):
@@ -211,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="the paper's metrics of a checkpoint on a split")
-    p.add_argument("--checkpoint", required=True)
+    _add_model_source_flags(p)
     _add_data_flags(p)
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--threshold", type=float, default=0.5, help="the paper's fixed 0.5 by default")
@@ -222,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("predict", help="anomaly maps, overlays and boxes for pairs of any resolution")
-    p.add_argument("--checkpoint", required=True)
+    _add_model_source_flags(p)
     p.add_argument("--hist", default=None, help="history image, or a folder of them")
     p.add_argument("--cur", default=None, help="current image, or a folder (matched to history by file name)")
     p.add_argument("--list", default=None, help="a list file of 'cur,hist[,gt]' lines relative to its folder")
@@ -230,6 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None, help="default: the checkpoint's calibrated threshold")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_predict)
+
+    models = sub.add_parser("models", help="the MLflow Model Registry: anodfdnet-<dataset> versions and aliases")
+    models = models.add_subparsers(dest="models_command", required=True)
+    p = models.add_parser("list", help="versions with their aliases, test metrics and data fingerprint")
+    p.add_argument("--dataset", required=True, help="dataset name, e.g. OL (registered model anodfdnet-OL)")
+    p.add_argument("--mlflow-uri", default=None, help="registry (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.set_defaults(func=_models_list)
+    p = models.add_parser("promote", help="point an alias (default champion) at a version, bypassing the F1 gate")
+    p.add_argument("--dataset", required=True, help="dataset name, e.g. OL (registered model anodfdnet-OL)")
+    p.add_argument("--version", type=int, required=True)
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--mlflow-uri", default=None, help="registry (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.set_defaults(func=_models_promote)
     return parser
 
 

@@ -78,9 +78,13 @@ def mlflow_server(tmp_path_factory):
     log.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One real local Ray instance (2 CPUs) shared by the tests that need it; shut down at the end."""
+    """A real local Ray instance (2 CPUs) for one test module, shut down after it.
+
+    Per module, not per session: `tune/search.py` tests run drivers that start their own local Ray, and two
+    Ray instances on one host confuse Ray's cleanup of finished trials.
+    """
     import ray
 
     if not ray.is_initialized():

@@ -225,7 +225,8 @@ def test_paper_variants_compute_the_official_architecture(name: str, depth: int)
     reference = _load_benchmark().official_style_like(model).eval()
     hist, cur = pair()
     with torch.no_grad():
-        torch.testing.assert_close(torch.sigmoid(model(hist, cur)), reference(hist, cur), rtol=1e-4, atol=1e-5)
+        ours, theirs = torch.sigmoid(model(hist, cur)), reference(hist, cur)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -238,6 +239,7 @@ def test_sub_pixel_head_equals_the_transposed_convolution(bias: bool) -> None:
         ref = deconv(x)
         assert fast(x).shape == ref.shape == (2, 2, 10, 14)
         torch.testing.assert_close(fast(x), ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), ref, rtol=1e-5, atol=1e-5)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(fast(x_cl), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
         SubPixelConvTranspose2d(nn.ConvTranspose2d(6, 2, 3, 1, 1))

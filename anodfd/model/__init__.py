@@ -1,7 +1,7 @@
 """The network: tensors in, tensors out (no files, Ray or MLflow).
 
-    model = build_model(ModelConfig(name="paper", depth=2))
-    logits = model(hist, cur)  # Bx3xHxW in [-1, 1] -> Bx1xHxW logits
+Example: `build_model(ModelConfig(name="paper", depth=2))(hist, cur)` maps two Bx3xHxW images in
+[-1, 1] to Bx1xHxW anomaly logits.
 """
 
 from anodfd.model.anodfdnet import (

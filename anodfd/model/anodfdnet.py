@@ -1,4 +1,4 @@
-"""AnoDFDNet: Siamese encoder, feature differences, Transformer on the deepest difference, U-shaped decoder."""
+"""AnoDFDNet: shared encoder, feature differences, Transformer on the deepest one, U-shaped decoder."""
 
 from __future__ import annotations
 
@@ -60,7 +60,9 @@ class AnoDFDNet(nn.Module):
         deep_channels = channels[-1]
         if config.depth > 0:
             grid = config.image_size // self.stride
-            self.transformer = DifferenceTransformer(channels[-1], hidden, config.depth, heads, mlp, (grid, grid))
+            self.transformer = DifferenceTransformer(
+                channels[-1], hidden, config.depth, heads, mlp, (grid, grid)
+            )
             deep_channels = hidden
 
         self.decoder: PaperDecoder | UNetDecoder
@@ -116,19 +118,40 @@ def count_parameters(model: nn.Module) -> int:
 def optimize_for_inference(model: AnoDFDNet) -> AnoDFDNet:
     """An eval-mode copy for fast inference; the model itself is left alone.
 
-    BatchNorm is folded into the preceding convolutions, the paper decoder's thin transposed-conv head
-    becomes an equivalent ordinary convolution (`SubPixelConvTranspose2d`) and the weights are stored
-    channels_last. Use it under `torch.inference_mode()`. Outputs match `model.eval()` up to float rounding.
+    BatchNorm is folded into the preceding convolutions, the paper decoder's stride-1 transposed conv and
+    its thin transposed-conv head become equivalent ordinary convolutions (oneDNN runs those faster), and
+    the weights are stored channels_last. Use it under `torch.inference_mode()`. Outputs match
+    `model.eval()` up to float rounding.
     """
     fast = copy.deepcopy(model).eval()
     _fold_sequential_batchnorm(fast)
     if isinstance(fast.decoder, PaperDecoder):
         fast.decoder.head = SubPixelConvTranspose2d(fast.decoder.head)
+        fast.decoder.bottleneck[0] = _stride_one_deconv_as_conv(fast.decoder.bottleneck[0])
     if isinstance(fast.encoder, TimmEncoder):
         # timm blocks keep conv and BatchNorm as sibling attributes, not in a Sequential: find the
         # conv -> BatchNorm pairs in the traced graph instead.
         fast.encoder = _fold_traced_batchnorm(fast.encoder)
     return fast.to(memory_format=torch.channels_last)
+
+
+def _stride_one_deconv_as_conv(deconv: nn.ConvTranspose2d) -> nn.Conv2d:
+    """The ordinary convolution equal to a stride-1 transposed one (oneDNN runs it faster): the kernel is
+    flipped, its in/out axes swapped, and the padding becomes kernel - 1 - padding."""
+    assert deconv.stride == (1, 1) and deconv.groups == 1 and deconv.dilation == (1, 1)
+    k, p = deconv.kernel_size, deconv.padding
+    conv = nn.Conv2d(
+        deconv.in_channels,
+        deconv.out_channels,
+        k,
+        padding=(k[0] - 1 - p[0], k[1] - 1 - p[1]),
+        bias=deconv.bias is not None,
+    )
+    with torch.no_grad():
+        conv.weight.copy_(deconv.weight.transpose(0, 1).flip(2, 3))
+        if deconv.bias is not None:
+            conv.bias.copy_(deconv.bias)
+    return conv
 
 
 def _fold_sequential_batchnorm(root: nn.Module) -> None:

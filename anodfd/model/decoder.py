@@ -115,7 +115,8 @@ class SubPixelConvTranspose2d(nn.Module):
 
     def __init__(self, deconv: nn.ConvTranspose2d) -> None:
         super().__init__()
-        if (deconv.kernel_size, deconv.stride, deconv.padding) != ((4, 4), (2, 2), (1, 1)) or deconv.groups != 1:
+        shape = (deconv.kernel_size, deconv.stride, deconv.padding, deconv.groups)
+        if shape != ((4, 4), (2, 2), (1, 1), 1):
             raise ValueError("only ConvTranspose2d(kernel_size=4, stride=2, padding=1) is supported")
         w = deconv.weight.detach()  # (in, out, 4, 4)
         self.out_channels = w.shape[1]

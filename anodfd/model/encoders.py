@@ -24,10 +24,13 @@ def conv_bn_act(
 ) -> nn.Sequential:
     """Conv (or transposed conv) without bias, BatchNorm, activation: the unit of the paper's CNN.
 
-    Kept as a flat `nn.Sequential` so `fold_batchnorm` can merge the BatchNorm into the conv.
+    Kept as a flat `nn.Sequential` so `optimize_for_inference` can fold the BatchNorm into the conv.
     """
     conv_cls = nn.ConvTranspose2d if transpose else nn.Conv2d
-    layers: list[nn.Module] = [conv_cls(in_ch, out_ch, kernel, stride, padding, bias=False), nn.BatchNorm2d(out_ch)]
+    layers: list[nn.Module] = [
+        conv_cls(in_ch, out_ch, kernel, stride, padding, bias=False),
+        nn.BatchNorm2d(out_ch),
+    ]
     if act is not None:
         layers.append(act)
     return nn.Sequential(*layers)

@@ -101,7 +101,7 @@ def init_ray(address: str | None, need_cpus: float, need_gpus: float) -> None:
 
     if not ray.is_initialized():
         # No address and no RAY_ADDRESS: Ray starts a local instance (the embedded default).
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
     res = ray.cluster_resources()
     local = not (address or os.environ.get("RAY_ADDRESS"))
     if local and (res.get("CPU", 0) < need_cpus or res.get("GPU", 0) < need_gpus):
@@ -114,23 +114,35 @@ def init_ray(address: str | None, need_cpus: float, need_gpus: float) -> None:
 
 
 def train_on_ray(config: Config, opts: RayOptions, tags: dict[str, str] | None = None) -> TrainOutcome:
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # Ray
-    from ray.train.torch import TorchTrainer  # Ray
-
+    """`anodfd train`: check everything, start or join Ray, open (or reopen) the MLflow run, train."""
     uri = tracking.resolve_tracking_uri(opts.mlflow_uri)
     tracking.check_tracking(uri)
     config, storage, name = prepare(config, opts)
     init_ray(opts.address, opts.workers * opts.cpus_per_worker, opts.workers * opts.gpus_per_worker)
+    run_id, resumed = start_tracked_run(uri, config, opts, storage, name, tags)
+    print(f"{'resuming' if resumed else 'starting'} run {name} in {storage} "
+          f"({opts.workers} worker(s), global batch {config.train.batch_size * opts.workers}); MLflow run {run_id}")
+    return run_trainer(config, opts, storage, name, uri, run_id)
 
-    run_dir = f"{storage.rstrip('/')}/{name}"
-    run_id, resumed = tracking.start_run(uri, config, run_dir, name, opts.experiment, tags={
+
+def start_tracked_run(
+    uri: str, config: Config, opts: RayOptions, storage: str, name: str, tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> tuple[str, bool]:
+    return tracking.start_run(uri, config, f"{storage.rstrip('/')}/{name}", name, opts.experiment, tags={
         "anodfd.workers": str(opts.workers),
         # DDP averages gradients over workers: the effective batch grows, the learning rate is not scaled.
         "anodfd.global_batch": str(config.train.batch_size * opts.workers),
         **(tags or {}),
-    })
-    print(f"{'resuming' if resumed else 'starting'} run {name} in {storage} "
-          f"({opts.workers} worker(s), global batch {config.train.batch_size * opts.workers}); MLflow run {run_id}")
+    }, parent_run_id=parent_run_id)
+
+
+def run_trainer(
+    config: Config, opts: RayOptions, storage: str, name: str, uri: str, run_id: str, callbacks: list = (),
+) -> TrainOutcome:
+    """One TorchTrainer run (also one Tune trial), logged to MLflow run ``run_id`` as Ray accepts each epoch."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # Ray
+    from ray.train.torch import TorchTrainer  # Ray
 
     resources = {"CPU": opts.cpus_per_worker}
     if opts.gpus_per_worker:
@@ -145,7 +157,7 @@ def train_on_ray(config: Config, opts: RayOptions, tags: dict[str, str] | None =
             failure_config=FailureConfig(max_failures=opts.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=opts.keep, checkpoint_score_attribute="f1",
                                                checkpoint_score_order="max"),
-            callbacks=[MlflowCallback(uri, run_id)],
+            callbacks=[MlflowCallback(uri, run_id), *callbacks],
             logging_config=LoggingConfig(log_level="WARNING"),  # one line per epoch, not per report
             # Ray Train routes print() through its logger as well as stdout: without this each line shows twice.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
@@ -166,7 +178,7 @@ def train_on_ray(config: Config, opts: RayOptions, tags: dict[str, str] | None =
                                            if k in ("f1", "iou", "auc", "eer", "precision", "recall", "oa")},
                              step=int(best_metrics.get("epoch", 0)))
     tracking.end_run(uri, run_id)
-    return TrainOutcome(run_dir, best_path, best_metrics, run_id, uri, result)
+    return TrainOutcome(f"{storage.rstrip('/')}/{name}", best_path, best_metrics, run_id, uri, result)
 
 
 def export_best(result, run_dir: Path | None) -> tuple[Path | None, dict]:

@@ -1,0 +1,119 @@
+"""The main job end to end: `python tune/search.py` as a real driver process with its own local Ray instance,
+against a real `mlflow server`: trials, nested runs, Optuna plots, registration, and resume after a killed driver.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from anodfd.tracking import RUN_DIR_TAG, client
+
+SEARCH = Path(__file__).resolve().parents[1] / "tune" / "search.py"
+
+
+def search_cmd(data: Path, storage: Path, uri: str, name: str, *extra: str, samples: int = 3) -> list[str]:
+    return [sys.executable, str(SEARCH), "--data", str(data), "--preset", "smoke", "--num-samples", str(samples),
+            "--max-epochs", "2", "--storage", str(storage), "--mlflow-uri", uri, "--name", name, *extra]
+
+
+def env() -> dict:
+    # The driver starts its own local Ray instance, with no dashboard port clash with other test processes.
+    return {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONUNBUFFERED": "1"}
+
+
+def parent_and_children(uri: str, search_dir: Path):
+    c = client(uri)
+    exp = c.get_experiment_by_name("anodfd-search")
+    parents = c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{search_dir}'")
+    assert len(parents) == 1, "one parent run per search, also after a resume"
+    children = c.search_runs([exp.experiment_id],
+                             filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    return parents[0], children
+
+
+def test_smoke_search_end_to_end(synth_ol, tmp_path, mlflow_server):
+    data = shutil.copytree(synth_ol, tmp_path / "OLsearch")  # its own registered model name: anodfdnet-OLsearch
+    proc = subprocess.run(search_cmd(data, tmp_path / "runs", mlflow_server, "s1"), env=env(), text=True,
+                          capture_output=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| rank | trial | calibrated_f1 | depth | lr |" in proc.stdout
+    assert "registry: anodfdnet-OLsearch version 1 -> alias challenger" in proc.stdout
+
+    parent, children = parent_and_children(mlflow_server, tmp_path / "runs" / "s1")
+    assert parent.info.status == "FINISHED" and parent.data.params["search.metric"] == "calibrated_f1"
+    assert len(children) == 3
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["anodfd.stopped_early"] in ("true", "false")
+        steps = [m.step for m in client(mlflow_server).get_metric_history(run.info.run_id, "f1")]
+        assert len(steps) == len(set(steps)) >= 1 and "model.depth" in run.data.params
+    # The paper's configuration is the first trial.
+    assert any(r.data.params["model.depth"] == "2" and r.data.params["train.dice_weight"] == "0.0"
+               and float(r.data.params["train.lr"]) == pytest.approx(2e-4) for r in children)
+    c = client(mlflow_server)
+    names = {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert {"summary.md", "search_space.json", "best_trial.json", "optuna"} <= names
+    assert "optuna/optimization_history.png" in {a.path for a in c.list_artifacts(parent.info.run_id, "optuna")}
+
+    version = c.get_model_version_by_alias("anodfdnet-OLsearch", "champion")
+    tags = version.tags
+    assert tags["trial"] == parent.data.tags["anodfd.best_trial"] and "fingerprint" in tags and "test_f1" in tags
+
+    # The registered champion loads as a pyfunc and predicts a map at the current image's resolution.
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model("models:/anodfdnet-OLsearch@champion")
+    pair = data / "oil_leak_test_0"
+    hist = cv2.cvtColor(cv2.imread(str(pair / "hist.jpg")), cv2.COLOR_BGR2RGB)
+    cur = cv2.cvtColor(cv2.imread(str(pair / "cur.jpg")), cv2.COLOR_BGR2RGB)
+    out = np.asarray(model.predict({"history": hist[None], "current": cur[None]}))  # batched NxHxWx3
+    assert out.shape[-2:] == cur.shape[:2] and np.isfinite(out).all() and 0 <= out.min() <= out.max() <= 1
+
+
+def test_missing_dataset_fails_fast_with_the_fix(tmp_path):
+    proc = subprocess.run([sys.executable, str(SEARCH), "--dataset", "OL", "--data-root", str(tmp_path)],
+                          env=env(), check=False, text=True, capture_output=True, timeout=120)
+    assert proc.returncode == 2
+    assert str(tmp_path / "OL") in proc.stderr and "anodfd synth OL --out" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_after_killing_the_driver(synth_ol, tmp_path, mlflow_server):
+    data = shutil.copytree(synth_ol, tmp_path / "OLresume")
+    cmd = search_cmd(data, tmp_path / "runs", mlflow_server, "r1", samples=2)
+    # A process group of its own: killing it kills the driver and the local Ray instance it started.
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        train_runs = tmp_path / "runs" / "r1" / "train_runs"
+        deadline = time.time() + 600
+        while not list(train_runs.glob("*/epoch_0002/checkpoint.pt")):  # one trial has finished its epochs
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+
+    again = subprocess.run([*cmd, "--resume"], env=env(), check=False, text=True, capture_output=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming search r1" in again.stdout
+
+    parent, children = parent_and_children(mlflow_server, tmp_path / "runs" / "r1")
+    assert parent.info.status == "FINISHED"
+    trial_ids = [r.data.tags["anodfd.trial_id"] for r in children]
+    assert len(trial_ids) == len(set(trial_ids)) == 2  # no duplicate MLflow run for any trial
+    for run in children:
+        steps = [m.step for m in client(mlflow_server).get_metric_history(run.info.run_id, "f1")]
+        assert len(steps) == len(set(steps)), "an epoch was logged twice"
+    versions = client(mlflow_server).search_model_versions("name = 'anodfdnet-OLresume'")
+    assert len(versions) == 1

@@ -1,0 +1,331 @@
+"""The main job: a Ray Tune + Optuna search over AnoDFDNet; each trial is a Ray Train run; the best is promoted.
+
+    python tune/search.py --dataset OL                          # the paper's setting (GPU workers if the cluster has GPUs)
+    python tune/search.py --data data/OL --preset smoke         # minutes on a 2-core laptop
+    python tune/search.py --dataset OL --name my-search --resume  # continue after Ctrl-C or a killed driver
+
+Flow: check the data and the tracking server -> start or join Ray -> Tuner (OptunaSearch TPE + ASHA) whose
+trials each launch a TorchTrainer -> summary -> evaluate the best checkpoint on the test split -> register it
+in the MLflow Model Registry (alias `challenger`; `champion` only if it beats the current one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `space` lives beside this file
+
+from space import PAPER_POINT, SPACE
+
+from anodfd import tracking
+from anodfd.config import PRESETS, Config, ConfigError
+from anodfd.data.layouts import DatasetError, load_split, resolve_data_dir
+from anodfd.train.launch import (
+    CHECKPOINT_FILE,
+    RayOptions,
+    init_ray,
+    prepare,
+    run_trainer,
+    start_tracked_run,
+)
+
+SEARCH_PRESETS = {
+    # The paper's network at the paper's size; 20 trials of up to 100 epochs.
+    "paper": {"config": PRESETS["paper"], "num_samples": 20, "max_epochs": 100, "metric": "f1"},
+    # A tiny network at 64x64: a few trials of a few epochs, minutes on a laptop. Early in training every pixel
+    # can sit below 0.5, so it ranks by F1 at the calibrated threshold rather than at 0.5.
+    "smoke": {"config": PRESETS["smoke"], "num_samples": 4, "max_epochs": 8, "metric": "calibrated_f1"},
+}
+METRICS = ("f1", "calibrated_f1", "iou", "auc")
+TRIAL_DRIVER_CPU = 0.1  # the Tune function that launches a trial's TorchTrainer only waits
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--dataset", help="named dataset under the data root: OL, FB or Diff")
+    g.add_argument("--data", help="any dataset folder (paper or A/B/label layout)")
+    p.add_argument("--data-root", default=None, help="folder holding named datasets (default $ANODFD_DATA_ROOT or ./data)")
+    p.add_argument("--preset", choices=sorted(SEARCH_PRESETS), default="paper")
+    p.add_argument("--num-samples", type=int, default=None, help="trials (default: the preset's)")
+    p.add_argument("--max-epochs", type=int, default=None, help="epochs of a trial ASHA lets finish")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers of each trial")
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 with preset paper on a GPU cluster, else 0")
+    p.add_argument("--cpus-per-worker", type=float, default=None, help="default: 0.9 on CPU workers, 4 with GPUs")
+    p.add_argument("--max-concurrent", type=int, default=None, help="default: as many trials as the cluster fits")
+    p.add_argument("--storage", default="runs", help="folder or URI (s3://...) shared by all nodes")
+    p.add_argument("--mlflow-uri", default=None, help="tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--experiment", default="anodfd-search")
+    p.add_argument("--name", default=None, help="search name; rerunning with it resumes")
+    p.add_argument("--resume", action="store_true", help="continue the search --name (the latest one if no --name)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metric", choices=METRICS, default=None, help="validation metric to maximise (default: the preset's)")
+    p.add_argument("--address", default=None, help="Ray cluster (default $RAY_ADDRESS, else a local Ray instance)")
+    return p.parse_args(argv)
+
+
+# --- one trial ---------------------------------------------------------------------------------------------
+
+
+def run_trial(params: dict, base: dict, opts: RayOptions, train_storage: str, uri: str, parent_run_id: str) -> None:
+    """Tune's function trainable: one TorchTrainer run with the sampled parameters, reported back to Tune."""
+    from ray import tune  # Ray
+    from ray.tune.integration.ray_train import TuneReportCallback  # Ray
+
+    config = Config.from_dict(base).with_flat(params)
+    ctx = tune.get_context()  # Ray
+    trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
+    run_id, _ = start_tracked_run(uri, config, opts, train_storage, trial_id,
+                                  tags={"anodfd.trial": trial_name, "anodfd.trial_id": trial_id},
+                                  parent_run_id=parent_run_id)
+    run_trainer(config, opts, train_storage, trial_id, uri, run_id, callbacks=[TuneReportCallback()])
+
+
+# --- the search --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    params: dict
+    value: float  # best validation metric over the trial's epochs
+    epochs: int
+    stopped_early: bool
+    status: str
+    extra: dict = field(default_factory=dict)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return search(args)
+    except (DatasetError, ConfigError) as e:
+        print(f"search: error: {e}", file=sys.stderr)
+        return 2
+
+
+def search(args: argparse.Namespace) -> int:
+    import ray  # Ray
+    from optuna.samplers import TPESampler
+    from ray import tune  # Ray
+    from ray.tune.schedulers import ASHAScheduler  # Ray
+    from ray.tune.search.optuna import OptunaSearch  # Ray
+
+    preset = SEARCH_PRESETS[args.preset]
+    metric = args.metric or preset["metric"]
+    num_samples = args.num_samples or preset["num_samples"]
+    max_epochs = args.max_epochs or preset["max_epochs"]
+    data_dir = resolve_data_dir(dataset=args.dataset, data=args.data, data_root=args.data_root)
+    dataset = args.dataset or data_dir.name
+    base = Config().with_flat({**preset["config"], "data.data": str(data_dir), "train.epochs": max_epochs,
+                               "train.seed": args.seed})
+
+    # Everything checkable is checked before Ray starts: data (all splits, promotion needs test), tracking.
+    uri = tracking.resolve_tracking_uri(args.mlflow_uri)
+    tracking.check_tracking(uri)
+    load_split(data_dir, "test", base.data.layout)
+    name = args.name or f"search-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    opts = RayOptions(workers=args.workers_per_trial, storage=args.storage, name=name, mlflow_uri=uri,
+                      experiment=args.experiment, keep=2)
+    base, storage, name = prepare(base, opts)
+    search_dir = f"{storage.rstrip('/')}/{name}"
+
+    init_ray(args.address, 0, 0)
+    res = ray.cluster_resources()
+    gpus = args.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if args.preset == "paper" and res.get("GPU", 0) >= 1 else 0.0
+    opts.gpus_per_worker = gpus
+    opts.cpus_per_worker = args.cpus_per_worker or (4.0 if gpus else 0.9)
+    trial_cpus = TRIAL_DRIVER_CPU + opts.workers * opts.cpus_per_worker
+    fits = math.floor(res.get("CPU", 0) / trial_cpus + 1e-9)
+    if gpus:
+        fits = min(fits, math.floor(res.get("GPU", 0) / (opts.workers * gpus) + 1e-9))
+    concurrency = args.max_concurrent or fits
+    if fits < 1 and not args.address:
+        raise ConfigError(f"one trial needs {trial_cpus:g} CPUs and {opts.workers * gpus:g} GPUs; this Ray instance "
+                          f"has {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs: lower --workers-per-trial")
+
+    parent_run_id, resumed = tracking.start_run(uri, base, search_dir, name, args.experiment,
+                                                tags={"anodfd.kind": "search", "anodfd.dataset": dataset})
+    if not resumed:
+        tracking.log_params(uri, parent_run_id, {"search.metric": metric, "search.num_samples": num_samples,
+                                                 "search.max_epochs": max_epochs, "search.preset": args.preset,
+                                                 "search.workers_per_trial": opts.workers,
+                                                 "search.gpus_per_worker": gpus, "search.seed": args.seed})
+        tracking.log_json(uri, parent_run_id, {k: repr(v) for k, v in SPACE.items()}, "search_space.json")
+    print(f"{'resuming' if resumed else 'starting'} search {name}: {num_samples} trials of up to {max_epochs} epochs, "
+          f"{concurrency} at a time, {opts.workers} worker(s) per trial ({gpus:g} GPU each), maximising {metric}")
+
+    trainable = tune.with_resources(  # Ray
+        tune.with_parameters(run_trial, base=base.to_dict(), opts=opts, train_storage=f"{search_dir}/train_runs",
+                             uri=uri, parent_run_id=parent_run_id),
+        {"CPU": TRIAL_DRIVER_CPU},
+    )
+    if args.resume or resumed:
+        if not tune.Tuner.can_restore(search_dir):
+            raise ConfigError(f"nothing to resume at {search_dir}; drop --resume or pass the --name of a search")
+        tuner = tune.Tuner.restore(search_dir, trainable, resume_unfinished=True, resume_errored=True)  # Ray
+    else:
+        searcher = OptunaSearch(SPACE, metric=metric, mode="max", points_to_evaluate=[PAPER_POINT],
+                                sampler=TPESampler(seed=args.seed))
+        scheduler = ASHAScheduler(metric=metric, mode="max", time_attr="training_iteration", max_t=max_epochs,
+                                  grace_period=1, reduction_factor=2, stop_last_trials=False)
+        tuner = tune.Tuner(  # Ray
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                                        max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
+        )
+    results = tuner.fit()  # Ray
+
+    rows = summarise(results, metric, max_epochs)
+    mark_trial_runs(uri, args.experiment, search_dir, rows)
+    table = format_table(rows, metric)
+    print("\n" + table)
+    if not any(r.status == "TERMINATED" for r in rows):
+        tracking.end_run(uri, parent_run_id, "FAILED")
+        raise ConfigError(f"no trial finished; see the trial errors under {search_dir}")
+    best = max((r for r in rows if math.isfinite(r.value)), key=lambda r: r.value)
+    log_parent(uri, parent_run_id, rows, best, metric, table)
+    print(f"\nbest trial {best.trial_id}: {metric} {best.value:.4f} with "
+          + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()))
+
+    promote(uri, parent_run_id, dataset, data_dir, Path(f"{search_dir}/train_runs/{best.trial_id}"), best)
+    print(f"\nsearch folder: {search_dir}\nMLflow: {tracking.ui_command(uri)}")
+    tracking.end_run(uri, parent_run_id)
+    return 0
+
+
+def summarise(results, metric: str, max_epochs: int) -> list[TrialRow]:
+    rows = []
+    for r in results:
+        df = r.metrics_dataframe
+        epochs = int(df["epoch"].max()) if df is not None and "epoch" in df else 0
+        value = float(df[metric].max()) if df is not None and metric in df else float("nan")
+        status = "ERROR" if r.error else "TERMINATED"
+        params = {k: r.config[k] for k in SPACE if k in r.config}
+        rows.append(TrialRow(r.metrics.get("trial_id", Path(r.path).name), params, value, epochs,
+                             stopped_early=status == "TERMINATED" and epochs < max_epochs, status=status))
+    return sorted(rows, key=lambda r: -r.value if math.isfinite(r.value) else math.inf)
+
+
+def mark_trial_runs(uri: str, experiment: str, search_dir: str, rows: list[TrialRow]) -> None:
+    """Close each trial's nested run with its final status and the stopped-early flag.
+
+    ASHA ends a trial by stopping its actor, which the trial sees as a failure (or not at all): the status its
+    run was left with says nothing, so it is set here from what Tune reports.
+    """
+    c = tracking.client(uri)
+    exp = tracking.experiment_id(uri, experiment)
+    for row in rows:
+        run_dir = f"{search_dir}/train_runs/{row.trial_id}"
+        for run in c.search_runs([exp], filter_string=f"tags.`{tracking.RUN_DIR_TAG}` = '{run_dir}'"):
+            c.set_tag(run.info.run_id, "anodfd.stopped_early", str(row.stopped_early).lower())
+            c.set_tag(run.info.run_id, "anodfd.epochs_run", str(row.epochs))
+            c.set_terminated(run.info.run_id, "FAILED" if row.status == "ERROR" else "FINISHED")
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def format_table(rows: list[TrialRow], metric: str) -> str:
+    keys = list(SPACE)
+    head = ["rank", "trial", metric, *[k.split(".")[-1] for k in keys], "epochs", "ASHA stopped", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(rows, 1):
+        cells = [str(i), r.trial_id, f"{r.value:.4f}", *[_fmt(r.params.get(k, "")) for k in keys], str(r.epochs),
+                 "yes" if r.stopped_early else "no", r.status]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def log_parent(uri: str, run_id: str, rows: list[TrialRow], best: TrialRow, metric: str, table: str) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "summary.md").write_text(table + "\n")
+        tracking.log_file(uri, run_id, Path(d) / "summary.md")
+        for path in optuna_plots(rows, Path(d)):
+            tracking.log_file(uri, run_id, path, "optuna")
+    tracking.log_json(uri, run_id, {"trial_id": best.trial_id, "params": best.params, metric: best.value}, "best_trial.json")
+    tracking.log_metrics(uri, run_id, {f"best_{metric}": best.value}, step=0)
+    tracking.client(uri).set_tag(run_id, "anodfd.best_trial", best.trial_id)
+
+
+def optuna_plots(rows: list[TrialRow], folder: Path) -> list[Path]:
+    """Optuna's optimization-history and parameter-importance plots, from the trials as they ended."""
+    import warnings
+
+    import optuna
+    from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    study = optuna.create_study(direction="maximize")
+    for r in rows:
+        if math.isfinite(r.value) and set(r.params) == set(SPACE):
+            study.add_trial(optuna.trial.create_trial(params=r.params, distributions=SPACE, value=r.value))
+    out = []
+    for fname, plot in (("optimization_history.png", plot_optimization_history),
+                        ("param_importances.png", plot_param_importances)):
+        try:
+            ax = plot(study)
+        except (ValueError, RuntimeError) as e:  # e.g. too few finished trials for importances
+            print(f"note: no {fname}: {e}")
+            continue
+        ax.figure.savefig(folder / fname, dpi=110, bbox_inches="tight")
+        out.append(folder / fname)
+    return out
+
+
+def best_checkpoint(train_run: Path, metric: str) -> Path:
+    """The trial's kept checkpoint with the best validation metric (a trial ASHA stopped has no best.pt)."""
+    import torch
+
+    found = sorted(train_run.glob(f"epoch_*/{CHECKPOINT_FILE}"))
+    if not found:
+        raise ConfigError(f"{train_run}: the best trial left no checkpoint")
+    score = lambda p: torch.load(p, weights_only=True, map_location="cpu")["metrics"].get(metric, float("-inf"))
+    return max(found, key=score)
+
+
+def promote(uri: str, parent_run_id: str, dataset: str, data_dir: Path, train_run: Path, best: TrialRow) -> None:
+    """Evaluate the best checkpoint on the test split, then register it (once per search, also on resume)."""
+    import torch
+
+    from anodfd.data.dataset import make_dataset
+    from anodfd.data.layouts import fingerprint
+    from anodfd.metrics import format_row
+    from anodfd.registry import log_and_register
+    from anodfd.train.loop import evaluate, load_checkpoint, make_loader, model_from_checkpoint
+
+    tags = tracking.client(uri).get_run(parent_run_id).data.tags
+    if "anodfd.registered_version" in tags:
+        print(f"registry: this search already registered version {tags['anodfd.registered_version']}; nothing to do")
+        return
+    ckpt_path = best_checkpoint(train_run, "f1")
+    ckpt = load_checkpoint(ckpt_path)
+    model, config = model_from_checkpoint(ckpt)
+    config.data.data = str(data_dir)
+    pixels, _ = evaluate(model, make_loader(make_dataset(config.data, "test"), 8, shuffle=False), torch.device("cpu"))
+    test = pixels.compute(0.5)
+    calibrated = pixels.compute(ckpt["threshold"])
+    print(f"test split, threshold 0.5: {format_row(test)}")
+    print(f"test split, calibrated threshold {ckpt['threshold']:.3f}: {format_row(calibrated)}")
+    reg = log_and_register(uri, ckpt_path, dataset, test, fingerprint(data_dir), parent_run_id,
+                           tags={"search_run": parent_run_id, "trial": best.trial_id, "epoch": str(ckpt["epoch"]),
+                                 "test_f1_calibrated": f"{calibrated['f1']:.6f}"})
+    tracking.client(uri).set_tag(parent_run_id, "anodfd.registered_version", str(reg.version))
+    tracking.log_metrics(uri, parent_run_id, {f"test_{k}": v for k, v in test.items()}, step=0)
+    print(f"registry: {reg.name} version {reg.version} -> alias challenger; "
+          f"champion {'moved to it' if reg.champion else 'unchanged'}: {reg.reason}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
