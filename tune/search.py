@@ -27,8 +27,8 @@ from anodfd import tracking
 from anodfd.config import PRESETS, Config, ConfigError
 from anodfd.data.layouts import DatasetError, load_split, resolve_data_dir
 from anodfd.train.launch import (
-    CHECKPOINT_FILE,
     RayOptions,
+    best_checkpoint_file,
     init_ray,
     prepare,
     run_trainer,
@@ -284,17 +284,6 @@ def optuna_plots(rows: list[TrialRow], folder: Path) -> list[Path]:
     return out
 
 
-def best_checkpoint(train_run: Path, metric: str) -> Path:
-    """The trial's kept checkpoint with the best validation metric (a trial ASHA stopped has no best.pt)."""
-    import torch
-
-    found = sorted(train_run.glob(f"epoch_*/{CHECKPOINT_FILE}"))
-    if not found:
-        raise ConfigError(f"{train_run}: the best trial left no checkpoint")
-    score = lambda p: torch.load(p, weights_only=True, map_location="cpu")["metrics"].get(metric, float("-inf"))
-    return max(found, key=score)
-
-
 def promote(uri: str, parent_run_id: str, dataset: str, data_dir: Path, train_run: Path, best: TrialRow) -> None:
     """Evaluate the best checkpoint on the test split, then register it (once per search, also on resume)."""
     import torch
@@ -309,7 +298,9 @@ def promote(uri: str, parent_run_id: str, dataset: str, data_dir: Path, train_ru
     if "anodfd.registered_version" in tags:
         print(f"registry: this search already registered version {tags['anodfd.registered_version']}; nothing to do")
         return
-    ckpt_path = best_checkpoint(train_run, "f1")
+    ckpt_path = best_checkpoint_file(train_run)
+    if ckpt_path is None:
+        raise ConfigError(f"{train_run}: the best trial left no checkpoint")
     ckpt = load_checkpoint(ckpt_path)
     model, config = model_from_checkpoint(ckpt)
     config.data.data = str(data_dir)

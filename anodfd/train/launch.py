@@ -75,8 +75,9 @@ def prepare(config: Config, opts: RayOptions) -> tuple[Config, str, str]:
         config.data.cache_dir = str(default_cache_dir().resolve())
     make_dataset(config.data, "train")  # lists, files and image headers: DatasetError names the problem
     make_dataset(config.data, "val")
-    storage = opts.storage if "://" in opts.storage else str(Path(opts.storage).expanduser().resolve())
-    if "://" not in storage:
+    remote = "://" in opts.storage
+    storage = opts.storage if remote else str(Path(opts.storage).expanduser().resolve())
+    if not remote:
         Path(storage).mkdir(parents=True, exist_ok=True)
         if not os.access(storage, os.W_OK):
             raise ConfigError(f"storage folder {storage} is not writable; pass --storage DIR you can write to")
@@ -84,7 +85,7 @@ def prepare(config: Config, opts: RayOptions) -> tuple[Config, str, str]:
         Path(config.data.data).name, config.model.name, config.model.depth, time.strftime("%Y%m%d-%H%M%S"))
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise ConfigError(f"run name {name!r}: use letters, digits, '.', '_' and '-' only")
-    if "://" not in storage:
+    if not remote:
         latest = latest_checkpoint(Path(storage) / name)
         if latest is not None:  # resuming: the model must be the one trained so far
             check_resumable(load_checkpoint(latest), config, latest)
@@ -94,6 +95,12 @@ def prepare(config: Config, opts: RayOptions) -> tuple[Config, str, str]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted(run_dir.glob(f"epoch_*/{CHECKPOINT_FILE}"))
     return found[-1] if found else None
+
+
+def best_checkpoint_file(run_dir: Path) -> Path | None:
+    """The kept checkpoint of a local run folder that `selection_key` ranks first (works for runs ASHA killed)."""
+    found = run_dir.glob(f"epoch_*/{CHECKPOINT_FILE}")
+    return max(found, key=lambda p: selection_key(load_checkpoint(p)["metrics"]), default=None)
 
 
 def init_ray(address: str | None, need_cpus: float, need_gpus: float) -> None:

@@ -174,7 +174,7 @@ def run_epoch(
                              pin_memory=pin)
     pixels, images = evaluate(model, val_loader, device)
     metrics = epoch_metrics(pixels, images, t.threshold)
-    metrics.update(train_loss=stats.loss, pairs_per_s=stats.pairs / max(stats.seconds, 1e-9),
+    metrics.update(train_loss=stats.loss, pairs_per_s=stats.pairs_per_s,
                    data_wait=stats.data_seconds / max(stats.seconds, 1e-9), epoch=epoch)
     if device.type == "cuda":
         metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -247,6 +247,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ConfigError(f"{path}: not a readable anodfd checkpoint ({e})") from None
 
 
+def build_training(config: Config, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
+    """Model (seeded, on ``device``), the paper's Adam and the configured loss: what every training run starts from."""
+    t = config.train
+    torch.manual_seed(t.seed)  # the same initial weights on every DDP rank and in every rerun
+    model = build_model(config.model).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    return model, optimizer, CombinedLoss.from_config(t)
+
+
+def restore(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, tuple[float, float]]:
+    """Load a checkpoint's weights and optimizer state; returns (epoch to start at, best selection key so far)."""
+    getattr(model, "module", model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt["epoch"] + 1, tuple(ckpt["best"])
+
+
 def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
     config = Config.from_dict(ckpt["config"])
     model = build_model(config.model)
@@ -270,21 +288,13 @@ def fit(config: Config, out: str | Path, log: Callable[[str], None] = print) -> 
     train_ds = make_dataset(config.data, "train", train=True, seed=t.seed)
     val_ds = make_dataset(config.data, "val", train=False)
 
-    torch.manual_seed(t.seed)
-    model = build_model(config.model).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
-    loss_fn = CombinedLoss.from_config(t)
-
+    model, optimizer, loss_fn = build_training(config, device)
     start_epoch, best = 1, (-1.0, -1.0)
     last_path, best_path = out / "last.pt", out / "best.pt"
     if last_path.exists():
         ckpt = load_checkpoint(last_path)
         check_resumable(ckpt, config, last_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, best = ckpt["epoch"] + 1, tuple(ckpt["best"])
+        start_epoch, best = restore(ckpt, model, optimizer)
         log(f"resuming {out} from epoch {ckpt['epoch']} (best F1 so far {best[0]:.4f})")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))

@@ -21,15 +21,15 @@ from torch import nn
 
 from anodfd.config import Config
 from anodfd.data.dataset import PairDataset, make_dataset, to_chw
-from anodfd.losses import CombinedLoss
 from anodfd.metrics import PixelHistogram, plot_roc
-from anodfd.model import build_model
 from anodfd.predict import overlay_grid
 from anodfd.train.loop import (
+    build_training,
     checkpoint_dict,
     epoch_line,
     load_checkpoint,
     predict_probs,
+    restore,
     run_epoch,
     save_checkpoint,
     selection_key,
@@ -53,22 +53,15 @@ def train_func_per_worker(loop_config: dict) -> None:
     train_ds = make_dataset(config.data, "train", train=True, seed=t.seed + 7919 * rank, check=False)
     val_ds = make_dataset(config.data, "val", check=False)
 
-    torch.manual_seed(t.seed)
-    model = build_model(config.model)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)  # Ray: DDP (gloo on CPU, NCCL on GPU), moved to the device
-    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
-    loss_fn = CombinedLoss.from_config(t)
+    model, optimizer, loss_fn = build_training(config, device)
+    model = ray.train.torch.prepare_model(model)  # Ray: DDP (gloo on CPU, NCCL on GPU); same parameters
 
     start_epoch, best = 1, (-1.0, -1.0)
     checkpoint = ray.train.get_checkpoint()  # Ray: the latest one, after a worker failure or on resume
     if checkpoint:
         with checkpoint.as_directory() as d:
             ckpt = load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device)
-        _unwrap(model).load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, best = ckpt["epoch"] + 1, tuple(ckpt["best"])
+        start_epoch, best = restore(ckpt, model, optimizer)
         if rank == 0:
             print(f"restored from the checkpoint of epoch {ckpt['epoch']}; continuing at epoch {start_epoch}")
 
