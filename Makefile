@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) tune/search.py --dataset OL --preset smoke
 
 test: $(STAMP)
-	$(PY) -m ruff check anodfd tests benchmarks tune
+	$(PY) -m ruff check anodfd tests benchmarks tune cluster
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -69,8 +69,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
                    help="starting point; explicit flags override it (default: the paper's recipe)")
     p.add_argument("--model", choices=MODEL_NAMES, default=None)
-    p.add_argument("--depth", type=int, choices=DEPTHS, default=None, help="Transformer layers (0 = none)")
-    p.add_argument("--pretrained", action="store_true", default=None, help="timm variants: download ImageNet weights")
+    p.add_argument("--depth", type=int, choices=DEPTHS, default=None, help="Transformer layers (0 = none); AnoDFDNet only")
+    p.add_argument("--pretrained", action="store_true", default=None, help="download ImageNet encoder weights (timm, U-Net, DeepLabV3+)")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--augment", choices=["none", "paper", "strong"], default=None)
     p.add_argument("--misregister", type=float, default=None, help="max independent history misalignment (0.03 = 3%%)")

@@ -15,7 +15,10 @@ class ConfigError(ValueError):
     """A bad setting, phrased for the person who has to fix it."""
 
 
-MODEL_NAMES = ("paper", "tiny", "resnet18", "resnet34", "efficientnet_b0", "convnext_atto")
+ANODFD_NAMES = ("paper", "tiny", "resnet18", "resnet34", "efficientnet_b0", "convnext_atto")
+# Networks to compare with (see anodfd.model.baselines); they take the same (history, current) pair.
+BASELINE_NAMES = ("unet", "unet-cat", "deeplabv3plus", "deeplabv3plus-cat", "fc-siam-diff")
+MODEL_NAMES = ANODFD_NAMES + BASELINE_NAMES
 DEPTHS = (0, 1, 2, 4, 8)
 
 
@@ -34,12 +37,14 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "paper"  # one of MODEL_NAMES
+    # AnoDFDNet only, like image_size, hidden, heads and mlp: the baselines ignore them (depth is still
+    # checked against DEPTHS for every model).
     depth: int = 2  # Transformer layers over the deepest difference map; 0 = no Transformer
     image_size: int = 256  # grid the position embedding is learned for (interpolated for other sizes)
     hidden: int = 0  # Transformer width; 0 = the variant's default (paper: 1024)
     heads: int = 0  # 0 = the variant's default (paper: 16)
     mlp: int = 0  # 0 = the variant's default (paper: 2048)
-    pretrained: bool = False  # timm variants only; opt-in, downloads weights
+    pretrained: bool = False  # ImageNet encoder (timm variants, smp baselines); opt-in, downloads weights
 
     def __post_init__(self) -> None:
         if self.name not in MODEL_NAMES:

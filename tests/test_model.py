@@ -1,22 +1,28 @@
-"""The network: shapes, gradients, symmetry, parameter counts, input sizes, inference optimisation."""
+"""The networks: shapes, gradients, symmetry, parameter counts, input sizes, inference optimisation."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import socket
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from anodfd.config import DEPTHS, MODEL_NAMES, ModelConfig
-from anodfd.model import AnoDFDNet, build_model, count_parameters, optimize_for_inference
+from anodfd.config import ANODFD_NAMES, BASELINE_NAMES, DEPTHS, MODEL_NAMES, ModelConfig
+from anodfd.model import AnoDFDNet, PairSegmenter, build_model, count_parameters, optimize_for_inference
+from anodfd.model.baselines import _BatchOfOneBatchNorm2d
 from anodfd.model.decoder import SubPixelConvTranspose2d
 from anodfd.model.encoders import build_encoder
 
-TIMM_NAMES = [n for n in MODEL_NAMES if n not in ("paper", "tiny")]
+TIMM_NAMES = [n for n in ANODFD_NAMES if n not in ("paper", "tiny")]
 # Every variant at depth 0 and 2, tiny at every depth; paper only at 0 and 2 (it is large).
-CASES = sorted({(n, d) for n in MODEL_NAMES for d in (0, 2)} | {("tiny", d) for d in DEPTHS})
+CASES = sorted({(n, d) for n in ANODFD_NAMES for d in (0, 2)} | {("tiny", d) for d in DEPTHS})
+# The baselines have no Transformer: depth does not apply, so each is built once.
+BASELINE_CASES = [(n, 2) for n in BASELINE_NAMES]
+HISTORY_BLIND = ("unet", "deeplabv3plus")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -25,9 +31,10 @@ def _two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
+    eval_baseline.cache_clear()
 
 
-def make(name: str, depth: int = 2, image_size: int = 64, seed: int = 0, **kw) -> AnoDFDNet:
+def make(name: str, depth: int = 2, image_size: int = 64, seed: int = 0, **kw) -> nn.Module:
     torch.manual_seed(seed)
     return build_model(ModelConfig(name=name, depth=depth, image_size=image_size, **kw))
 
@@ -53,7 +60,7 @@ def settle_batchnorm(model: nn.Module, steps: int = 3) -> None:
     model.eval()
 
 
-@pytest.mark.parametrize("name,depth", CASES)
+@pytest.mark.parametrize("name,depth", CASES + BASELINE_CASES)
 def test_logits_shape_and_every_parameter_gets_a_gradient(name: str, depth: int) -> None:
     model = make(name, depth)
     hist, cur = pair()
@@ -65,6 +72,8 @@ def test_logits_shape_and_every_parameter_gets_a_gradient(name: str, depth: int)
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, f"parameters without gradient (would break DDP): {missing[:5]}"
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    if not isinstance(model, AnoDFDNet):  # a baseline: no Transformer
+        return
     assert (model.transformer is None) == (depth == 0)
     if depth:
         assert len(model.transformer.blocks) == depth
@@ -82,7 +91,7 @@ def test_one_encoder_run_once_on_both_images(name: str) -> None:
     assert batches == [6]
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", ANODFD_NAMES)
 def test_swapping_history_and_current_gives_the_same_map(name: str) -> None:
     model = make(name, depth=2 if name == "tiny" else 1)
     settle_batchnorm(model)
@@ -93,7 +102,7 @@ def test_swapping_history_and_current_gives_the_same_map(name: str) -> None:
     torch.testing.assert_close(ab, ba, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", ANODFD_NAMES)
 def test_identical_images_give_the_same_map_whatever_they_show(name: str) -> None:
     model = make(name, depth=2 if name == "tiny" else 1)
     settle_batchnorm(model)
@@ -147,7 +156,7 @@ def test_sizes_not_divisible_by_the_stride_are_rejected() -> None:
 
 
 def test_same_seed_builds_the_same_model() -> None:
-    for name in ["tiny", "resnet18"]:
+    for name in ["tiny", "resnet18", "unet-cat"]:
         a, b = make(name, seed=3).state_dict(), make(name, seed=3).state_dict()
         assert list(a) == list(b)
         for key in a:
@@ -191,7 +200,7 @@ def test_channels_last_inputs_give_the_same_map(name: str) -> None:
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", ANODFD_NAMES)
 def test_optimize_for_inference_folds_batchnorm_and_keeps_the_output(name: str) -> None:
     model = make(name, depth=1)
     settle_batchnorm(model)
@@ -243,3 +252,99 @@ def test_sub_pixel_head_equals_the_transposed_convolution(bias: bool) -> None:
         torch.testing.assert_close(fast(x_cl), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
         SubPixelConvTranspose2d(nn.ConvTranspose2d(6, 2, 3, 1, 1))
+
+
+# --- baselines -----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def eval_baseline(name: str) -> nn.Module:
+    """One eval-mode instance per baseline, shared by the tests that only run it under no_grad."""
+    return make(name).eval()
+
+
+@pytest.mark.parametrize("name", BASELINE_NAMES)
+def test_baselines_use_the_history_exactly_when_they_should(name: str) -> None:
+    model = eval_baseline(name)
+    hist, cur = pair()
+    other_hist, _ = pair(seed=5)
+    with torch.no_grad():
+        a, b = model(hist, cur), model(other_hist, cur)
+    if name in HISTORY_BLIND:  # the current image alone
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    else:
+        assert (a - b).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", BASELINE_NAMES)
+def test_baselines_take_any_input_size(name: str) -> None:
+    """Padded up to the network's stride inside the model, and the logits cropped back."""
+    model = eval_baseline(name)
+    for h, w in [(100, 72), (20, 36)]:
+        hist, cur = pair(b=1, h=h, w=w)
+        with torch.no_grad():
+            out = model(hist, cur)
+        assert out.shape == (1, 1, h, w) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", BASELINE_NAMES)
+def test_a_training_step_on_a_batch_of_one(name: str) -> None:
+    """An epoch's last batch can hold one pair (the loader keeps it); DeepLabV3+'s image pooling must cope."""
+    model = make(name).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hist, cur = pair(b=1, h=20, w=30)  # U-Net: padded to 32x32 only, its deepest map would be 1x1
+    loss = nn.functional.binary_cross_entropy_with_logits(model(hist, cur), torch.zeros(1, 1, 20, 30))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    after = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
+
+
+def test_deeplab_batch_of_one_changes_nothing_for_larger_batches() -> None:
+    """The image-pooling BatchNorm falls back to running statistics for a single value per channel only."""
+    model = make("deeplabv3plus").train()
+    pooling_bn = [m for m in model.modules() if isinstance(m, _BatchOfOneBatchNorm2d)]
+    assert len(pooling_bn) == 1
+    bn = pooling_bn[0]
+    ref = nn.BatchNorm2d(bn.num_features).train()
+    ref.load_state_dict(bn.state_dict())
+    x = torch.randn(3, bn.num_features, 1, 1)
+    torch.testing.assert_close(bn(x), ref(x))
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    stats = bn.running_mean.clone(), bn.running_var.clone()
+    one = torch.randn(1, bn.num_features, 1, 1)
+    torch.testing.assert_close(bn(one), ref.eval()(one))
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+
+
+def test_every_baseline_builds_without_the_network(monkeypatch) -> None:
+    """`pretrained=False` (the default) downloads nothing: training runs on machines without internet."""
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("network access while building a model")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    assert MODEL_NAMES == ANODFD_NAMES + BASELINE_NAMES
+    for name in BASELINE_NAMES:
+        assert isinstance(make(name, pretrained=False), PairSegmenter)
+
+
+def test_fc_siam_diff_has_the_official_layer_sizes() -> None:
+    """1,350,146 parameters in the official SiamUnet_diff(3, 2): ours drops the conv biases BatchNorm cancels
+    (1,216) and has one output channel instead of two (145 fewer)."""
+    assert count_parameters(make("fc-siam-diff")) == 1_350_146 - 1_216 - 145
+
+
+def test_a_baseline_state_dict_rebuilds_the_same_network() -> None:
+    """What `model_from_checkpoint` does; DeepLabV3+ has the replaced image-pooling BatchNorm."""
+    a, b = make("deeplabv3plus", seed=1), make("deeplabv3plus", seed=2)
+    settle_batchnorm(a)
+    b.load_state_dict(a.state_dict())
+    b.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(a(*pair()), b(*pair()), rtol=0, atol=0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import tempfile
 import time
@@ -24,11 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `space` lives beside
 from space import PAPER_POINT, SPACE
 
 from anodfd import tracking
-from anodfd.config import PRESETS, Config, ConfigError
+from anodfd.config import MODEL_NAMES, PRESETS, Config, ConfigError
 from anodfd.data.layouts import DatasetError, load_split, resolve_data_dir
 from anodfd.train.launch import (
     RayOptions,
     best_checkpoint_file,
+    check_nodes,
     init_ray,
     prepare,
     run_trainer,
@@ -53,13 +55,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--data", help="any dataset folder (paper or A/B/label layout)")
     p.add_argument("--data-root", default=None, help="folder holding named datasets (default $ANODFD_DATA_ROOT or ./data)")
     p.add_argument("--preset", choices=sorted(SEARCH_PRESETS), default="paper")
+    p.add_argument("--model", choices=MODEL_NAMES, default=None,
+                   help="network to search (default: the preset's); baselines ignore the depth dimension")
     p.add_argument("--num-samples", type=int, default=None, help="trials (default: the preset's)")
     p.add_argument("--max-epochs", type=int, default=None, help="epochs of a trial ASHA lets finish")
     p.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers of each trial")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 with preset paper on a GPU cluster, else 0")
     p.add_argument("--cpus-per-worker", type=float, default=None, help="default: 0.9 on CPU workers, 4 with GPUs")
     p.add_argument("--max-concurrent", type=int, default=None, help="default: as many trials as the cluster fits")
-    p.add_argument("--storage", default="runs", help="folder or URI (s3://...) shared by all nodes")
+    p.add_argument("--storage", default=os.environ.get("ANODFD_STORAGE", "runs"),
+                   help="folder or URI (s3://...) shared by all nodes (default $ANODFD_STORAGE, else ./runs)")
     p.add_argument("--mlflow-uri", default=None, help="tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.add_argument("--experiment", default="anodfd-search")
     p.add_argument("--name", default=None, help="search name; rerunning with it resumes")
@@ -124,7 +129,7 @@ def search(args: argparse.Namespace) -> int:
     data_dir = resolve_data_dir(dataset=args.dataset, data=args.data, data_root=args.data_root)
     dataset = args.dataset or data_dir.name
     base = Config().with_flat({**preset["config"], "data.data": str(data_dir), "train.epochs": max_epochs,
-                               "train.seed": args.seed})
+                               "train.seed": args.seed, **({"model.name": args.model} if args.model else {})})
 
     # Everything checkable is checked before Ray starts: data (all splits, promotion needs test), tracking.
     uri = tracking.resolve_tracking_uri(args.mlflow_uri)
@@ -136,7 +141,10 @@ def search(args: argparse.Namespace) -> int:
     base, storage, name = prepare(base, opts)
     search_dir = f"{storage.rstrip('/')}/{name}"
 
-    init_ray(args.address, 0, 0)
+    joined = init_ray(args.address, 0, 0)
+    if joined:
+        print(f"cluster: {check_nodes(storage, str(data_dir), uri)} node(s) can write {storage}, read the data "
+              "and reach MLflow")
     res = ray.cluster_resources()
     gpus = args.gpus_per_worker
     if gpus is None:
@@ -147,8 +155,9 @@ def search(args: argparse.Namespace) -> int:
     fits = math.floor(res.get("CPU", 0) / trial_cpus + 1e-9)
     if gpus:
         fits = min(fits, math.floor(res.get("GPU", 0) / (opts.workers * gpus) + 1e-9))
-    concurrency = args.max_concurrent or fits
-    if fits < 1 and not args.address:
+    # On a cluster the autoscaler may add nodes for pending trials: --max-concurrent lets the search grow.
+    concurrency = args.max_concurrent or max(fits, 1 if joined else 0)
+    if fits < 1 and not joined:
         raise ConfigError(f"one trial needs {trial_cpus:g} CPUs and {opts.workers * gpus:g} GPUs; this Ray instance "
                           f"has {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs: lower --workers-per-trial")
 

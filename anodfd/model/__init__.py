@@ -1,15 +1,39 @@
 """The network: tensors in, tensors out (no files, Ray or MLflow).
 
 Example: `build_model(ModelConfig(name="paper", depth=2))(hist, cur)` maps two Bx3xHxW images in
-[-1, 1] to Bx1xHxW anomaly logits.
+[-1, 1] to Bx1xHxW anomaly logits. Every name in `anodfd.config.MODEL_NAMES` builds such a network:
+AnoDFDNet variants (`anodfdnet.py`) and the baselines it is compared with (`baselines.py`).
 """
 
+from torch import nn
+
+from anodfd.config import BASELINE_NAMES, ModelConfig
 from anodfd.model.anodfdnet import (
     TRANSFORMER_DEFAULTS,
     AnoDFDNet,
-    build_model,
     count_parameters,
     optimize_for_inference,
 )
+from anodfd.model.anodfdnet import build_model as build_anodfdnet
+from anodfd.model.baselines import FCSiamDiff, PairSegmenter, SmpBaseline, build_baseline
 
-__all__ = ["TRANSFORMER_DEFAULTS", "AnoDFDNet", "build_model", "count_parameters", "optimize_for_inference"]
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The network named by `config.name` (randomly initialised unless `config.pretrained`)."""
+    if config.name in BASELINE_NAMES:
+        return build_baseline(config)
+    return build_anodfdnet(config)
+
+
+__all__ = [
+    "TRANSFORMER_DEFAULTS",
+    "AnoDFDNet",
+    "FCSiamDiff",
+    "PairSegmenter",
+    "SmpBaseline",
+    "build_anodfdnet",
+    "build_baseline",
+    "build_model",
+    "count_parameters",
+    "optimize_for_inference",
+]

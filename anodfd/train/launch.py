@@ -78,7 +78,11 @@ def prepare(config: Config, opts: RayOptions) -> tuple[Config, str, str]:
     remote = "://" in opts.storage
     storage = opts.storage if remote else str(Path(opts.storage).expanduser().resolve())
     if not remote:
-        Path(storage).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(storage).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"storage folder {storage} cannot be made ({e.strerror}); pass --storage DIR "
+                              "you can write to") from None
         if not os.access(storage, os.W_OK):
             raise ConfigError(f"storage folder {storage} is not writable; pass --storage DIR you can write to")
     name = opts.name or "{}-{}-d{}-{}".format(
@@ -103,7 +107,8 @@ def best_checkpoint_file(run_dir: Path) -> Path | None:
     return max(found, key=lambda p: selection_key(load_checkpoint(p)["metrics"]), default=None)
 
 
-def init_ray(address: str | None, need_cpus: float, need_gpus: float) -> None:
+def init_ray(address: str | None, need_cpus: float, need_gpus: float) -> bool:
+    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``), else start a local instance; True if joined."""
     import ray
 
     if not ray.is_initialized():
@@ -118,15 +123,86 @@ def init_ray(address: str | None, need_cpus: float, need_gpus: float) -> None:
             f"{res.get('CPU', 0):g} CPUs and {res.get('GPU', 0):g} GPUs; lower --workers, --cpus-per-worker "
             "or --gpus-per-worker"
         )
+    return not local
 
 
-def train_on_ray(config: Config, opts: RayOptions, tags: dict[str, str] | None = None) -> TrainOutcome:
+def check_nodes(storage: str, data: str, uri: str) -> int:
+    """On a joined cluster, check from every alive node that it can write ``storage``, read ``data`` and reach
+    the MLflow server, and that a folder ``storage`` is one shared folder; returns the number of nodes checked.
+
+    The driver's own checks say nothing about the other nodes: a worker without the shared mount or a route to
+    MLflow would otherwise fail only after its trial has started, or keep checkpoints on its own disk.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # Ray
+
+    probe = ray.remote(num_cpus=0)(_probe_node)  # Ray: zero CPUs, so it runs even on a full or CPU-less node
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(storage, data, uri) for n in nodes]
+    problems = []
+    for node, ref in zip(nodes, refs, strict=True):
+        where = f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]})"
+        try:
+            found, written = ray.get(ref, timeout=120)
+        except ray.exceptions.GetTimeoutError:  # Ray
+            problems.append(f"{where}: no answer in 120 s")
+            continue
+        problems += [f"{where}: {p}" for p in found]
+        if written and "://" not in storage:  # a folder: the file that node wrote must be visible here too
+            mine = Path(storage) / written
+            if mine.exists():
+                mine.unlink()
+            else:
+                problems.append(f"{where}: storage {storage} is that node's own disk, not a folder shared with "
+                                "this one (checkpoints written there would be lost)")
+    if problems:
+        raise ConfigError("not every node of the cluster can run trials:\n  " + "\n  ".join(problems)
+                          + "\nmount the data and storage at the same path on every node (or use s3:// / gs:// "
+                          "storage) and make the MLflow server reachable from every node")
+    return len(nodes)
+
+
+def _probe_node(storage: str, data: str, uri: str) -> tuple[list[str], str | None]:
+    """Runs on one node: (problems found there, name of the file it left in a storage folder, if any)."""
+    import socket
+    import uuid
+
+    problems, name = [], f".anodfd-probe-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    try:
+        if "://" in storage:
+            import pyarrow.fs
+
+            fs, path = pyarrow.fs.FileSystem.from_uri(storage)
+            fs.create_dir(path, recursive=True)
+            with fs.open_output_stream(f"{path}/{name}") as f:
+                f.write(b"ok")
+            fs.delete_file(f"{path}/{name}")
+            name = None
+        else:
+            Path(storage).mkdir(parents=True, exist_ok=True)
+            (Path(storage) / name).write_text("ok")
+    except Exception as e:  # noqa: BLE001 - whatever the cause, this node cannot write there
+        problems.append(f"cannot write storage {storage} ({type(e).__name__}: {e})")
+        name = None
+    if not Path(data).is_dir():
+        problems.append(f"dataset folder {data} does not exist here")
+    try:
+        tracking.check_tracking(uri)
+    except ConfigError as e:
+        problems.append(str(e).split(";")[0])
+    return problems, name
+
+
+def train_on_ray(
+    config: Config, opts: RayOptions, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
+) -> TrainOutcome:
     """`anodfd train`: check everything, start or join Ray, open (or reopen) the MLflow run, train."""
     uri = tracking.resolve_tracking_uri(opts.mlflow_uri)
     tracking.check_tracking(uri)
     config, storage, name = prepare(config, opts)
     init_ray(opts.address, opts.workers * opts.cpus_per_worker, opts.workers * opts.gpus_per_worker)
-    run_id, resumed = start_tracked_run(uri, config, opts, storage, name, tags)
+    run_id, resumed = start_tracked_run(uri, config, opts, storage, name, tags, parent_run_id)
     print(f"{'resuming' if resumed else 'starting'} run {name} in {storage} "
           f"({opts.workers} worker(s), global batch {config.train.batch_size * opts.workers}); MLflow run {run_id}")
     return run_trainer(config, opts, storage, name, uri, run_id)

@@ -1,0 +1,176 @@
+"""Submit the search (`tune/search.py`) to a Ray cluster as a Ray Job.
+
+    export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=...    # the cluster's token (`ray get-auth-token` on the head)
+    python cluster/submit.py --address http://HEAD:8265 --wait -- \\
+        --dataset OL --gpus-per-worker 1 --cpus-per-worker 4 --max-concurrent 8
+
+Everything after `--` (or any flag this script does not know) goes to `tune/search.py` unchanged; it is
+checked here first, so a typo fails before anything is uploaded. The project folder is the job's working
+directory, and the runtime environment comes from `cluster/runtime_env.yaml`; `--mlflow-uri` and `--storage`
+(or `$MLFLOW_TRACKING_URI` / `$ANODFD_STORAGE` here) override its URIs. With `--wait` the job's output is
+followed until it ends, and the exit status is the job's: 0 if it SUCCEEDED, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTRYPOINT = "tune/search.py"
+RUNTIME_ENV = ROOT / "cluster" / "runtime_env.yaml"
+
+
+class SubmitError(Exception):
+    """Something to fix before the job can be submitted."""
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
+                   help="the head's dashboard / job API, http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS)")
+    p.add_argument("--runtime-env", type=Path, default=RUNTIME_ENV, help="runtime environment YAML")
+    p.add_argument("--wait", action="store_true", help="follow the job's output until it ends; exit with its status")
+    args, rest = p.parse_known_args(argv)
+    return args, rest[1:] if rest[:1] == ["--"] else rest
+
+
+def build_runtime_env(path: Path, search: argparse.Namespace) -> dict:
+    """The runtime env file with the URIs the search will use filled in, checked for cluster use."""
+    if not path.is_file():
+        raise SubmitError(f"runtime environment {path} not found; pass --runtime-env FILE")
+    env = yaml.safe_load(path.read_text()) or {}
+    env_vars = {k: str(v) for k, v in (env.get("env_vars") or {}).items()}
+    storage = search.storage_flag or os.environ.get("ANODFD_STORAGE") or env_vars.get("ANODFD_STORAGE")
+    uri = search.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or env_vars.get("MLFLOW_TRACKING_URI")
+    if not uri or not uri.startswith(("http://", "https://", "databricks")):
+        raise SubmitError(f"MLflow URI {uri!r}: a cluster needs a tracking server every node can reach; pass "
+                          "--mlflow-uri http://HOST:5000 (a SQLite file lives on one node's disk)")
+    if not storage or not ("://" in storage or Path(storage).is_absolute()):
+        raise SubmitError(f"storage {storage!r}: trials write checkpoints from every node, so pass --storage "
+                          "s3://bucket/path, gs://bucket/path or an absolute folder mounted on every node")
+    if search.data and not Path(search.data).is_absolute():
+        raise SubmitError(f"--data {search.data}: the job runs on the head node; give the absolute path of the "
+                          "dataset folder there (mounted at the same path on every node)")
+    if search.data_root and not Path(search.data_root).is_absolute():
+        raise SubmitError(f"--data-root {search.data_root}: give an absolute path on the cluster's nodes")
+    if search.dataset and not (search.data_root or env_vars.get("ANODFD_DATA_ROOT")):
+        raise SubmitError(f"--dataset {search.dataset}: set ANODFD_DATA_ROOT in {path} or pass --data-root")
+    env_vars.update(MLFLOW_TRACKING_URI=uri, ANODFD_STORAGE=storage)
+    working_dir = env.get("working_dir", ".")
+    if "://" not in working_dir:  # a folder relative to the project root; a URI (s3://...zip) is used as is
+        working_dir = str((ROOT / working_dir).resolve())
+    return {**env, "working_dir": working_dir, "env_vars": env_vars}
+
+
+def check_search_args(argv: list[str]) -> argparse.Namespace:
+    """Parse the search's flags with the search's own parser (a typo fails here, not on the cluster)."""
+    sys.path.insert(0, str(ROOT / "tune"))
+    from search import parse_args as search_parse_args
+
+    if "--address" in argv:
+        raise SubmitError("--address after `--` is the search's; the job joins its own cluster, drop it")
+    ns = search_parse_args(argv)
+    # The search's own default ($ANODFD_STORAGE or ./runs) is taken on the cluster, not here.
+    ns.storage_flag = _flag_value(argv, "--storage")
+    return ns
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value given to ``flag`` (the last one, as argparse takes it), or None if it was not given."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def connect(address: str):
+    """A Ray Jobs client for ``address``, or a SubmitError that says what to do."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient  # Ray
+
+    if not address or not address.startswith(("http://", "https://")):
+        raise SubmitError(f"--address {address!r}: give the head's job API, http://HEAD:8265 "
+                          "(for a cluster behind SSH or Kubernetes, port-forward 8265 first)")
+    try:  # Ray's client can retry for a while on an address that does not answer: ask once, briefly, first
+        urllib.request.urlopen(f"{address.rstrip('/')}/api/version", timeout=10).close()
+    except urllib.error.HTTPError:
+        pass  # it answered (401 without a token): the job client below gives the precise message
+    except (urllib.error.URLError, OSError) as e:
+        raise SubmitError(f"no Ray job API at {address} ({getattr(e, 'reason', e)}): start the cluster "
+                          "(`ray up cluster/aws.yaml`, or apply cluster/kuberay/rayjob.yaml), or port-forward "
+                          "its dashboard port 8265, then pass that address") from None
+    try:
+        client = JobSubmissionClient(address)  # Ray
+        client.list_jobs()  # the first call that needs the token
+    except AuthenticationError as e:
+        raise SubmitError(f"the cluster at {address} refused the token ({str(e).splitlines()[0]}): export "
+                          "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) with the cluster's "
+                          "token, printed by `ray get-auth-token` on the head") from None
+    except ConnectionError as e:
+        raise SubmitError(f"cannot reach the Ray job API at {address}: {e}") from None
+    return client
+
+
+def follow(client, job_id: str, poll: float = 2.0) -> str:
+    """Print the job's output as it grows until the job ends; returns its final status."""
+    from ray.job_submission import JobStatus  # Ray
+
+    shown = 0
+    while True:
+        status = client.get_job_status(job_id)
+        logs = client.get_job_logs(job_id)
+        print(logs[shown:], end="", flush=True)
+        shown = len(logs)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return str(status.value)
+        time.sleep(poll)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, search_argv = parse_args(argv)
+    try:
+        search = check_search_args(search_argv)
+        runtime_env = build_runtime_env(args.runtime_env, search)
+        client = connect(args.address)
+    except SubmitError as e:
+        print(f"submit: error: {e}", file=sys.stderr)
+        return 2
+    entrypoint = f"python {ENTRYPOINT} {shlex.join(search_argv)}"
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,  # Ray
+                               metadata={"anodfd.search": search.name or "", "anodfd.dataset": search.dataset
+                                         or Path(search.data).name})
+    a = shlex.quote(args.address)
+    print(f"submitted {job_id}: {entrypoint}\n"
+          f"  storage {runtime_env['env_vars']['ANODFD_STORAGE']}, MLflow {runtime_env['env_vars']['MLFLOW_TRACKING_URI']}\n"
+          f"  follow:    ray job logs --address {a} --follow {job_id}\n"
+          f"  status:    ray job status --address {a} {job_id}\n"
+          f"  stop:      ray job stop --address {a} {job_id}\n"
+          f"  dashboard: {args.address} (jobs, trials' actors, logs)\n"
+          f"  models:    {runtime_env['env_vars']['MLFLOW_TRACKING_URI']} -> Models -> anodfdnet-<dataset>",
+          flush=True)
+    if not args.wait:
+        return 0
+    try:
+        status = follow(client, job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job keeps running (stop it with: ray job stop --address {a} {job_id})")
+        return 130
+    info = client.get_job_info(job_id)
+    print(f"\njob {job_id} {status}" + (f": {info.message}" if status != "SUCCEEDED" and info.message else ""))
+    return 0 if status == "SUCCEEDED" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
