@@ -126,6 +126,26 @@ def test_no_credentials_in_cluster_files():
         assert not secret.search(path.read_text()), f"{path}: {secret.search(path.read_text())}"
 
 
+def test_best_checkpoint_is_fetched_from_a_storage_uri(tmp_path):
+    """Storage given as a URI (s3://, gs://; here file://, the same pyarrow code path) is read through a copy."""
+    import torch
+
+    from anodfd.train.launch import best_checkpoint_file, fetch_checkpoints
+
+    run = tmp_path / "bucket" / "search" / "train_runs" / "trial1"
+    for epoch, f1 in ((1, 0.2), (2, 0.5), (3, 0.4)):
+        (run / f"epoch_{epoch:04d}").mkdir(parents=True)
+        torch.save({"epoch": epoch, "metrics": {"f1": f1, "calibrated_f1": f1}}, run / f"epoch_{epoch:04d}" / "checkpoint.pt")
+        (run / f"epoch_{epoch:04d}" / "roc_epoch_1.png").write_bytes(b"png")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    local = fetch_checkpoints(f"file://{run}", scratch)
+    assert local == scratch and sorted(p.relative_to(scratch).as_posix() for p in scratch.rglob("*.*")) == [
+        "epoch_0001/checkpoint.pt", "epoch_0002/checkpoint.pt", "epoch_0003/checkpoint.pt"]
+    assert best_checkpoint_file(local) == scratch / "epoch_0002" / "checkpoint.pt"
+    assert fetch_checkpoints(str(run), scratch) == run  # a folder is used in place
+
+
 # --- submit.py: bad input fails before anything is uploaded -------------------------------------------------
 
 

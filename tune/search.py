@@ -31,6 +31,7 @@ from anodfd.train.launch import (
     RayOptions,
     best_checkpoint_file,
     check_nodes,
+    fetch_checkpoints,
     init_ray,
     prepare,
     run_trainer,
@@ -206,7 +207,7 @@ def search(args: argparse.Namespace) -> int:
     print(f"\nbest trial {best.trial_id}: {metric} {best.value:.4f} with "
           + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()))
 
-    promote(uri, parent_run_id, dataset, data_dir, Path(f"{search_dir}/train_runs/{best.trial_id}"), best)
+    promote(uri, parent_run_id, dataset, data_dir, f"{search_dir}/train_runs/{best.trial_id}", best)
     print(f"\nsearch folder: {search_dir}\nMLflow: {tracking.ui_command(uri)}")
     tracking.end_run(uri, parent_run_id)
     return 0
@@ -293,7 +294,7 @@ def optuna_plots(rows: list[TrialRow], folder: Path) -> list[Path]:
     return out
 
 
-def promote(uri: str, parent_run_id: str, dataset: str, data_dir: Path, train_run: Path, best: TrialRow) -> None:
+def promote(uri: str, parent_run_id: str, dataset: str, data_dir: Path, train_run: str, best: TrialRow) -> None:
     """Evaluate the best checkpoint on the test split, then register it (once per search, also on resume)."""
     import torch
 
@@ -307,24 +308,25 @@ def promote(uri: str, parent_run_id: str, dataset: str, data_dir: Path, train_ru
     if "anodfd.registered_version" in tags:
         print(f"registry: this search already registered version {tags['anodfd.registered_version']}; nothing to do")
         return
-    ckpt_path = best_checkpoint_file(train_run)
-    if ckpt_path is None:
-        raise ConfigError(f"{train_run}: the best trial left no checkpoint")
-    ckpt = load_checkpoint(ckpt_path)
-    model, config = model_from_checkpoint(ckpt)
-    config.data.data = str(data_dir)
-    pixels, _ = evaluate(model, make_loader(make_dataset(config.data, "test"), 8, shuffle=False), torch.device("cpu"))
-    test = pixels.compute(0.5)
-    calibrated = pixels.compute(ckpt["threshold"])
-    print(f"test split, threshold 0.5: {format_row(test)}")
-    print(f"test split, calibrated threshold {ckpt['threshold']:.3f}: {format_row(calibrated)}")
-    reg = log_and_register(uri, ckpt_path, dataset, test, fingerprint(data_dir), parent_run_id,
-                           tags={"search_run": parent_run_id, "trial": best.trial_id, "epoch": str(ckpt["epoch"]),
-                                 "test_f1_calibrated": f"{calibrated['f1']:.6f}"})
-    tracking.client(uri).set_tag(parent_run_id, "anodfd.registered_version", str(reg.version))
-    tracking.log_metrics(uri, parent_run_id, {f"test_{k}": v for k, v in test.items()}, step=0)
-    print(f"registry: {reg.name} version {reg.version} -> alias challenger; "
-          f"champion {'moved to it' if reg.champion else 'unchanged'}: {reg.reason}")
+    with tempfile.TemporaryDirectory() as scratch:  # checkpoints on s3:// or gs:// are evaluated from a copy
+        ckpt_path = best_checkpoint_file(fetch_checkpoints(train_run, Path(scratch)))
+        if ckpt_path is None:
+            raise ConfigError(f"{train_run}: the best trial left no checkpoint")
+        ckpt = load_checkpoint(ckpt_path)
+        model, config = model_from_checkpoint(ckpt)
+        config.data.data = str(data_dir)
+        pixels, _ = evaluate(model, make_loader(make_dataset(config.data, "test"), 8, shuffle=False), torch.device("cpu"))
+        test = pixels.compute(0.5)
+        calibrated = pixels.compute(ckpt["threshold"])
+        print(f"test split, threshold 0.5: {format_row(test)}")
+        print(f"test split, calibrated threshold {ckpt['threshold']:.3f}: {format_row(calibrated)}")
+        reg = log_and_register(uri, ckpt_path, dataset, test, fingerprint(data_dir), parent_run_id,
+                               tags={"search_run": parent_run_id, "trial": best.trial_id, "epoch": str(ckpt["epoch"]),
+                                     "test_f1_calibrated": f"{calibrated['f1']:.6f}"})
+        tracking.client(uri).set_tag(parent_run_id, "anodfd.registered_version", str(reg.version))
+        tracking.log_metrics(uri, parent_run_id, {f"test_{k}": v for k, v in test.items()}, step=0)
+        print(f"registry: {reg.name} version {reg.version} -> alias challenger; "
+              f"champion {'moved to it' if reg.champion else 'unchanged'}: {reg.reason}")
 
 
 if __name__ == "__main__":

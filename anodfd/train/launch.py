@@ -101,6 +101,22 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def fetch_checkpoints(run_dir: str, scratch: Path) -> Path:
+    """A local folder holding the run's kept checkpoints: ``run_dir`` itself, or for a storage URI
+    (s3://, gs://) a copy of its ``epoch_*/checkpoint.pt`` files in ``scratch``."""
+    if "://" not in run_dir:
+        return Path(run_dir)
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True)):
+        relative = info.path[len(root):].lstrip("/")
+        if info.type == pyarrow.fs.FileType.File and re.fullmatch(rf"epoch_\d+/{CHECKPOINT_FILE}", relative):
+            (scratch / relative).parent.mkdir(parents=True, exist_ok=True)
+            pyarrow.fs.copy_files(info.path, str(scratch / relative), source_filesystem=fs)
+    return scratch
+
+
 def best_checkpoint_file(run_dir: Path) -> Path | None:
     """The kept checkpoint of a local run folder that `selection_key` ranks first (works for runs ASHA killed)."""
     found = run_dir.glob(f"epoch_*/{CHECKPOINT_FILE}")
