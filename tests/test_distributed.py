@@ -124,6 +124,7 @@ def test_two_worker_metrics_equal_one_process(synth_ol, tmp_path):
 
 
 def test_killed_worker_restarts_from_checkpoint(synth_ol, tmp_path, mlflow_server):
+    import ray
     from ray.util.state import list_actors
 
     config = smoke(synth_ol, **{"train.epochs": 6})
@@ -136,7 +137,10 @@ def test_killed_worker_restarts_from_checkpoint(synth_ol, tmp_path, mlflow_serve
     while not (tmp_path / "crash" / "epoch_0002" / "checkpoint.pt").exists():
         assert time.time() < deadline and thread.is_alive(), "the run never reached epoch 2"
         time.sleep(0.2)
-    victims = [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    # This Ray instance by address: another one on the host (a second test run) would make the default ambiguous.
+    address = ray.get_runtime_context().gcs_address
+    victims = [a.pid for a in list_actors(address=address,
+                                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
     assert len(victims) == 2
     os.kill(victims[1], signal.SIGKILL)
     thread.join(timeout=600)
@@ -144,7 +148,8 @@ def test_killed_worker_restarts_from_checkpoint(synth_ol, tmp_path, mlflow_serve
 
     out = box["out"]
     assert out.best_metrics and client(mlflow_server).get_run(out.mlflow_run_id).info.status == "FINISHED"
-    alive = {a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")]) if a.state == "ALIVE"}
+    alive = {a.pid for a in list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker")])
+             if a.state == "ALIVE"}
     assert victims[1] not in alive
     # Each epoch is logged exactly once: completed epochs were not trained again after the restart.
     assert [s for s, _ in history(mlflow_server, out.mlflow_run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
