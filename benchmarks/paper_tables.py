@@ -34,8 +34,9 @@ from anodfd.config import BASELINE_NAMES, DEPTHS, MODEL_NAMES, Config, ConfigErr
 from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import DatasetError, available_splits, resolve_data_dir
 from anodfd.metrics import PixelHistogram, plot_roc
+from anodfd.model import count_parameters
 from anodfd.train.launch import RayOptions, train_on_ray
-from anodfd.train.loop import evaluate, load_checkpoint, make_loader, model_from_checkpoint
+from anodfd.train.loop import evaluate_split, load_checkpoint, model_from_checkpoint
 
 TEMPLATE_DIFF = "template-diff"
 COLUMNS = ("precision", "recall", "oa", "f1", "iou", "auc")
@@ -103,11 +104,11 @@ def train_cell(config: Config, args: argparse.Namespace, out: Path, uri: str, pa
     outcome = train_on_ray(config, opts, tags={"anodfd.kind": "tables", "anodfd.cell": name}, parent_run_id=parent)
     checkpoint = Path(outcome.run_dir) / ("best.pt" if separate_test else "last.pt")
     model, cfg = model_from_checkpoint(load_checkpoint(checkpoint))
-    pixels, _ = evaluate(model, make_loader(make_dataset(cfg.data, split), 8, shuffle=False), torch.device("cpu"))
+    pixels, _ = evaluate_split(model, cfg.data, split)
+    metrics = pixels.compute(0.5)
     result = {"method": name, "model": config.model.name, "depth": config.model.depth, "split": split,
               "checkpoint": str(checkpoint), "minutes": (time.time() - start) / 60,
-              **{k: pixels.compute(0.5)[k] for k in COLUMNS[:-1]}, "auc": pixels.auc(),
-              "params": sum(p.numel() for p in model.parameters()), "hist": pixels.state().tolist()}
+              **{k: metrics[k] for k in COLUMNS}, "params": count_parameters(model), "hist": pixels.state().tolist()}
     tracking.log_metrics(uri, outcome.mlflow_run_id, {f"{split}_{k}": result[k] for k in COLUMNS}, step=0)
     saved.parent.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(result))
@@ -186,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     for m in args.methods:
         if m == TEMPLATE_DIFF:
             hist, threshold = template_difference(config, split)
+            metrics = hist.compute(threshold)
             r = {"label": f"template differencing (threshold {threshold:.3f})", "params": 0, "minutes": 0,
-                 "split": split, **{k: hist.compute(threshold)[k] for k in COLUMNS[:-1]}, "auc": hist.auc()}
+                 "split": split, **{k: metrics[k] for k in COLUMNS}}
             curves["template differencing"] = hist
         else:
             r = {**results[(m, 0)], "label": m}

@@ -296,13 +296,10 @@ def optuna_plots(rows: list[TrialRow], folder: Path) -> list[Path]:
 
 def promote(uri: str, parent_run_id: str, dataset: str, data_dir: Path, train_run: str, best: TrialRow) -> None:
     """Evaluate the best checkpoint on the test split, then register it (once per search, also on resume)."""
-    import torch
-
-    from anodfd.data.dataset import make_dataset
     from anodfd.data.layouts import fingerprint
     from anodfd.metrics import format_row
     from anodfd.registry import log_and_register
-    from anodfd.train.loop import evaluate, load_checkpoint, make_loader, model_from_checkpoint
+    from anodfd.train.loop import evaluate_split, load_checkpoint, model_from_checkpoint
 
     tags = tracking.client(uri).get_run(parent_run_id).data.tags
     if "anodfd.registered_version" in tags:
@@ -315,7 +312,7 @@ def promote(uri: str, parent_run_id: str, dataset: str, data_dir: Path, train_ru
         ckpt = load_checkpoint(ckpt_path)
         model, config = model_from_checkpoint(ckpt)
         config.data.data = str(data_dir)
-        pixels, _ = evaluate(model, make_loader(make_dataset(config.data, "test"), 8, shuffle=False), torch.device("cpu"))
+        pixels, _ = evaluate_split(model, config.data, "test")
         test = pixels.compute(0.5)
         calibrated = pixels.compute(ckpt["threshold"])
         print(f"test split, threshold 0.5: {format_row(test)}")

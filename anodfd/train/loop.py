@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
-from anodfd.config import Config, ConfigError
+from anodfd.config import Config, ConfigError, DataConfig
 from anodfd.data.dataset import PairDataset, make_dataset, normalize, worker_init_fn
 from anodfd.losses import CombinedLoss
 from anodfd.metrics import ImageScores, PixelHistogram
@@ -263,6 +263,14 @@ def restore(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> t
     getattr(model, "module", model).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     return ckpt["epoch"] + 1, tuple(ckpt["best"])
+
+
+def evaluate_split(
+    model: nn.Module, data: DataConfig, split: str, device: torch.device | str = "cpu", batch_size: int = 8,
+) -> tuple[PixelHistogram, ImageScores]:
+    """`evaluate` over one whole split of ``data``, un-augmented: how a trained model is scored after training."""
+    loader = make_loader(make_dataset(data, split), batch_size, shuffle=False)
+    return evaluate(model, loader, torch.device(device))
 
 
 def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
