@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint bench clean
+.PHONY: install sysdeps demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,13 +13,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# tests/test_cluster_files.py runs the launcher's rsync, as `ray up` does.
+sysdeps:
+	@command -v rsync >/dev/null || { echo "installing rsync"; apt-get install -y -qq rsync >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq rsync >/dev/null; } || \
+	  { echo "rsync is missing: install it (apt-get install rsync)"; exit 1; }; }
+
 # The main job on its embedded default: synthetic OL data, local Ray, local MLflow store (./mlflow.db).
 demo: $(STAMP)
 	@test -f data/OL/train.txt || $(PY) -m anodfd synth OL --out data/OL --pairs 60 --size 512x384 --seed 1
 	$(PY) -m anodfd data check data/OL
 	$(PY) tune/search.py --dataset OL --preset smoke
 
-test: $(STAMP)
+test: $(STAMP) sysdeps
 	$(PY) -m ruff check anodfd tests benchmarks tune cluster
 	$(PY) -m pytest -q
 

@@ -1,21 +1,28 @@
 """Submit the search (`tune/search.py`) to a Ray cluster as a Ray Job.
 
     export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=...    # the cluster's token (`ray get-auth-token` on the head)
+    python cluster/submit.py --address http://HEAD:8265 --check -- --dataset OL --gpus-per-worker 1
     python cluster/submit.py --address http://HEAD:8265 --wait -- \\
         --dataset OL --gpus-per-worker 1 --cpus-per-worker 4 --max-concurrent 8
 
-Everything after `--` (or any flag this script does not know) goes to `tune/search.py` unchanged; it is
+Everything after `--` (and any flag this script does not know) goes to `tune/search.py` unchanged; it is
 checked here first, so a typo fails before anything is uploaded. The project folder is the job's working
 directory, and the runtime environment comes from `cluster/runtime_env.yaml`; `--mlflow-uri` and `--storage`
 (or `$MLFLOW_TRACKING_URI` / `$ANODFD_STORAGE` here) override its URIs. With `--wait` the job's output is
-followed until it ends, and the exit status is the job's: 0 if it SUCCEEDED, 1 otherwise.
+streamed until it ends, and the exit status is the job's: 0 if it SUCCEEDED, 1 otherwise. `--check` runs the
+search's preflight on every node (versions, code, GPUs and drivers, storage, data, MLflow) as a job of its
+own, prints one row per node and starts no trial. A connection or submission failure exits 2 with one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import re
 import shlex
+import socket
+import ssl
 import sys
 import time
 import urllib.error
@@ -34,13 +41,23 @@ class SubmitError(Exception):
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """(this script's options, the search's flags): the search's are those after `--`, wherever it stands,
+    and any before it that this script does not know."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    mine, search = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    # No abbreviations: `--run X` must not be taken as --runtime-env X.
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
                    help="the head's dashboard / job API, http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS)")
     p.add_argument("--runtime-env", type=Path, default=RUNTIME_ENV, help="runtime environment YAML")
-    p.add_argument("--wait", action="store_true", help="follow the job's output until it ends; exit with its status")
-    args, rest = p.parse_known_args(argv)
-    return args, rest[1:] if rest[:1] == ["--"] else rest
+    p.add_argument("--wait", action="store_true", help="stream the job's output until it ends; exit with its status")
+    p.add_argument("--check", action="store_true",
+                   help="run the preflight on every node as a job (no trial starts), print it, exit with its status")
+    p.add_argument("--submission-id", default=None, help="the job's id (default: one Ray makes up)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the job API to answer")
+    args, unknown = p.parse_known_args(mine)
+    return args, unknown + search
 
 
 def build_runtime_env(path: Path, search: argparse.Namespace) -> dict:
@@ -76,8 +93,9 @@ def check_search_args(argv: list[str]) -> argparse.Namespace:
     sys.path.insert(0, str(ROOT / "tune"))
     from search import parse_args as search_parse_args
 
-    if "--address" in argv:
-        raise SubmitError("--address after `--` is the search's; the job joins its own cluster, drop it")
+    if any(a == "--address" or a.startswith("--address=") for a in argv):
+        raise SubmitError("--address among the search's flags: the job joins its own cluster; give the cluster's "
+                          "address before `--` (submit.py --address http://HEAD:8265 -- ...)")
     ns = search_parse_args(argv)
     # The search's own default ($ANODFD_STORAGE or ./runs) is taken on the cluster, not here.
     ns.storage_flag = _flag_value(argv, "--storage")
@@ -95,8 +113,8 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
     return value
 
 
-def connect(address: str):
-    """A Ray Jobs client for ``address``, or a SubmitError that says what to do."""
+def connect(address: str, timeout: float = 10.0):
+    """A Ray Jobs client for ``address``, or a SubmitError that names the address and what to do."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient  # Ray
 
@@ -104,13 +122,13 @@ def connect(address: str):
         raise SubmitError(f"--address {address!r}: give the head's job API, http://HEAD:8265 "
                           "(for a cluster behind SSH or Kubernetes, port-forward 8265 first)")
     try:  # Ray's client can retry for a while on an address that does not answer: ask once, briefly, first
-        urllib.request.urlopen(f"{address.rstrip('/')}/api/version", timeout=10).close()
-    except urllib.error.HTTPError:
-        pass  # it answered (401 without a token): the job client below gives the precise message
-    except (urllib.error.URLError, OSError) as e:
-        raise SubmitError(f"no Ray job API at {address} ({getattr(e, 'reason', e)}): start the cluster "
-                          "(`ray up cluster/aws.yaml`, or apply cluster/kuberay/rayjob.yaml), or port-forward "
-                          "its dashboard port 8265, then pass that address") from None
+        urllib.request.urlopen(f"{address.rstrip('/')}/api/version", timeout=timeout).close()
+    except urllib.error.HTTPError as e:
+        if e.code != 401:  # 401 without a token: the job client below gives the precise message
+            raise SubmitError(f"{address} answered HTTP {e.code} where Ray's job API should be: it is not a "
+                              "Ray dashboard; pass the head's dashboard address (port 8265)") from None
+    except Exception as e:  # noqa: BLE001 - every way of not answering becomes one line
+        raise SubmitError(_unreachable(address, e, timeout)) from None
     try:
         client = JobSubmissionClient(address)  # Ray
         client.list_jobs()  # the first call that needs the token
@@ -118,39 +136,78 @@ def connect(address: str):
         raise SubmitError(f"the cluster at {address} refused the token ({str(e).splitlines()[0]}): export "
                           "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) with the cluster's "
                           "token, printed by `ray get-auth-token` on the head") from None
-    except ConnectionError as e:
-        raise SubmitError(f"cannot reach the Ray job API at {address}: {e}") from None
+    except Exception as e:  # noqa: BLE001
+        raise SubmitError(_unreachable(address, e, timeout)) from None
     return client
 
 
-def follow(client, job_id: str, poll: float = 2.0) -> str:
-    """Print the job's output as it grows until the job ends; returns its final status."""
+def _unreachable(address: str, e: BaseException, timeout: float) -> str:
+    """One line for a job API that could not be talked to: what happened at ``address`` and the fix."""
+    reason = getattr(e, "reason", e)
+    if isinstance(reason, ssl.SSLError) or "SSL" in type(reason).__name__ or "ssl" in str(reason).lower():
+        return (f"TLS with {address} failed ({_first_line(reason)}): use http:// if the dashboard serves plain "
+                "HTTP, or make its certificate trusted (SSL_CERT_FILE=CA.pem)")
+    if isinstance(reason, (TimeoutError, socket.timeout)) or "timed out" in str(reason).lower():
+        return (f"{address} took the connection but did not answer in {timeout:g} s: check the tunnel or "
+                "port-forward to the head's port 8265, or raise --timeout")
+    return (f"no Ray job API at {address} ({_first_line(reason)}): start the cluster (`ray up cluster/aws.yaml`, "
+            "or apply cluster/kuberay/rayjob.yaml), or port-forward its dashboard port 8265, then pass that address")
+
+
+def _first_line(e: object) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    if any("Traceback (most recent call last)" in line for line in lines):
+        # A server-side traceback: its exception line says what went wrong.
+        raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception)\b.*:", line)]
+        return (raised or [line for line in lines if len(line) > 1])[-1][:300]
+    return lines[0][:300]
+
+
+def submit(client, address: str, entrypoint: str, runtime_env: dict, metadata: dict, submission_id: str | None) -> str:
+    """Submit, or a SubmitError naming the address and the fix (upload, runtime env or server failures)."""
+    try:
+        return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,  # Ray
+                                 metadata=metadata, submission_id=submission_id)
+    except Exception as e:  # noqa: BLE001 - whatever Ray raised, the user gets one line
+        text = _first_line(e)
+        if "already exists" in text:
+            fix = "pass another --submission-id"
+        elif "size" in text.lower() or "too large" in text.lower():
+            fix = "leave large files out of the package with the excludes in cluster/runtime_env.yaml"
+        else:
+            fix = f"see the head's dashboard ({address}, Jobs) and `ray logs dashboard.log` on the head"
+        raise SubmitError(f"the cluster at {address} did not take the job ({text}): {fix}") from None
+
+
+def follow(client, job_id: str) -> str:
+    """Stream the job's output as it comes (Ray's log tail, over a websocket) until the job ends; its status."""
     from ray.job_submission import JobStatus  # Ray
 
-    shown = 0
-    while True:
-        status = client.get_job_status(job_id)
-        logs = client.get_job_logs(job_id)
-        print(logs[shown:], end="", flush=True)
-        shown = len(logs)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            return str(status.value)
-        time.sleep(poll)
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):  # Ray
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+    while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                             JobStatus.STOPPED):
+        time.sleep(1)  # the stream can close a moment before the status turns final
+    return str(status.value)
 
 
 def main(argv: list[str] | None = None) -> int:
     args, search_argv = parse_args(argv)
+    if args.check and "--check" not in search_argv:
+        search_argv.append("--check")
     try:
         search = check_search_args(search_argv)
         runtime_env = build_runtime_env(args.runtime_env, search)
-        client = connect(args.address)
+        client = connect(args.address, args.timeout)
+        entrypoint = f"python {ENTRYPOINT} {shlex.join(search_argv)}"
+        metadata = {"anodfd.search": search.name or "", "anodfd.dataset": search.dataset or Path(search.data).name}
+        job_id = submit(client, args.address, entrypoint, runtime_env, metadata, args.submission_id)
     except SubmitError as e:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
-    entrypoint = f"python {ENTRYPOINT} {shlex.join(search_argv)}"
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,  # Ray
-                               metadata={"anodfd.search": search.name or "", "anodfd.dataset": search.dataset
-                                         or Path(search.data).name})
     a = shlex.quote(args.address)
     print(f"submitted {job_id}: {entrypoint}\n"
           f"  storage {runtime_env['env_vars']['ANODFD_STORAGE']}, MLflow {runtime_env['env_vars']['MLFLOW_TRACKING_URI']}\n"
@@ -160,13 +217,17 @@ def main(argv: list[str] | None = None) -> int:
           f"  dashboard: {args.address} (jobs, trials' actors, logs)\n"
           f"  models:    {runtime_env['env_vars']['MLFLOW_TRACKING_URI']} -> Models -> anodfdnet-<dataset>",
           flush=True)
-    if not args.wait:
+    if not (args.wait or search.check):
         return 0
     try:
         status = follow(client, job_id)
     except KeyboardInterrupt:
         print(f"\nstopped following; the job keeps running (stop it with: ray job stop --address {a} {job_id})")
         return 130
+    except Exception as e:  # noqa: BLE001 - the job runs on; only following it failed
+        print(f"submit: error: lost the log stream of {job_id} at {args.address} ({_first_line(e)}); the job "
+              f"keeps running: ray job logs --address {a} --follow {job_id}", file=sys.stderr)
+        return 2
     info = client.get_job_info(job_id)
     print(f"\njob {job_id} {status}" + (f": {info.message}" if status != "SUCCEEDED" and info.message else ""))
     return 0 if status == "SUCCEEDED" else 1

@@ -1,41 +1,42 @@
-"""cluster/: config files checked the way Ray and KubeRay read them, and the search submitted with
-`cluster/submit.py --wait` to a real two-node Ray cluster (`ray start` head + joined node, token auth on,
-dashboard on loopback) against a real `mlflow server`.
+"""The search on a real Ray cluster: `cluster/submit.py` against a two-node cluster on 127.0.0.1 (`ray start`
+head + joined node, token auth on, dashboard on loopback) and a real `mlflow server`.
+
+The nodes run as a real node does: a Python environment with the project's dependencies and without the
+project, so trial workers can import the code only from the package the job uploaded. Two more nodes that
+advertise a GPU (one with an NVIDIA driver too old for the pinned torch, one with none) join for the GPU
+preflight tests at the end of the module.
 """
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
+import io
 import json
 import os
 import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
+import threading
 import time
-import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 import ray
-import yaml
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 SUBMIT = CLUSTER / "submit.py"
-
-
-def pinned_ray_version() -> str:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    (ray_dep,) = [d for d in deps if d.startswith("ray[")]
-    assert "==" in ray_dep, "the cluster files name one Ray version: pyproject.toml must pin it"
-    return ray_dep.split("==")[1]
+OLD_DRIVER = "535.104.05"  # what the fake nvidia-smi of one GPU node reports: CUDA 12.2 era, too old for CUDA 13
 
 
 def load_submit():
@@ -45,108 +46,16 @@ def load_submit():
     return module
 
 
-# --- the config files --------------------------------------------------------------------------------------
+# --- submit.py: bad input and unreachable clusters fail before anything is uploaded -------------------------
 
 
-def test_installed_ray_is_the_pinned_one():
-    assert ray.__version__ == pinned_ray_version()
-
-
-def test_launcher_config_passes_rays_own_validation():
-    from jsonschema import ValidationError
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    raw = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
-    config = prepare_config(raw)  # as `ray up` does: defaults merged, then ray-schema.json applied
-    validate_config(config)
-    with pytest.raises(ValidationError):  # the validation is real: a misspelt key fails it
-        validate_config({**config, "max_worker": 3})
-
-    types = config["available_node_types"]
-    head = types[config["head_node_type"]]
-    assert head["resources"] == {"CPU": 0}, "the head runs the Tune driver only"
-    workers = {k: v for k, v in types.items() if k != config["head_node_type"]}
-    spot = [k for k, v in workers.items() if v["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
-    assert spot and len(spot) < len(workers), "both spot and on-demand GPU workers"
-    for t in workers.values():
-        assert t["min_workers"] == 0 < t["max_workers"], "GPU workers autoscale from zero"
-        assert t["node_config"]["InstanceType"].startswith(("g", "p")), "GPU instance types"
-    for t in types.values():
-        assert set(t["node_config"]["IamInstanceProfile"]) == {"Name"}, "the instance profile by name"
-    assert config["docker"]["image"].startswith(f"rayproject/ray:{pinned_ray_version()}-")
-    assert (ROOT / config["file_mounts"]["/home/ray/anodfd"] / "tune" / "search.py").is_file()
-    assert any("pip install" in c and "/home/ray/anodfd" in c for c in config["setup_commands"])
-    for c in config["head_start_ray_commands"][1:] + config["worker_start_ray_commands"][1:]:
-        assert "RAY_AUTH_MODE=token" in c
-    assert "--dashboard-host=127.0.0.1" in config["head_start_ray_commands"][1]
-
-
-def test_kuberay_rayjob_is_a_ray_io_v1_job_with_head_and_gpu_workers():
-    job = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())
-    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
-    spec = job["spec"]
-    cluster = spec["rayClusterSpec"]
-    version = pinned_ray_version()
-    assert cluster["rayVersion"] == version
-    assert cluster["authOptions"]["mode"] == "token" and cluster["enableInTreeAutoscaling"] is True
-    assert spec["shutdownAfterJobFinishes"] is True
-    head = cluster["headGroupSpec"]
-    assert head["rayStartParams"]["num-cpus"] == "0"
-    (gpu,) = cluster["workerGroupSpecs"]
-    assert gpu["minReplicas"] == 0 < gpu["maxReplicas"]
-    (worker,) = gpu["template"]["spec"]["containers"]
-    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    images = [c["image"] for c in head["template"]["spec"]["containers"] + [worker]]
-    assert all(i.endswith(f":{version}-gpu") for i in images), images
-    # The image is cluster/Dockerfile: Ray at the same version, the project at /app.
-    dockerfile = (CLUSTER / "Dockerfile").read_text()
-    assert f"FROM rayproject/ray:{version}-" in dockerfile and "/app" in dockerfile
-
-    # The entry point exists and its flags are ones the search accepts.
-    python, script, *flags = spec["entrypoint"].split()
-    assert python == "python" and script.startswith("/app/")
-    assert (ROOT / script.removeprefix("/app/")).is_file()
+def run_submit(argv: list[str], capsys) -> tuple[int, str]:
     submit = load_submit()
-    assert submit.check_search_args(flags).gpus_per_worker == 1
-    # Same env_vars as the runtime env cluster/submit.py sends.
-    shared = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())["env_vars"]
-    assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"] == shared
-    pvc = yaml.safe_load((CLUSTER / "kuberay" / "storage.yaml").read_text())
-    claims = {v["persistentVolumeClaim"]["claimName"] for v in head["template"]["spec"]["volumes"]}
-    assert claims == {pvc["metadata"]["name"]} and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-    assert shared["ANODFD_STORAGE"].startswith("/mnt/anodfd/")  # the shared volume's mount path
-
-
-def test_no_credentials_in_cluster_files():
-    secret = re.compile(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|(RAY_AUTH_TOKEN|password|secret)\s*[:=]\s*"
-                        r"[A-Za-z0-9+/_-]{8,}|\b[0-9a-f]{32,}\b", re.IGNORECASE)
-    files = [p for p in CLUSTER.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
-    assert len(files) >= 6
-    for path in files:
-        assert not secret.search(path.read_text()), f"{path}: {secret.search(path.read_text())}"
-
-
-def test_best_checkpoint_is_fetched_from_a_storage_uri(tmp_path):
-    """Storage given as a URI (s3://, gs://; here file://, the same pyarrow code path) is read through a copy."""
-    import torch
-
-    from anodfd.train.launch import best_checkpoint_file, fetch_checkpoints
-
-    run = tmp_path / "bucket" / "search" / "train_runs" / "trial1"
-    for epoch, f1 in ((1, 0.2), (2, 0.5), (3, 0.4)):
-        (run / f"epoch_{epoch:04d}").mkdir(parents=True)
-        torch.save({"epoch": epoch, "metrics": {"f1": f1, "calibrated_f1": f1}}, run / f"epoch_{epoch:04d}" / "checkpoint.pt")
-        (run / f"epoch_{epoch:04d}" / "roc_epoch_1.png").write_bytes(b"png")
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    local = fetch_checkpoints(f"file://{run}", scratch)
-    assert local == scratch and sorted(p.relative_to(scratch).as_posix() for p in scratch.rglob("*.*")) == [
-        "epoch_0001/checkpoint.pt", "epoch_0002/checkpoint.pt", "epoch_0003/checkpoint.pt"]
-    assert best_checkpoint_file(local) == scratch / "epoch_0002" / "checkpoint.pt"
-    assert fetch_checkpoints(str(run), scratch) == run  # a folder is used in place
-
-
-# --- submit.py: bad input fails before anything is uploaded -------------------------------------------------
+    try:
+        rc = submit.main(argv)
+    except SystemExit as e:  # argparse's own error exit
+        rc = e.code
+    return rc, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra,expected", [
@@ -154,63 +63,137 @@ def test_best_checkpoint_is_fetched_from_a_storage_uri(tmp_path):
     (["--mlflow-uri", "sqlite:///mlflow.db"], "needs a tracking server"),
     (["--data", "data/OL"], "--data data/OL"),
     (["--max-epochs", "2", "--typo"], "unrecognized arguments: --typo"),
+    # No abbreviations, on either side of `--`: a prefix of a flag is not that flag.
+    (["--max-ep", "2"], "unrecognized arguments: --max-ep"),
+    (["--address=http://10.0.0.1:8265"], "--address among the search's flags"),
+    (["--address", "http://10.0.0.1:8265"], "--address among the search's flags"),
 ])
 def test_submit_rejects_bad_input_before_connecting(extra, expected, capsys, tmp_path):
-    submit = load_submit()
     argv = ["--address", "http://127.0.0.1:9", "--", "--data", str(tmp_path), "--storage", str(tmp_path),
             "--mlflow-uri", "http://127.0.0.1:5000", *extra]
-    try:
-        rc = submit.main(argv)
-    except SystemExit as e:  # argparse's own error exit
-        rc = e.code
-    assert rc == 2
-    assert expected in capsys.readouterr().err
+    rc, err = run_submit(argv, capsys)
+    assert rc == 2 and expected in err
 
 
-def test_submit_to_an_unreachable_address_fails_fast(capsys, tmp_path):
+def test_submit_takes_no_abbreviations_and_splits_at_double_dash_anywhere():
     submit = load_submit()
-    port = free_port()
-    rc = submit.main(["--address", f"http://127.0.0.1:{port}", "--", "--data", str(tmp_path), "--storage",
-                      str(tmp_path), "--mlflow-uri", "http://127.0.0.1:5000"])
+    # `--run X` is not --runtime-env: it goes to the search (whose parser then rejects it).
+    args, search = submit.parse_args(["--address", "http://h:8265", "--run", "x", "--", "--data", "/d"])
+    assert args.runtime_env == submit.RUNTIME_ENV and search == ["--run", "x", "--data", "/d"]
+    # `--` after some search flags, `--address=URL`, and a search flag that looks like one of submit's.
+    args, search = submit.parse_args(["--data", "/d", "--address=http://h:8265", "--", "--preset", "smoke",
+                                      "--", "--wait"])
+    assert args.address == "http://h:8265" and not args.wait
+    assert search == ["--data", "/d", "--preset", "smoke", "--", "--wait"]
+
+
+class _Answer404(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def not_a_dashboard():
+    """A real HTTP server on 127.0.0.1 that is not a Ray dashboard: every path is a 404."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answer404)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+@pytest.fixture
+def silent_port():
+    """A port that accepts TCP connections and never answers."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+    yield s.getsockname()[1]
+    s.close()
+
+
+@pytest.mark.parametrize("case", ["refused", "http-404", "tls", "timeout"])
+def test_submit_connection_failures_are_one_line_naming_the_address_and_the_fix(case, capsys, tmp_path,
+                                                                                 not_a_dashboard, silent_port):
+    address, fix = {
+        "refused": (f"http://127.0.0.1:{free_port()}", "start the cluster"),
+        "http-404": (f"http://127.0.0.1:{not_a_dashboard}", "answered HTTP 404"),
+        "tls": (f"https://127.0.0.1:{not_a_dashboard}", "use http:// if the dashboard serves plain HTTP"),
+        "timeout": (f"http://127.0.0.1:{silent_port}", "did not answer in 1 s"),
+    }[case]
+    start = time.monotonic()
+    rc, err = run_submit(["--address", address, "--timeout", "1", "--", "--data", str(tmp_path), "--storage",
+                          str(tmp_path), "--mlflow-uri", "http://127.0.0.1:5000"], capsys)
     assert rc == 2
-    assert f"no Ray job API at http://127.0.0.1:{port}" in capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert address in err and fix in err, err
+    assert time.monotonic() - start < 30
 
 
-# --- a real two-node cluster --------------------------------------------------------------------------------
+# --- a real cluster ------------------------------------------------------------------------------------------
+
+
+def node_python(root: Path) -> Path:
+    """A Python environment as a cluster node has one: the project's dependencies, not the project.
+
+    A venv whose site-packages path points at this environment's: the packages are the same, but that folder's
+    .pth files (the project's editable install among them) are not run, so `import anodfd` finds nothing
+    unless the job's package is on the path.
+    """
+    env = root / "nodeenv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    (site,) = (env / "lib").glob("python*/site-packages")
+    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return env / "bin" / "python"
 
 
 class Cluster:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.python = node_python(root)
         self.token = secrets.token_hex(32)
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        bin_dir = str(Path(sys.executable).parent)  # `python` in job entrypoints is this environment's
+        # `python` in job entrypoints is the nodes' environment.
         self.env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")},
-                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "PATH": f"{bin_dir}:{os.environ['PATH']}",
-                    "PYTHONUNBUFFERED": "1"}
+                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "PYTHONUNBUFFERED": "1",
+                    "PATH": f"{self.python.parent}:{os.environ['PATH']}"}
         self.groups: list[int] = []
+        self.nodes = 0
 
-    def start_node(self, head: bool, index: int) -> None:
-        ray_bin = str(Path(sys.executable).parent / "ray")
+    def start_node(self, head: bool = False, cpus: int = 1, gpus: int = 0, path_first: Path | None = None) -> None:
+        index = self.nodes
+        self.nodes += 1
         # Each node: its own temp dir (two runtime-env agents sharing one would delete each other's
         # working dirs) and its own agent ports (defaults are fixed numbers that would clash on one host).
+        # Worker ports below the kernel's ephemeral range, where free_port() never lands.
         ports = ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
                  "--runtime-env-agent-port", str(free_port()),
-                 "--min-worker-port", str(30000 + 1000 * index), "--max-worker-port", str(30999 + 1000 * index)]
-        common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--temp-dir", str(self.root / f"node{index}"),
-                  "--disable-usage-stats", *ports]
+                 "--min-worker-port", str(20000 + 1000 * index), "--max-worker-port", str(20999 + 1000 * index)]
+        common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), "--num-gpus", str(gpus),
+                  "--temp-dir", str(self.root / f"node{index}"), "--disable-usage-stats", *ports]
+        ray_cli = [str(self.python), "-m", "ray.scripts.scripts", "start"]
         if head:
-            cmd = [ray_bin, "start", "--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
+            cmd = [*ray_cli, "--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
                    "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(free_port()), *common]
         else:
-            cmd = [ray_bin, "start", "--address", f"127.0.0.1:{self.gcs_port}", *common]
+            cmd = [*ray_cli, "--address", f"127.0.0.1:{self.gcs_port}", *common]
+        env = dict(self.env)
+        if path_first:
+            env["PATH"] = f"{path_first}:{env['PATH']}"
         # A new session: every daemon `ray start` leaves behind stays in this process group, stopped by PID below.
-        proc = subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=subprocess.PIPE,
+        # cwd: the node's own folder, so not even the current directory offers the project.
+        proc = subprocess.Popen(cmd, env=env, cwd=self.root, start_new_session=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         self.groups.append(proc.pid)
         out, _ = proc.communicate(timeout=180)
         assert proc.returncode == 0, out[-3000:]
+        deadline = time.time() + 60
+        while self.alive_nodes() < self.nodes:
+            assert time.time() < deadline, "the node never joined"
+            time.sleep(1)
 
     def api(self, path: str) -> dict:
         req = urllib.request.Request(f"{self.address}{path}", headers={"Authorization": f"Bearer {self.token}"})
@@ -221,9 +204,10 @@ class Cluster:
         nodes = self.api("/api/v0/nodes?limit=100&detail=false")["data"]["result"]["result"]
         return sum(1 for n in nodes if n["state"] == "ALIVE")
 
-    def submit(self, *search_args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(SUBMIT), "--address", self.address, "--wait", "--", *search_args],
-                              env=self.env, text=True, capture_output=True, timeout=timeout, check=False)
+    def submit(self, *search_args: str, options: tuple[str, ...] = (), timeout: int = 900) -> subprocess.CompletedProcess:
+        """`submit.py --wait OPTIONS -- SEARCH_ARGS` from the laptop side (this environment, which has the project)."""
+        return subprocess.run([sys.executable, str(SUBMIT), "--address", self.address, "--wait", *options, "--",
+                               *search_args], env=self.env, text=True, capture_output=True, timeout=timeout, check=False)
 
     def stop(self) -> None:
         for pgid in self.groups:
@@ -253,16 +237,22 @@ def cluster():
     # A short path: Ray's socket paths under the temp dir must fit in 107 bytes.
     c = Cluster(Path(tempfile.mkdtemp(prefix="anodfd-rc-", dir="/tmp")))
     try:
-        c.start_node(head=True, index=0)
-        c.start_node(head=False, index=1)
-        deadline = time.time() + 60
-        while c.alive_nodes() < 2:
-            assert time.time() < deadline, "the second node never joined"
-            time.sleep(1)
+        c.start_node(head=True)
+        c.start_node()
         yield c
     finally:
         c.stop()
         shutil.rmtree(c.root, ignore_errors=True)
+
+
+def test_nodes_have_the_dependencies_but_not_the_project(cluster):
+    """The isolation is real: outside a job's package, the nodes' Python cannot import the project."""
+    ok = subprocess.run([str(cluster.python), "-c", "import ray, torch, mlflow, timm, cv2"], cwd=cluster.root,
+                        capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stderr
+    missing = subprocess.run([str(cluster.python), "-c", "import anodfd"], cwd=cluster.root, capture_output=True,
+                             text=True, check=False)
+    assert "No module named 'anodfd'" in missing.stderr
 
 
 def test_dashboard_and_job_api_on_loopback_with_token_auth(cluster):
@@ -273,6 +263,11 @@ def test_dashboard_and_job_api_on_loopback_with_token_auth(cluster):
     with pytest.raises(urllib.error.HTTPError) as e:  # no token, no answer
         urllib.request.urlopen(f"{cluster.address}/api/jobs/", timeout=10)
     assert e.value.code == 401
+
+
+def in_a_job_package(path: str) -> bool:
+    """True for a file inside a job's unpacked working directory on one of the test cluster's nodes."""
+    return re.search(r"/node\d+/session_[^/]+/runtime_resources/working_dir_files/_ray_pkg_[0-9a-f]+/", path) is not None
 
 
 def test_search_submitted_to_a_two_node_cluster(cluster, synth_ol, tmp_path, mlflow_server):
@@ -289,6 +284,10 @@ def test_search_submitted_to_a_two_node_cluster(cluster, synth_ol, tmp_path, mlf
     assert "cluster: 2 node(s) can write" in out
     assert "job raysubmit_" in out and "SUCCEEDED" in out
 
+    # Every trial worker imported the project from the job's own package, never from an installation.
+    found = re.findall(r"worker (\d) of 2 on [\d.]+: anodfd\.data\.layouts from (\S+)", out)
+    assert {rank for rank, _ in found} == {"0", "1"}, out[-5000:]
+    assert all(in_a_job_package(path) for _, path in found), found
     workers = cluster.api("/api/v0/actors?limit=1000&detail=false&filter_keys=class_name&filter_predicates=%3D"
                           "&filter_values=RayTrainWorker")["data"]["result"]["result"]
     assert len({w["node_id"] for w in workers}) == 2, "trials trained on both nodes"
@@ -318,3 +317,119 @@ def test_cluster_job_fails_fast_without_mlflow_or_writable_storage(cluster, synt
         assert message in out and "FAILED" in out
         assert "starting search" not in out, "it failed before any trial started"
     assert not (tmp_path / "runs" / "doomed").exists()
+
+
+def preflight_rows(out: str) -> dict[str, list[str]]:
+    """The preflight table's rows by node id prefix: {id8: cells}."""
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"[\d.]+ \(([0-9a-f]{8})\)\s+(.*)$", line)
+        if m:
+            rows[m.group(1)] = m.group(2).split()
+    return rows
+
+
+def test_check_runs_the_preflight_on_every_node_without_a_trial(cluster, synth_ol, tmp_path, mlflow_server):
+    storage = tmp_path / "runs"
+    proc = cluster.submit("--data", str(synth_ol), "--storage", str(storage), "--mlflow-uri", mlflow_server,
+                          options=("--check", "--submission-id", "raysub-check-1"), timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    rows = preflight_rows(out)
+    assert len(rows) == 2 and "check passed: 2 node(s)" in out, out[-4000:]
+    import torch
+
+    for cells in rows.values():
+        # CPU GPU python ray torch (CUDA) driver devices code-from storage data MLflow status
+        assert cells[2] == "{}.{}.{}".format(*sys.version_info[:3]) and cells[3] == ray.__version__
+        assert cells[4] == torch.__version__ and in_a_job_package(cells[8] + "/")
+        assert cells[9:] == ["ok", "ok", "ok", "ok"]
+    assert "starting search" not in out and not [p for p in storage.iterdir() if p.is_dir()]  # no trial, no run
+
+    # The same submission id again: the cluster refuses it, in one line that names the address and the fix.
+    again = cluster.submit("--data", str(synth_ol), "--storage", str(storage), "--mlflow-uri", mlflow_server,
+                           options=("--submission-id", "raysub-check-1"), timeout=120)
+    rc, err = again.returncode, again.stderr
+    assert rc == 2 and len([e for e in err.splitlines() if "submit: error" in e]) == 1, err
+    assert "Traceback" not in err
+    assert cluster.address in err and "already exists" in err and "pass another --submission-id" in err
+
+
+def test_wait_streams_the_log_as_the_job_runs(cluster):
+    """`follow` tails the job's log: lines arrive while the job runs, each once, then the final status."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.address, headers={"Authorization": f"Bearer {cluster.token}"})
+    job = client.submit_job(entrypoint="python -c \"import time; print('first', flush=True); time.sleep(6); "
+                                       "print('second', flush=True)\"")
+    seen: list[tuple[float, str]] = []
+
+    class Recorder(io.StringIO):
+        def write(self, s: str) -> int:
+            seen.append((time.monotonic(), s))
+            return len(s)
+
+    real, sys.stdout = sys.stdout, Recorder()
+    try:
+        status = load_submit().follow(client, job)
+    finally:
+        sys.stdout = real
+    text = "".join(s for _, s in seen)
+    lines = text.splitlines()
+    assert status == "SUCCEEDED" and lines.count("first") == 1 and lines.count("second") == 1, text
+    t_first = next(t for t, s in seen if "first" in s.splitlines())
+    t_second = next(t for t, s in seen if "second" in s.splitlines())
+    assert t_second - t_first > 4, "the first line was shown while the job was still running"
+
+
+# --- GPU preflight: two nodes that advertise a GPU they cannot use (keep these last: they stay joined) --------
+
+
+@pytest.fixture(scope="module")
+def gpu_nodes(cluster):
+    """One node whose nvidia-smi reports a driver too old for torch's CUDA 13 build, one with no driver at all.
+    Both advertise one GPU to Ray, as a real GPU node does; everything else about them is real."""
+    fake = cluster.root / "old-driver-bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text(f"#!/bin/sh\necho {OLD_DRIVER}\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    before = {n["node_id"] for n in cluster.api("/api/v0/nodes?limit=100&detail=false")["data"]["result"]["result"]}
+    cluster.start_node(cpus=0, gpus=1, path_first=fake)
+    old = {n["node_id"] for n in cluster.api("/api/v0/nodes?limit=100&detail=false")["data"]["result"]["result"]} - before
+    cluster.start_node(cpus=0, gpus=1)
+    none = {n["node_id"] for n in cluster.api("/api/v0/nodes?limit=100&detail=false")["data"]["result"]["result"]}
+    none -= before | old
+    return {"old": old.pop()[:8], "none": none.pop()[:8]}
+
+
+def test_gpu_search_fails_within_seconds_naming_each_node_and_driver(cluster, gpu_nodes, synth_ol, tmp_path,
+                                                                    mlflow_server):
+    import torch
+
+    proc = cluster.submit("--data", str(synth_ol), "--preset", "smoke", "--gpus-per-worker", "1", "--storage",
+                          str(tmp_path / "runs"), "--mlflow-uri", mlflow_server, "--name", "gpu", timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "FAILED" in out, out[-3000:]
+    assert "starting search" not in out and not (tmp_path / "runs" / "gpu" / "train_runs").exists()
+    need = {"13": "580.65.06"}[torch.version.cuda.split(".")[0]]
+    problems = {line.strip() for line in out.splitlines() if re.match(r"\s*[\d.]+ \([0-9a-f]{8}\): ", line)}
+    (old,) = [p for p in problems if gpu_nodes["old"] in p]
+    assert f"NVIDIA driver {OLD_DRIVER} is too old" in old and f"needs NVIDIA driver >= {need}" in old
+    (none,) = [p for p in problems if gpu_nodes["none"] in p]
+    assert "no NVIDIA driver found" in none and f">= {need}" in none
+    assert len(problems) == 2, "the CPU nodes are fine"
+    job = re.search(r"submitted (raysubmit_\w+)", out).group(1)
+    info = cluster.api(f"/api/jobs/{job}")
+    assert (info["end_time"] - info["start_time"]) / 1000 < 90, "failed within seconds, before any trial"
+
+
+def test_check_reports_each_gpu_nodes_driver(cluster, gpu_nodes, synth_ol, tmp_path, mlflow_server):
+    proc = cluster.submit("--data", str(synth_ol), "--storage", str(tmp_path / "runs"), "--mlflow-uri", mlflow_server,
+                          options=("--check",), timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    rows = preflight_rows(out)
+    assert len(rows) == 4
+    assert rows[gpu_nodes["old"]][6:8] == [OLD_DRIVER, "0"] and rows[gpu_nodes["old"]][-1] == "FAIL"
+    assert rows[gpu_nodes["none"]][6:8] == ["-", "0"] and rows[gpu_nodes["none"]][-1] == "FAIL"
+    assert sum(cells[-1] == "ok" for cells in rows.values()) == 2

@@ -27,10 +27,10 @@ from space import PAPER_POINT, SPACE
 from anodfd import tracking
 from anodfd.config import MODEL_NAMES, PRESETS, Config, ConfigError
 from anodfd.data.layouts import DatasetError, load_split, resolve_data_dir
+from anodfd.preflight import check_cluster
 from anodfd.train.launch import (
     RayOptions,
     best_checkpoint_file,
-    check_nodes,
     fetch_checkpoints,
     init_ray,
     prepare,
@@ -50,7 +50,9 @@ TRIAL_DRIVER_CPU = 0.1  # the Tune function that launches a trial's TorchTrainer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # No abbreviations: a flag the search does not know must fail, not be taken as one that it does.
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--dataset", help="named dataset under the data root: OL, FB or Diff")
     g.add_argument("--data", help="any dataset folder (paper or A/B/label layout)")
@@ -73,6 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metric", choices=METRICS, default=None, help="validation metric to maximise (default: the preset's)")
     p.add_argument("--address", default=None, help="Ray cluster (default $RAY_ADDRESS, else a local Ray instance)")
+    p.add_argument("--check", action="store_true",
+                   help="on a cluster: check every node (versions, code, GPUs and driver, storage, data, MLflow), "
+                        "print one row per node and exit without starting a trial")
     return p.parse_args(argv)
 
 
@@ -136,6 +141,8 @@ def search(args: argparse.Namespace) -> int:
     uri = tracking.resolve_tracking_uri(args.mlflow_uri)
     tracking.check_tracking(uri)
     load_split(data_dir, "test", base.data.layout)
+    if args.check:
+        return check_only(args, str(data_dir), uri)
     name = args.name or f"search-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     opts = RayOptions(workers=args.workers_per_trial, storage=args.storage, name=name, mlflow_uri=uri,
                       experiment=args.experiment, keep=2)
@@ -143,13 +150,13 @@ def search(args: argparse.Namespace) -> int:
     search_dir = f"{storage.rstrip('/')}/{name}"
 
     joined = init_ray(args.address, 0, 0)
-    if joined:
-        print(f"cluster: {check_nodes(storage, str(data_dir), uri)} node(s) can write {storage}, read the data "
-              "and reach MLflow")
     res = ray.cluster_resources()
     gpus = args.gpus_per_worker
     if gpus is None:
         gpus = 1.0 if args.preset == "paper" and res.get("GPU", 0) >= 1 else 0.0
+    if joined:
+        nodes = check_cluster(storage, str(data_dir), uri, gpus_per_worker=gpus)
+        print(f"cluster: {len(nodes)} node(s) can write {storage}, read the data and reach MLflow")
     opts.gpus_per_worker = gpus
     opts.cpus_per_worker = args.cpus_per_worker or (4.0 if gpus else 0.9)
     trial_cpus = TRIAL_DRIVER_CPU + opts.workers * opts.cpus_per_worker
@@ -210,6 +217,17 @@ def search(args: argparse.Namespace) -> int:
     promote(uri, parent_run_id, dataset, data_dir, f"{search_dir}/train_runs/{best.trial_id}", best)
     print(f"\nsearch folder: {search_dir}\nMLflow: {tracking.ui_command(uri)}")
     tracking.end_run(uri, parent_run_id)
+    return 0
+
+
+def check_only(args: argparse.Namespace, data_dir: str, uri: str) -> int:
+    """`--check`: the cluster preflight alone, with every GPU node checked; nothing is trained or written."""
+    if not init_ray(args.address, 0, 0):
+        raise ConfigError("--check probes the nodes of a cluster: run it as a job (cluster/submit.py --check) "
+                          "or pass --address")
+    storage = args.storage if "://" in args.storage else str(Path(args.storage).resolve())
+    nodes = check_cluster(storage, data_dir, uri, gpus_per_worker=args.gpus_per_worker or 0, all_gpus=True)
+    print(f"check passed: {len(nodes)} node(s) can run trials")
     return 0
 
 

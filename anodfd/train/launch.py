@@ -142,74 +142,6 @@ def init_ray(address: str | None, need_cpus: float, need_gpus: float) -> bool:
     return not local
 
 
-def check_nodes(storage: str, data: str, uri: str) -> int:
-    """On a joined cluster, check from every alive node that it can write ``storage``, read ``data`` and reach
-    the MLflow server, and that a folder ``storage`` is one shared folder; returns the number of nodes checked.
-
-    The driver's own checks say nothing about the other nodes: a worker without the shared mount or a route to
-    MLflow would otherwise fail only after its trial has started, or keep checkpoints on its own disk.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # Ray
-
-    probe = ray.remote(num_cpus=0)(_probe_node)  # Ray: zero CPUs, so it runs even on a full or CPU-less node
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-            .remote(storage, data, uri) for n in nodes]
-    problems = []
-    for node, ref in zip(nodes, refs, strict=True):
-        where = f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]})"
-        try:
-            found, written = ray.get(ref, timeout=120)
-        except ray.exceptions.GetTimeoutError:  # Ray
-            problems.append(f"{where}: no answer in 120 s")
-            continue
-        problems += [f"{where}: {p}" for p in found]
-        if written and "://" not in storage:  # a folder: the file that node wrote must be visible here too
-            mine = Path(storage) / written
-            if mine.exists():
-                mine.unlink()
-            else:
-                problems.append(f"{where}: storage {storage} is that node's own disk, not a folder shared with "
-                                "this one (checkpoints written there would be lost)")
-    if problems:
-        raise ConfigError("not every node of the cluster can run trials:\n  " + "\n  ".join(problems)
-                          + "\nmount the data and storage at the same path on every node (or use s3:// / gs:// "
-                          "storage) and make the MLflow server reachable from every node")
-    return len(nodes)
-
-
-def _probe_node(storage: str, data: str, uri: str) -> tuple[list[str], str | None]:
-    """Runs on one node: (problems found there, name of the file it left in a storage folder, if any)."""
-    import socket
-    import uuid
-
-    problems, name = [], f".anodfd-probe-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-    try:
-        if "://" in storage:
-            import pyarrow.fs
-
-            fs, path = pyarrow.fs.FileSystem.from_uri(storage)
-            fs.create_dir(path, recursive=True)
-            with fs.open_output_stream(f"{path}/{name}") as f:
-                f.write(b"ok")
-            fs.delete_file(f"{path}/{name}")
-            name = None
-        else:
-            Path(storage).mkdir(parents=True, exist_ok=True)
-            (Path(storage) / name).write_text("ok")
-    except Exception as e:  # noqa: BLE001 - whatever the cause, this node cannot write there
-        problems.append(f"cannot write storage {storage} ({type(e).__name__}: {e})")
-        name = None
-    if not Path(data).is_dir():
-        problems.append(f"dataset folder {data} does not exist here")
-    try:
-        tracking.check_tracking(uri)
-    except ConfigError as e:
-        problems.append(str(e).split(";")[0])
-    return problems, name
-
-
 def train_on_ray(
     config: Config, opts: RayOptions, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
 ) -> TrainOutcome:
@@ -248,7 +180,8 @@ def run_trainer(
         resources["GPU"] = opts.gpus_per_worker
     trainer = TorchTrainer(  # Ray
         train_func_per_worker,
-        train_loop_config={"config": config.to_dict(), "threads": max(1, int(opts.cpus_per_worker))},
+        train_loop_config={"config": config.to_dict(), "threads": max(1, int(opts.cpus_per_worker)),
+                           "gpus": opts.gpus_per_worker},
         scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=opts.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(

@@ -15,14 +15,17 @@ from pathlib import Path
 import cv2
 import ray.train  # Ray
 import ray.train.torch  # Ray
+import ray.util  # Ray
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from anodfd.config import Config
+from anodfd.data import layouts
 from anodfd.data.dataset import PairDataset, make_dataset, to_chw
 from anodfd.metrics import PixelHistogram, plot_roc
 from anodfd.predict import overlay_grid
+from anodfd.preflight import driver_version, gpu_problem
 from anodfd.train.loop import (
     build_training,
     checkpoint_dict,
@@ -47,6 +50,13 @@ def train_func_per_worker(loop_config: dict) -> None:
     torch.set_num_threads(loop_config.get("threads", 1))
     ctx = ray.train.get_context()  # Ray
     rank, world = ctx.get_world_rank(), ctx.get_world_size()  # Ray
+    node = ray.util.get_node_ip_address()  # Ray
+    # Which copy of the code trains matters on a cluster: it must be the job's package, not a node's install.
+    print(f"worker {rank} of {world} on {node}: anodfd.data.layouts from {layouts.__file__}", flush=True)
+    if loop_config.get("gpus") and not torch.cuda.is_available():
+        # A GPU node that joined after the search's preflight (autoscaling) and cannot run the pinned torch.
+        problem = gpu_problem(torch.__version__, torch.version.cuda, driver_version(), 0)
+        raise RuntimeError(f"worker {rank} on node {node} was given a GPU but cannot use it: {problem}")
     device = ray.train.torch.get_device()  # Ray
 
     # The launcher validated the data already; each rank augments with its own stream.
