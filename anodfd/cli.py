@@ -179,8 +179,30 @@ def _models_promote(args: argparse.Namespace) -> int:
     from anodfd.registry import model_name, promote
     from anodfd.tracking import resolve_tracking_uri
 
-    promote(resolve_tracking_uri(args.mlflow_uri), args.dataset, args.version, args.alias)
+    promote(resolve_tracking_uri(args.mlflow_uri), args.dataset, args.version, args.alias, args.reason)
     print(f"{model_name(args.dataset)}@{args.alias} -> version {args.version}")
+    return 0
+
+
+def _models_gate(args: argparse.Namespace) -> int:
+    from anodfd.registry import gate, list_versions
+    from anodfd.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.mlflow_uri)
+    (row,) = [r for r in list_versions(uri, args.dataset) if r["version"] == args.version] or [None]
+    if row is None:
+        raise ConfigError(f"--version {args.version}: no such version of {args.dataset}; see anodfd models list")
+    reg = gate(uri, f"anodfdnet-{row['tags']['dataset']}", args.version)
+    print(f"{reg.name} v{reg.version}: challenger; champion {'moved to it' if reg.champion else 'unchanged'}: "
+          f"{reg.reason}")
+    return 0
+
+
+def _models_history(args: argparse.Namespace) -> int:
+    from anodfd.registry import format_history, history
+    from anodfd.tracking import resolve_tracking_uri
+
+    print(format_history(history(resolve_tracking_uri(args.mlflow_uri), args.dataset)))
     return 0
 
 
@@ -273,8 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset name, e.g. OL (registered model anodfdnet-OL)")
     p.add_argument("--version", type=int, required=True)
     p.add_argument("--alias", default="champion")
+    p.add_argument("--reason", default=None, help="recorded with the move (default: promoted by hand)")
     p.add_argument("--mlflow-uri", default=None, help="registry (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.set_defaults(func=_models_promote)
+    p = models.add_parser("gate", help="run the champion gate for a registered version again (after a failed one)")
+    p.add_argument("--dataset", required=True, help="dataset name, e.g. OL (registered model anodfdnet-OL)")
+    p.add_argument("--version", type=int, required=True)
+    p.add_argument("--mlflow-uri", default=None, help="registry (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.set_defaults(func=_models_gate)
+    p = models.add_parser("history", help="every alias move: when, which version, from which, by whom and why")
+    p.add_argument("--dataset", required=True, help="dataset name, e.g. OL (registered model anodfdnet-OL)")
+    p.add_argument("--mlflow-uri", default=None, help="registry (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.set_defaults(func=_models_history)
     return parser
 
 
@@ -285,6 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, ConfigError) as e:
         # Bad input is the user's to fix: one clear line, no traceback.
         print(f"anodfd: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(e, MlflowException):
+            raise
+        # The tracking server failed (down, timed out, refused): one line; nothing was changed by the command.
+        print(f"anodfd: error: MLflow failed: {e.message.strip().splitlines()[0][:300]}", file=sys.stderr)
         return 2
 
 

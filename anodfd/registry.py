@@ -1,10 +1,15 @@
 """The MLflow Model Registry: one registered model per dataset (``anodfdnet-<dataset>``), with a champion gate.
 
 Each registration logs a checkpoint as an MLflow pyfunc model ("models from code": `anodfd/serving.py`, with the
-checkpoint as its only artifact, so nothing is pickled), makes it a new version, points the ``challenger`` alias at
-it, and moves ``champion`` only when its test F1 beats the champion's on the same data (the same fingerprint of
-the split lists and files). F1 measured on different data is not comparable, so that case never moves champion
-on its own; `promote` moves an alias explicitly.
+checkpoint as its only artifact, so nothing is pickled), makes it a new version, then runs the champion gate: it
+points the ``challenger`` alias at it and moves ``champion`` only when its test F1 beats the champion's on the
+same data (the same fingerprint of the split lists and files). F1 measured on different data is not comparable,
+so that case never moves champion on its own; `promote` moves an alias explicitly.
+
+Several searches may promote into one registry at once. The gate runs under a lease held in the registry itself
+(a registered model ``<name>.promotion-lease`` that only one process can create), re-checks after moving the
+alias, and treats any MLflow error as "promote nothing": a champion is never chosen on a failed lookup. Every
+alias move is recorded on the version it lands on (previous holder, reason, time); `history` lists them.
 
 Like `anodfd.tracking`, everything takes the URI explicitly (registry URI = tracking URI) and uses the explicit
 client, never MLflow's process-wide fluent state.
@@ -13,10 +18,18 @@ client, never MLflow's process-wide fluent state.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import math
+import os
+import random
 import re
+import socket
 import subprocess
 import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +45,10 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_ARTIFACT = f"artifacts/{CHECKPOINT_FILE}"
 # Packages the pyfunc model imports, pinned to what logged it (`anodfd` itself comes from this repository).
 REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "opencv-python-headless", "mlflow")
+LEASE_SUFFIX = ".promotion-lease"
+LEASE_TTL_S = 120.0  # a gate takes seconds; a holder that crashed loses its lease after this
+LEASE_WAIT_S = 600.0  # how long a promotion waits for another one to finish
+AUDIT_PREFIX = "audit."  # version tags audit.<time_ns> = {"alias", "previous", "reason", "time", "by"}
 MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))")
 
 
@@ -52,6 +69,30 @@ def model_name(dataset: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", dataset or ""):
         raise RegistryError(f"dataset name {dataset!r} cannot name a registered model; use letters, digits, . _ -")
     return PREFIX + dataset
+
+
+def registered_name(c, dataset: str) -> str:
+    """The registered model of ``dataset``, case-insensitively: ``ol`` finds ``anodfdnet-OL`` if that exists, so
+    one dataset never gets two models (and two champions) that differ in case."""
+    return _canonical(c, model_name(dataset))
+
+
+def _canonical(c, name: str) -> str:
+    for m in c.search_registered_models(f"name ILIKE '{name}'"):
+        if m.name.lower() == name.lower():
+            return m.name
+    return name
+
+
+class PromotionFailed(RegistryError):
+    """An MLflow error during the champion gate: nothing was promoted; promoting again later is safe."""
+
+
+def _mlflow_errors() -> tuple[type[BaseException], ...]:
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException, requests.RequestException, ConnectionError, TimeoutError
 
 
 # --- registering -----------------------------------------------------------------------------------------
@@ -80,24 +121,34 @@ def log_and_register(
     run_id: str, tags: dict[str, str] | None = None,
 ) -> Registration:
     """Log ``checkpoint`` as a pyfunc model in run ``run_id``, register it as a new version of
-    ``anodfdnet-<dataset>`` with ``challenger`` on it, and give it ``champion`` if it passes `decide_champion`.
+    ``anodfdnet-<dataset>``, then run the champion gate (`gate`) on it.
 
     ``test_metrics`` are the test split's metrics (keys ``f1``, ``iou``, ... or ``test_f1``, ...); each becomes
     a ``test_<key>`` version tag, as do ``dataset``, ``fingerprint``, ``search_run_id``, the code version and ``tags``.
     """
+    name, version = register_version(uri, checkpoint, dataset, test_metrics, fingerprint, run_id, tags)
+    return gate(uri, name, version)
+
+
+def register_version(
+    uri: str, checkpoint: str | Path, dataset: str, test_metrics: dict[str, float], fingerprint: str,
+    run_id: str, tags: dict[str, str] | None = None,
+) -> tuple[str, int]:
+    """The first half of `log_and_register`: the logged model and its new version, no alias yet."""
     from mlflow.entities import LoggedModelOutput
     from mlflow.exceptions import MlflowException
 
     from anodfd.train.loop import load_checkpoint
 
-    name = model_name(dataset)
     metrics = {k.removeprefix("test_"): float(v) for k, v in test_metrics.items()}
     f1 = metrics.get("f1", math.nan)
     if not 0.0 <= f1 <= 1.0:  # also catches NaN and a missing F1
         raise RegistryError(f"test_metrics needs an F1 in [0, 1] to register a model; got {test_metrics}")
+    model_name(dataset)
     check_tracking(uri)
     ckpt = load_checkpoint(checkpoint)  # a clear error for a bad path, before anything is logged
     c = client(uri)
+    name = registered_name(c, dataset)
     try:
         experiment = c.get_run(run_id).info.experiment_id
     except MlflowException as e:
@@ -105,26 +156,157 @@ def log_and_register(
 
     version_tags = {
         **{f"test_{k}": str(v) for k, v in metrics.items()},
-        "dataset": dataset, "fingerprint": fingerprint, "search_run_id": run_id, **code_version(),
+        "dataset": name.removeprefix(PREFIX), "fingerprint": fingerprint, "search_run_id": run_id, **code_version(),
         **{k: str(v) for k, v in (tags or {}).items()},
     }
     model_id = _log_pyfunc(uri, ckpt, experiment, run_id, version_tags)
     c.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])  # the run's "Logged models" list shows it
 
     try:
-        c.create_registered_model(name, description=f"AnoDFDNet on {dataset}; aliases: champion, challenger")
+        c.create_registered_model(name, description=f"AnoDFDNet on {name.removeprefix(PREFIX)}; "
+                                                    "aliases: champion, challenger")
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    champion = _version_by_alias(c, name, CHAMPION)
-    take, reason = decide_champion(f1, fingerprint, champion)
     mv = c.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
                                 tags=version_tags)
-    c.set_model_version_tag(name, mv.version, "registration_decision", reason)
-    c.set_registered_model_alias(name, CHALLENGER, mv.version)
-    if take:
-        c.set_registered_model_alias(name, CHAMPION, mv.version)
-    return Registration(name, int(mv.version), take, reason)
+    return name, int(mv.version)
+
+
+def gate(uri: str, name: str, version: int, lease_ttl: float = LEASE_TTL_S, lease_wait: float = LEASE_WAIT_S,
+         ) -> Registration:
+    """The champion gate for ``version``: ``challenger`` goes to it, ``champion`` if `decide_champion` says so.
+
+    Runs under the registry's promotion lease, so two searches promoting at once cannot both read the old
+    champion and both write; after the aliases move it checks that the lease was still held and champion is
+    where it was put. Any MLflow error raises PromotionFailed, with champion left where it was.
+    """
+    c = client(uri)
+    try:
+        with promotion_lease(c, name, lease_ttl, lease_wait) as lease:
+            mv = c.get_model_version(name, str(version))
+            f1 = float(mv.tags["test_f1"])
+            champion = _version_by_alias(c, name, CHAMPION)
+            take, reason = decide_champion(f1, mv.tags.get("fingerprint", ""), champion)
+            c.set_model_version_tag(name, str(version), "registration_decision", reason)
+            _move_alias(c, name, CHALLENGER, version, "registered by a search")
+            if take:
+                _move_alias(c, name, CHAMPION, version, reason)
+            lease.check()  # still ours: nobody else can have moved an alias meanwhile
+            if take and int(c.get_registered_model(name).aliases.get(CHAMPION, -1)) != version:
+                raise PromotionFailed(f"{name}: champion is not v{version} right after the gate moved it there")
+    except _mlflow_errors() as e:
+        raise PromotionFailed(f"{name} v{version}: the champion gate failed at {uri} ({_one_line(e)}); nothing was "
+                              "promoted, and the version is registered: promote it again once MLflow answers "
+                              f"(anodfd models gate --dataset {name.removeprefix(PREFIX)} --version {version})"
+                              ) from None
+    return Registration(name, version, take, reason)
+
+
+def _one_line(e: BaseException) -> str:
+    text = getattr(e, "message", None) or str(e) or type(e).__name__
+    return text.strip().splitlines()[0][:300]
+
+
+class _Lease:
+    def __init__(self, c, lock: str, owner: str) -> None:
+        self.c, self.lock, self.owner = c, lock, owner
+
+    def check(self) -> None:
+        held = _lease_owner(self.c, self.lock)
+        if held != self.owner:
+            raise PromotionFailed(f"the promotion lease {self.lock} was lost to {held or 'nobody'}: its holder took "
+                                  "longer than the lease lasts; promote again")
+
+
+def _lease_owner(c, lock: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_registered_model(lock).tags.get("owner")
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+@contextmanager
+def promotion_lease(c, name: str, ttl: float = LEASE_TTL_S, wait: float = LEASE_WAIT_S) -> Iterator[_Lease]:
+    """Hold ``<name>.promotion-lease`` for the block: a registered model, which the registry lets exactly one
+    process create (the name is unique). It carries its owner and expiry; an expired one (its holder crashed)
+    is deleted by the next contender. Released on every exit path."""
+    from mlflow.exceptions import MlflowException
+
+    lock = name + LEASE_SUFFIX
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            c.create_registered_model(lock, tags={"owner": owner, "expires": f"{time.time() + ttl:.3f}"},
+                                      description=f"held while a promotion into {name} runs; deleted after it")
+            break
+        except MlflowException as e:
+            # DOES_NOT_EXIST: MLflow looked up the existing lease to word its error, and it was just released.
+            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                raise
+        try:
+            held = c.get_registered_model(lock)
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                continue  # released meanwhile: try again at once
+            raise
+        # A read that races a release can see the lease without its tags (MLflow reads them in a second query):
+        # that is a lease in flux, not an expired one.
+        expires = held.tags.get("expires")
+        if expires is not None and float(expires) < time.time() and _lease_owner(c, lock) == held.tags["owner"]:
+            try:
+                c.delete_registered_model(lock)  # its holder died: the lease has expired
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+            continue
+        if time.monotonic() > deadline:
+            raise PromotionFailed(f"another promotion into {name} holds {lock} ({held.tags.get('owner')}) "
+                                  f"after {wait:g} s; it expires at {held.tags.get('expires')}, or delete it")
+        time.sleep(random.uniform(0.05, 0.3))
+    try:
+        yield _Lease(c, lock, owner)
+    finally:
+        try:
+            if _lease_owner(c, lock) == owner:
+                c.delete_registered_model(lock)
+        except _mlflow_errors():
+            pass  # MLflow is away: the lease expires on its own
+
+
+def _move_alias(c, name: str, alias: str, version: int, reason: str) -> None:
+    """Point ``alias`` at ``version`` and record the move on that version: previous holder, reason, time, who."""
+    previous = c.get_registered_model(name).aliases.get(alias)
+    c.set_registered_model_alias(name, alias, str(version))
+    now = time.time_ns()
+    record = {"alias": alias, "previous": None if previous is None else int(previous), "reason": reason,
+              "time": datetime.fromtimestamp(now / 1e9).isoformat(timespec="seconds"),
+              "by": f"{os.environ.get('USER') or os.environ.get('USERNAME') or 'unknown'}@{socket.gethostname()}"}
+    c.set_model_version_tag(name, str(version), f"{AUDIT_PREFIX}{now}", json.dumps(record))
+
+
+def history(uri: str, dataset: str) -> list[dict]:
+    """Every recorded alias move of ``anodfdnet-<dataset>``, oldest first."""
+    name = _require_model(uri, model_name(dataset)).name
+    moves = []
+    for mv in client(uri).search_model_versions(f"name = '{name}'"):
+        for k, v in mv.tags.items():
+            if k.startswith(AUDIT_PREFIX):
+                moves.append({"ns": int(k[len(AUDIT_PREFIX):]), "version": int(mv.version), **json.loads(v)})
+    return sorted(moves, key=lambda m: m["ns"])
+
+
+def format_history(moves: list[dict]) -> str:
+    lines = [f"{'time':<19}  {'alias':<10} {'to':>3}  {'from':>4}  {'by':<20} reason"]
+    for m in moves:
+        prev = "-" if m["previous"] is None else f"v{m['previous']}"
+        lines.append(f"{m['time']:<19}  {m['alias']:<10} v{m['version']:<2}  {prev:>4}  {m['by']:<20} {m['reason']}")
+    return "\n".join(lines)
 
 
 def _log_pyfunc(uri: str, ckpt: dict, experiment: str, run_id: str, tags: dict[str, str]) -> str:
@@ -216,12 +398,12 @@ def code_version() -> dict[str, str]:
 
 
 def _version_by_alias(c, name: str, alias: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return c.get_model_version_by_alias(name, alias)
-    except MlflowException:
+    """The version ``alias`` points at, None if it points nowhere; any other failure is raised, never taken
+    for "no champion" (that would crown the next version unopposed)."""
+    model = c.get_registered_model(name)
+    if alias not in model.aliases:
         return None
+    return c.get_model_version(name, str(model.aliases[alias]))
 
 
 def _require_model(uri: str, name: str):
@@ -234,7 +416,7 @@ def _require_model(uri: str, name: str):
         raise RegistryError(f"no MLflow store at {uri}; pass --mlflow-uri or set MLFLOW_TRACKING_URI")
     c = client(uri)
     try:
-        return c.get_registered_model(name)
+        return c.get_registered_model(_canonical(c, name))
     except MlflowException:
         known = sorted(m.name for m in c.search_registered_models())
         raise RegistryError(
@@ -244,8 +426,8 @@ def _require_model(uri: str, name: str):
 
 def list_versions(uri: str, dataset: str) -> list[dict]:
     """Every version of ``anodfdnet-<dataset>``, oldest first: version, aliases, test metrics, fingerprint, ..."""
-    name = model_name(dataset)
-    model = _require_model(uri, name)
+    model = _require_model(uri, model_name(dataset))
+    name = model.name
     aliases: dict[str, list[str]] = {}
     for alias, version in model.aliases.items():
         aliases.setdefault(str(version), []).append(alias)
@@ -254,13 +436,21 @@ def list_versions(uri: str, dataset: str) -> list[dict]:
         rows.append({
             "version": int(mv.version),
             "aliases": sorted(aliases.get(str(mv.version), [])),
-            **{k: float(v) for k, v in mv.tags.items() if k.startswith("test_")},
+            **{k: float(v) for k, v in mv.tags.items() if k.startswith("test_") and _is_number(v)},
             "fingerprint": mv.tags.get("fingerprint"),
             "created": datetime.fromtimestamp(mv.creation_timestamp / 1000).strftime("%Y-%m-%d %H:%M:%S"),
             "run_id": mv.run_id,
             "tags": dict(mv.tags),
         })
     return sorted(rows, key=lambda r: r["version"])
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
 
 
 def format_versions(rows: list[dict]) -> str:
@@ -277,12 +467,11 @@ def format_versions(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def promote(uri: str, dataset: str, version: int, alias: str = CHAMPION) -> None:
-    """Point ``alias`` at ``version`` explicitly (no F1 gate: a person decided)."""
+def promote(uri: str, dataset: str, version: int, alias: str = CHAMPION, reason: str | None = None) -> None:
+    """Point ``alias`` at ``version`` explicitly (no F1 gate: a person decided), under the promotion lease."""
     from mlflow.exceptions import MlflowException
 
-    name = model_name(dataset)
-    _require_model(uri, name)
+    name = _require_model(uri, model_name(dataset)).name
     c = client(uri)
     try:
         c.get_model_version(name, str(version))
@@ -290,7 +479,8 @@ def promote(uri: str, dataset: str, version: int, alias: str = CHAMPION) -> None
         versions = sorted(int(mv.version) for mv in c.search_model_versions(f"name = '{name}'"))
         raise RegistryError(f"{name} has no version {version}; versions: {versions or 'none'}") from None
     try:
-        c.set_registered_model_alias(name, alias, str(version))
+        with promotion_lease(c, name):
+            _move_alias(c, name, alias, version, reason or "promoted by hand (anodfd models promote)")
     except MlflowException as e:
         raise RegistryError(f"cannot set alias {alias!r} on {name} v{version}: {e.message}") from None
 
@@ -303,8 +493,8 @@ def resolve_version(uri: str, model_uri: str) -> tuple[str, int]:
     if not m:
         raise RegistryError(f"{model_uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION, "
                             "e.g. models:/anodfdnet-OL@champion")
-    name = m["name"]
-    model = _require_model(uri, name)
+    model = _require_model(uri, m["name"])
+    name = model.name
     if m["alias"]:
         if m["alias"] not in model.aliases:
             raise RegistryError(f"{name} has no alias {m['alias']!r}; aliases: "

@@ -40,26 +40,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 (free port, SQLite, temp dirs), stopped by PID at the end."""
-    import signal
+def start_mlflow_server(root, port: int | None = None):
+    """A real `mlflow server` on 127.0.0.1 (SQLite and artifacts under ``root``): (process, uri). Stop it with
+    `stop_mlflow_server`; starting again with the same root and port brings the same registry back."""
     import subprocess
     import sys
     import time
     import urllib.request
 
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = open(root / "server.log", "w")  # noqa: SIM115 - open for the server's whole life
+    port = port or free_port()
+    log = open(root / "server.log", "a")  # noqa: SIM115 - open for the server's whole life
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
          "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
+    log.close()
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # minutes on a busy 2-core machine
     while True:
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=2):
@@ -69,25 +68,27 @@ def mlflow_server(tmp_path_factory):
                 proc.kill()
                 raise RuntimeError(f"mlflow server did not start; see {root / 'server.log'}") from None
             time.sleep(0.5)
-    yield uri
-    os.killpg(proc.pid, signal.SIGTERM)  # the server and its gunicorn/uvicorn workers
+    return proc, uri
+
+
+def stop_mlflow_server(proc) -> None:
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its gunicorn/uvicorn workers
+    except ProcessLookupError:
+        return  # stopped already
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+        proc.wait()
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A real local Ray instance (2 CPUs) for one test module, shut down after it.
-
-    Per module, not per session: `tune/search.py` tests run drivers that start their own local Ray, and two
-    Ray instances on one host confuse Ray's cleanup of finished trials.
-    """
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
-    yield ray
-    ray.shutdown()
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (free port, SQLite, temp dirs), stopped by PID at the end."""
+    proc, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    yield uri
+    stop_mlflow_server(proc)

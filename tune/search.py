@@ -28,6 +28,7 @@ from anodfd import tracking
 from anodfd.config import MODEL_NAMES, PRESETS, Config, ConfigError
 from anodfd.data.layouts import DatasetError, load_split, resolve_data_dir
 from anodfd.preflight import check_cluster
+from anodfd.registry import RegistryError
 from anodfd.train.launch import (
     RayOptions,
     best_checkpoint_file,
@@ -133,7 +134,7 @@ def search(args: argparse.Namespace) -> int:
     num_samples = args.num_samples or preset["num_samples"]
     max_epochs = args.max_epochs or preset["max_epochs"]
     data_dir = resolve_data_dir(dataset=args.dataset, data=args.data, data_root=args.data_root)
-    dataset = args.dataset or data_dir.name
+    dataset = data_dir.name  # the folder's name: `--dataset ol` registers into anodfdnet-OL
     base = Config().with_flat({**preset["config"], "data.data": str(data_dir), "train.epochs": max_epochs,
                                "train.seed": args.seed, **({"model.name": args.model} if args.model else {})})
 
@@ -214,7 +215,12 @@ def search(args: argparse.Namespace) -> int:
     print(f"\nbest trial {best.trial_id}: {metric} {best.value:.4f} with "
           + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()))
 
-    promote(uri, parent_run_id, dataset, data_dir, f"{search_dir}/train_runs/{best.trial_id}", best)
+    try:
+        promote(uri, parent_run_id, dataset, data_dir, f"{search_dir}/train_runs/{best.trial_id}", best)
+    except RegistryError as e:
+        tracking.end_run(uri, parent_run_id, "FAILED")
+        raise RegistryError(f"{e}\nthe search's trials and checkpoints stay in {search_dir}; register its best "
+                            f"trial again with: python tune/search.py --data {data_dir} --name {name} --resume") from None
     print(f"\nsearch folder: {search_dir}\nMLflow: {tracking.ui_command(uri)}")
     tracking.end_run(uri, parent_run_id)
     return 0
