@@ -92,3 +92,18 @@ def mlflow_server(tmp_path_factory):
     proc, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
     yield uri
     stop_mlflow_server(proc)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray instance (2 CPUs) for one test module, shut down after it.
+
+    Per module, not per session: `tune/search.py` tests run drivers that start their own local Ray, and two
+    Ray instances on one host confuse Ray's cleanup of finished trials.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    yield ray
+    ray.shutdown()
