@@ -185,16 +185,37 @@ def _models_promote(args: argparse.Namespace) -> int:
 
 
 def _models_gate(args: argparse.Namespace) -> int:
+    from anodfd.data.layouts import fingerprint, resolve_data_dir
     from anodfd.registry import gate, list_versions
+    from anodfd.scoring import Protocol, score_checkpoint
     from anodfd.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.mlflow_uri)
     (row,) = [r for r in list_versions(uri, args.dataset) if r["version"] == args.version] or [None]
     if row is None:
         raise ConfigError(f"--version {args.version}: no such version of {args.dataset}; see anodfd models list")
-    reg = gate(uri, f"anodfdnet-{row['tags']['dataset']}", args.version)
+    rescore = None
+    if args.data:
+        data_dir = resolve_data_dir(data=args.data)
+        protocol = Protocol.from_json(row["tags"]["protocol"]) if "protocol" in row["tags"] else None
+        if protocol is None or fingerprint(data_dir) != protocol.fingerprint:
+            raise ConfigError(f"--data {data_dir} is not the data version {args.version} was scored on "
+                              f"(fingerprint {row['fingerprint']}); pass that dataset's folder")
+
+        def rescore(ckpt: dict):
+            return score_checkpoint(ckpt, data_dir, protocol.split)
+
+    reg = gate(uri, f"anodfdnet-{row['tags']['dataset']}", args.version, rescore=rescore)
     print(f"{reg.name} v{reg.version}: challenger; champion {'moved to it' if reg.champion else 'unchanged'}: "
           f"{reg.reason}")
+    return 0
+
+
+def _models_show(args: argparse.Namespace) -> int:
+    from anodfd.registry import show
+    from anodfd.tracking import resolve_tracking_uri
+
+    print(show(resolve_tracking_uri(args.mlflow_uri), args.dataset, args.version))
     return 0
 
 
@@ -301,8 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = models.add_parser("gate", help="run the champion gate for a registered version again (after a failed one)")
     p.add_argument("--dataset", required=True, help="dataset name, e.g. OL (registered model anodfdnet-OL)")
     p.add_argument("--version", type=int, required=True)
+    p.add_argument("--data", default=None, help="the dataset folder the version was scored on: lets the gate "
+                                                "re-score a champion scored under another protocol")
     p.add_argument("--mlflow-uri", default=None, help="registry (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.set_defaults(func=_models_gate)
+    p = models.add_parser("show", help="a version's model card: scores, protocol, floor, config, links, moves")
+    p.add_argument("--dataset", required=True, help="dataset name, e.g. OL (registered model anodfdnet-OL)")
+    p.add_argument("--version", type=int, required=True)
+    p.add_argument("--mlflow-uri", default=None, help="registry (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.set_defaults(func=_models_show)
     p = models.add_parser("history", help="every alias move: when, which version, from which, by whom and why")
     p.add_argument("--dataset", required=True, help="dataset name, e.g. OL (registered model anodfdnet-OL)")
     p.add_argument("--mlflow-uri", default=None, help="registry (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")

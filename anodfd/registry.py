@@ -1,10 +1,13 @@
 """The MLflow Model Registry: one registered model per dataset (``anodfdnet-<dataset>``), with a champion gate.
 
 Each registration logs a checkpoint as an MLflow pyfunc model ("models from code": `anodfd/serving.py`, with the
-checkpoint as its only artifact, so nothing is pickled), makes it a new version, then runs the champion gate: it
-points the ``challenger`` alias at it and moves ``champion`` only when its test F1 beats the champion's on the
-same data (the same fingerprint of the split lists and files). F1 measured on different data is not comparable,
-so that case never moves champion on its own; `promote` moves an alias explicitly.
+checkpoint as its only artifact, so nothing is pickled), makes it a new version carrying its model card (test
+scores under an evaluation protocol, the template-differencing floor, config, links), then runs the champion
+gate. ``challenger`` always moves to the new version; ``champion`` moves only when the new version
+- clears the floor: test F1 above template differencing's on the same split, pixel AUC clearly above chance;
+- and beats the champion's test F1 under the same `anodfd.scoring.Protocol` (data by content, split, native
+  resolution, thresholds). A champion scored under another protocol is re-scored first, when the gate has the
+  data to do it; otherwise champion stays. `promote` moves an alias explicitly.
 
 Several searches may promote into one registry at once. The gate runs under a lease held in the registry itself
 (a registered model ``<name>.promotion-lease`` that only one process can create), re-checks after moving the
@@ -23,18 +26,20 @@ import math
 import os
 import random
 import re
+import shutil
 import socket
 import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from anodfd.config import ConfigError
+from anodfd.scoring import MIN_AUC, Scorecard, shortfall
 from anodfd.tracking import check_tracking, client
 
 PREFIX = "anodfdnet-"
@@ -49,6 +54,8 @@ LEASE_SUFFIX = ".promotion-lease"
 LEASE_TTL_S = 120.0  # a gate takes seconds; a holder that crashed loses its lease after this
 LEASE_WAIT_S = 600.0  # how long a promotion waits for another one to finish
 AUDIT_PREFIX = "audit."  # version tags audit.<time_ns> = {"alias", "previous", "reason", "time", "by"}
+RESCORED_PREFIX = "rescored."  # version tags rescored.<time_ns> = the scores it had under its earlier protocol
+CARD_DIR = "card"  # the model's pictures (roc.png, overlays.jpg) sit here among its artifacts
 MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))")
 
 
@@ -98,52 +105,66 @@ def _mlflow_errors() -> tuple[type[BaseException], ...]:
 # --- registering -----------------------------------------------------------------------------------------
 
 
-def decide_champion(f1: float, fingerprint: str, champion) -> tuple[bool, str]:
-    """Whether a new version with test ``f1`` on data ``fingerprint`` takes over from ``champion`` (a ModelVersion
-    or None), and why. Strictly better on the same data only: a tie keeps the incumbent."""
+def decide_champion(tags: dict[str, str], champion) -> tuple[bool, str]:
+    """Whether a version with these tags takes over from ``champion`` (a ModelVersion or None), and why.
+
+    It must clear the floor (`anodfd.scoring.shortfall`) and, when there is a champion, beat its test F1 under the
+    same protocol; a tie keeps the incumbent.
+    """
+    f1, auc = float(tags["test_f1"]), float(tags.get("test_auc", "nan"))
+    if "floor_f1" not in tags:
+        return False, "stays challenger: no template-differencing floor was recorded for it"
+    floor = float(tags["floor_f1"])
+    if short := shortfall(f1, auc, floor):
+        return False, f"stays challenger: {short}"
+    cleared = f"test F1 {f1:.4f} clears the floor {floor:.4f} (AUC {auc:.4f})"
     if champion is None:
-        return True, f"no champion yet, so this version (test F1 {f1:.6g}) becomes champion"
-    v, old_fp, old_f1 = champion.version, champion.tags.get("fingerprint"), champion.tags.get("test_f1")
-    if old_fp != fingerprint:
+        return True, f"no champion yet; {cleared}"
+    v, ctags = champion.version, champion.tags
+    if ctags.get("protocol_id") != tags.get("protocol_id"):
         return False, (
-            f"champion v{v} was scored on data {old_fp}, this version on {fingerprint}: their test F1 are not "
-            "comparable, so champion stays; `anodfd models promote` moves it explicitly"
+            f"champion v{v} was scored under protocol {ctags.get('protocol_id', '(none)')}, this version under "
+            f"{tags.get('protocol_id')}: not comparable; re-score it with the data "
+            f"(anodfd models gate --data DIR), or move champion by hand (anodfd models promote)"
         )
-    if old_f1 is None:
+    if "test_f1" not in ctags:
         return False, f"champion v{v} has no test_f1 tag to compare with, so champion stays"
-    if f1 > float(old_f1):
-        return True, f"test F1 {f1:.6g} beats champion v{v}'s {float(old_f1):.6g} on data {fingerprint}"
-    return False, f"test F1 {f1:.6g} does not beat champion v{v}'s {float(old_f1):.6g} on data {fingerprint}"
+    old = float(ctags["test_f1"])
+    if f1 > old:
+        return True, f"{cleared} and beats champion v{v}'s {old:.4f} under protocol {tags['protocol_id']}"
+    return False, f"test F1 {f1:.4f} does not beat champion v{v}'s {old:.4f} under protocol {tags['protocol_id']}"
+
+
+Rescore = Callable[[dict], Scorecard]  # a checkpoint dict -> its scores under the gate's protocol
 
 
 def log_and_register(
-    uri: str, checkpoint: str | Path, dataset: str, test_metrics: dict[str, float], fingerprint: str,
-    run_id: str, tags: dict[str, str] | None = None,
+    uri: str, checkpoint: str | Path, dataset: str, card: Scorecard, run_id: str,
+    tags: dict[str, str] | None = None, rescore: Rescore | None = None,
 ) -> Registration:
     """Log ``checkpoint`` as a pyfunc model in run ``run_id``, register it as a new version of
-    ``anodfdnet-<dataset>``, then run the champion gate (`gate`) on it.
-
-    ``test_metrics`` are the test split's metrics (keys ``f1``, ``iou``, ... or ``test_f1``, ...); each becomes
-    a ``test_<key>`` version tag, as do ``dataset``, ``fingerprint``, ``search_run_id``, the code version and ``tags``.
-    """
-    name, version = register_version(uri, checkpoint, dataset, test_metrics, fingerprint, run_id, tags)
-    return gate(uri, name, version)
+    ``anodfdnet-<dataset>`` with its model card, then run the champion gate (`gate`) on it."""
+    name, version = register_version(uri, checkpoint, dataset, card, run_id, tags)
+    return gate(uri, name, version, rescore=rescore)
 
 
 def register_version(
-    uri: str, checkpoint: str | Path, dataset: str, test_metrics: dict[str, float], fingerprint: str,
-    run_id: str, tags: dict[str, str] | None = None,
+    uri: str, checkpoint: str | Path, dataset: str, card: Scorecard, run_id: str,
+    tags: dict[str, str] | None = None,
 ) -> tuple[str, int]:
-    """The first half of `log_and_register`: the logged model and its new version, no alias yet."""
+    """The first half of `log_and_register`: the logged model and its new version with its card, no alias yet.
+
+    Version tags: the card's (`Scorecard.tags`: test metrics at 0.5 and calibrated, served threshold, protocol,
+    floor, split sizes), ``dataset``, ``search_run_id``, ``config``, the code version, and ``tags``.
+    """
     from mlflow.entities import LoggedModelOutput
     from mlflow.exceptions import MlflowException
 
     from anodfd.train.loop import load_checkpoint
 
-    metrics = {k.removeprefix("test_"): float(v) for k, v in test_metrics.items()}
-    f1 = metrics.get("f1", math.nan)
+    f1 = card.metrics.get("f1", math.nan)
     if not 0.0 <= f1 <= 1.0:  # also catches NaN and a missing F1
-        raise RegistryError(f"test_metrics needs an F1 in [0, 1] to register a model; got {test_metrics}")
+        raise RegistryError(f"a scorecard needs a test F1 in [0, 1] to register a model; got {card.metrics}")
     model_name(dataset)
     check_tracking(uri)
     ckpt = load_checkpoint(checkpoint)  # a clear error for a bad path, before anything is logged
@@ -155,11 +176,11 @@ def register_version(
         raise RegistryError(f"MLflow run {run_id} not found at {uri} ({e.message})") from None
 
     version_tags = {
-        **{f"test_{k}": str(v) for k, v in metrics.items()},
-        "dataset": name.removeprefix(PREFIX), "fingerprint": fingerprint, "search_run_id": run_id, **code_version(),
-        **{k: str(v) for k, v in (tags or {}).items()},
+        **card.tags(), "dataset": name.removeprefix(PREFIX), "search_run_id": run_id,
+        "config": json.dumps(ckpt["config"], separators=(",", ":")), "epoch": str(ckpt.get("epoch", "")),
+        **code_version(), **{k: str(v) for k, v in (tags or {}).items()},
     }
-    model_id = _log_pyfunc(uri, ckpt, experiment, run_id, version_tags)
+    model_id = _log_pyfunc(uri, ckpt, experiment, run_id, version_tags, card.files)
     c.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])  # the run's "Logged models" list shows it
 
     try:
@@ -170,37 +191,120 @@ def register_version(
             raise
     mv = c.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
                                 tags=version_tags)
+    c.update_model_version(name, mv.version, description=model_card(uri, name, int(mv.version), version_tags,
+                                                                    experiment))
     return name, int(mv.version)
 
 
-def gate(uri: str, name: str, version: int, lease_ttl: float = LEASE_TTL_S, lease_wait: float = LEASE_WAIT_S,
-         ) -> Registration:
+def model_card(uri: str, name: str, version: int, tags: dict[str, str], experiment: str | None = None) -> str:
+    """The version's description: what it scored, under which rules, against which floor, from which run."""
+    def num(key: str) -> str:
+        return f"{float(tags[key]):.4f}" if _is_number(tags.get(key, "")) else "-"
+
+    def link(run_id: str | None) -> str:
+        if not run_id:
+            return "-"
+        if uri.startswith("http") and experiment:
+            return f"[{run_id}]({uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id})"
+        return f"{run_id} (`mlflow ui --backend-store-uri {uri}`)"
+
+    protocol = json.loads(tags.get("protocol", "{}"))
+    config = json.loads(tags.get("config", "{}"))
+    model, train, data = config.get("model", {}), config.get("train", {}), config.get("data", {})
+    cols = ("f1", "iou", "precision", "recall", "auc")
+    rows = [f"| 0.5 (paper) | {' | '.join(num(f'test_{k}') for k in cols)} |",
+            (f"| {num('served_threshold')} (calibrated, served) | "
+            f"{' | '.join(num(f'test_{k}_calibrated') for k in cols)} |")]
+    return "\n".join([
+        f"## {name} v{version}",
+        "",
+        (f"Test split ({tags.get('test_pairs', '?')} pairs), scored at the masks' native resolution under protocol "
+        f"`{tags.get('protocol_id', '-')}`."),
+        "",
+        "| threshold | F1 | IoU | precision | recall | AUC |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"- **Serves with threshold** {num('served_threshold')} (calibrated on validation).",
+        (f"- **Floor**: template differencing test F1 {num('floor_f1')} (threshold {num('floor_threshold')} fitted "
+        f"on train); pixel AUC must reach {MIN_AUC:g}."),
+        (f"- **Protocol** `{tags.get('protocol_id', '-')}`: data fingerprint {protocol.get('fingerprint', '-')}, "
+        f"split {protocol.get('split', '-')}; {protocol.get('resolution', '-')}; {protocol.get('thresholds', '-')}."),
+        (f"- **Splits**: train {tags.get('split_train', '?')}, val {tags.get('split_val', '?')}, "
+        f"test {tags.get('split_test', tags.get('test_pairs', '?'))} pairs."),
+        (f"- **Training**: {model.get('name', '?')} depth {model.get('depth', '?')}, {data.get('image_size', '?')} px, "
+        f"lr {train.get('lr', '?')}, batch {train.get('batch_size', '?')}, loss bce {train.get('bce_weight', '?')} / "
+        f"dice {train.get('dice_weight', '?')} / focal {train.get('focal_weight', '?')}; epoch "
+        f"{tags.get('epoch', '?')} of {train.get('epochs', '?')}, seed {train.get('seed', '?')} "
+        "(whole config: tag `config`)."),
+        f"- **Search run**: {link(tags.get('search_run_id'))}; **trial run**: {link(tags.get('trial_run_id'))}.",
+        f"- **Code**: anodfd {tags.get('code_version', '?')}"
+        + (f", commit {tags['git_commit']}" if "git_commit" in tags else "") + ".",
+        (f"- **Pictures**: `{CARD_DIR}/roc.png` (model against template differencing) and `{CARD_DIR}/overlays.jpg` "
+        "among the model's artifacts."),
+    ])
+
+
+def gate(uri: str, name: str, version: int, rescore: Rescore | None = None, lease_ttl: float = LEASE_TTL_S,
+         lease_wait: float = LEASE_WAIT_S) -> Registration:
     """The champion gate for ``version``: ``challenger`` goes to it, ``champion`` if `decide_champion` says so.
 
-    Runs under the registry's promotion lease, so two searches promoting at once cannot both read the old
-    champion and both write; after the aliases move it checks that the lease was still held and champion is
-    where it was put. Any MLflow error raises PromotionFailed, with champion left where it was.
+    A champion scored under another protocol is re-scored first with ``rescore`` (outside the lease: it can take
+    minutes). The decision runs under the registry's promotion lease, so two searches promoting at once cannot
+    both read the old champion and both write; after the aliases move it checks that the lease was still held
+    and champion is where it was put. Any MLflow error raises PromotionFailed, with champion left where it was.
     """
     c = client(uri)
     try:
-        with promotion_lease(c, name, lease_ttl, lease_wait) as lease:
-            mv = c.get_model_version(name, str(version))
-            f1 = float(mv.tags["test_f1"])
+        tags = c.get_model_version(name, str(version)).tags
+        for _ in range(5):
             champion = _version_by_alias(c, name, CHAMPION)
-            take, reason = decide_champion(f1, mv.tags.get("fingerprint", ""), champion)
-            c.set_model_version_tag(name, str(version), "registration_decision", reason)
-            _move_alias(c, name, CHALLENGER, version, "registered by a search")
-            if take:
-                _move_alias(c, name, CHAMPION, version, reason)
-            lease.check()  # still ours: nobody else can have moved an alias meanwhile
-            if take and int(c.get_registered_model(name).aliases.get(CHAMPION, -1)) != version:
-                raise PromotionFailed(f"{name}: champion is not v{version} right after the gate moved it there")
+            if _needs_rescore(champion, tags, version) and rescore is not None:
+                _rescore(uri, name, champion, rescore)
+            with promotion_lease(c, name, lease_ttl, lease_wait) as lease:
+                champion = _version_by_alias(c, name, CHAMPION)
+                if _needs_rescore(champion, tags, version) and rescore is not None:
+                    continue  # champion moved while we re-scored the one before: re-score the new one
+                if champion is not None and int(champion.version) == version:
+                    take, reason = True, "already champion"
+                else:
+                    take, reason = decide_champion(tags, champion)
+                c.set_model_version_tag(name, str(version), "registration_decision", reason)
+                _move_alias(c, name, CHALLENGER, version, "registered by a search")
+                if take and reason != "already champion":
+                    _move_alias(c, name, CHAMPION, version, reason)
+                lease.check()  # still ours: nobody else can have moved an alias meanwhile
+                if take and int(c.get_registered_model(name).aliases.get(CHAMPION, -1)) != version:
+                    raise PromotionFailed(f"{name}: champion is not v{version} right after the gate moved it there")
+                return Registration(name, version, take, reason)
+        raise PromotionFailed(f"{name}: champion kept moving while v{version} waited to be compared with it")
     except _mlflow_errors() as e:
         raise PromotionFailed(f"{name} v{version}: the champion gate failed at {uri} ({_one_line(e)}); nothing was "
                               "promoted, and the version is registered: promote it again once MLflow answers "
                               f"(anodfd models gate --dataset {name.removeprefix(PREFIX)} --version {version})"
                               ) from None
-    return Registration(name, version, take, reason)
+
+
+def _needs_rescore(champion, tags: dict[str, str], version: int) -> bool:
+    return (champion is not None and int(champion.version) != version
+            and champion.tags.get("protocol_id") != tags.get("protocol_id"))
+
+
+def _rescore(uri: str, name: str, champion, rescore: Rescore) -> None:
+    """Score ``champion`` under the gate's protocol and store that on it; its earlier scores are kept in a
+    ``rescored.<time>`` tag, so nothing it was registered with is lost."""
+    v = str(champion.version)
+    print(f"registry: champion v{v} was scored under protocol {champion.tags.get('protocol_id', '(none)')}; "
+          "re-scoring it under this one before comparing", flush=True)
+    card = rescore(load_checkpoint_from_registry(uri, f"models:/{name}/{v}"))
+    c = client(uri)
+    before = {k: val for k, val in champion.tags.items()
+              if k.startswith("test_") or k in ("protocol_id", "floor_f1", "fingerprint")}
+    c.set_model_version_tag(name, v, f"{RESCORED_PREFIX}{time.time_ns()}", json.dumps(before))
+    for k, val in card.tags().items():
+        c.set_model_version_tag(name, v, k, val)
+    mv = c.get_model_version(name, v)
+    c.update_model_version(name, v, description=model_card(uri, name, int(v), mv.tags))
 
 
 def _one_line(e: BaseException) -> str:
@@ -301,6 +405,26 @@ def history(uri: str, dataset: str) -> list[dict]:
     return sorted(moves, key=lambda m: m["ns"])
 
 
+def show(uri: str, dataset: str, version: int) -> str:
+    """`anodfd models show`: a version's model card, its aliases and its alias moves, as text."""
+    from mlflow.exceptions import MlflowException
+
+    model = _require_model(uri, model_name(dataset))
+    try:
+        mv = client(uri).get_model_version(model.name, str(version))
+    except MlflowException:
+        raise RegistryError(f"{model.name} has no version {version}") from None
+    aliases = sorted(a for a, v in model.aliases.items() if int(v) == version)
+    moves = [m for m in history(uri, dataset) if m["version"] == version]
+    decision = mv.tags.get("registration_decision", "-")
+    return "\n".join([
+        mv.description or f"## {model.name} v{version}\n(no model card: registered by an older anodfd)",
+        "", f"aliases: {', '.join(aliases) or 'none'}", f"gate decision: {decision}",
+        f"load: mlflow.pyfunc.load_model('models:/{model.name}/{version}')", "", "alias moves onto this version:",
+        format_history(moves) if moves else "  none",
+    ])
+
+
 def format_history(moves: list[dict]) -> str:
     lines = [f"{'time':<19}  {'alias':<10} {'to':>3}  {'from':>4}  {'by':<20} reason"]
     for m in moves:
@@ -309,7 +433,8 @@ def format_history(moves: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _log_pyfunc(uri: str, ckpt: dict, experiment: str, run_id: str, tags: dict[str, str]) -> str:
+def _log_pyfunc(uri: str, ckpt: dict, experiment: str, run_id: str, tags: dict[str, str],
+                files: dict[str, Path] | None = None) -> str:
     """Save the pyfunc model locally, upload it as a LoggedModel of ``run_id``; returns the model id.
 
     This is what ``mlflow.pyfunc.log_model`` does, but through the explicit client: the fluent call would need
@@ -338,6 +463,9 @@ def _log_pyfunc(uri: str, ckpt: dict, experiment: str, run_id: str, tags: dict[s
                 mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id, model_id=logged.model_id,
                                    model_uuid=logged.model_id),
             )
+            for fname, path in (files or {}).items():  # the model card's pictures travel with the model
+                (Path(tmp) / "model" / CARD_DIR).mkdir(exist_ok=True)
+                shutil.copyfile(path, Path(tmp) / "model" / CARD_DIR / fname)
             c.log_model_artifacts(logged.model_id, str(Path(tmp) / "model"))
     except BaseException:
         c.finalize_logged_model(logged.model_id, "FAILED")

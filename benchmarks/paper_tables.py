@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import torch
 
 from anodfd import tracking
@@ -35,6 +34,7 @@ from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import DatasetError, available_splits, resolve_data_dir
 from anodfd.metrics import PixelHistogram, plot_roc
 from anodfd.model import count_parameters
+from anodfd.scoring import template_difference
 from anodfd.train.launch import RayOptions, train_on_ray
 from anodfd.train.loop import evaluate_split, load_checkpoint, model_from_checkpoint
 
@@ -117,24 +117,6 @@ def train_cell(config: Config, args: argparse.Namespace, out: Path, uri: str, pa
     return result
 
 
-def template_difference(config: Config, split: str) -> tuple[PixelHistogram, float]:
-    """Classical differencing: the threshold is fitted on the train split, then applied to ``split``."""
-    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (3, 3))
-
-    def histogram(name: str) -> PixelHistogram:
-        dataset, hist = make_dataset(config.data, name), PixelHistogram()
-        for i in range(len(dataset)):
-            history, current, mask = dataset.arrays(i)
-            diff = cv2.absdiff(cv2.cvtColor(current, cv2.COLOR_RGB2GRAY), cv2.cvtColor(history, cv2.COLOR_RGB2GRAY))
-            # Grey-level opening then a threshold = a threshold then a binary opening (flat structuring element).
-            score = cv2.morphologyEx(diff, cv2.MORPH_OPEN, kernel)
-            hist.update(torch.from_numpy(score).float() / 255.0, torch.from_numpy(mask > 0))
-        return hist
-
-    threshold, _ = histogram("train").best_f1_threshold()
-    return histogram(split), threshold
-
-
 def markdown(rows: list[dict], first: str) -> str:
     head = [first, *[HEADERS[c] for c in COLUMNS], "params", "train min"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -186,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     table1 = [{**anodfd, "label": f"AnoDFDNet ({args.anodfd_model}, depth 2)"}]
     for m in args.methods:
         if m == TEMPLATE_DIFF:
-            hist, threshold = template_difference(config, split)
+            hist, threshold = template_difference(config.data, split, native=False)
             metrics = hist.compute(threshold)
             r = {"label": f"template differencing (threshold {threshold:.3f})", "params": 0, "minutes": 0,
                  "split": split, **{k: metrics[k] for k in COLUMNS}}

@@ -32,6 +32,14 @@ def synth_ol(tmp_path_factory):
                       workers=2, progress=False)
 
 
+def card(f1: float, fingerprint: str = "data", floor: float = 0.1, **metrics: float):
+    """A hand-made `Scorecard` (pixel AUC 0.9 unless given): registry tests choose a version's scores."""
+    from anodfd.scoring import Protocol, Scorecard
+
+    scores = {"f1": f1, "auc": 0.9, **metrics}
+    return Scorecard(Protocol(fingerprint), scores, dict(scores), 0.5, floor, 0.2, 6, {"train": 30, "val": 12, "test": 6})
+
+
 def free_port() -> int:
     import socket
 

@@ -317,3 +317,16 @@ def test_copied_dataset_gets_fresh_cache_entries(tmp_path):
     shutil.copytree(root, copy)
     cache = PairCache(tmp_path / "cache")
     assert cache.key(load_split(root, "train")[0], 32) != cache.key(load_split(copy, "train")[0], 32)
+
+
+def test_fingerprint_follows_content_not_sizes(tmp_path):
+    """A relabelled mask of the same byte size is other data; a copy of the folder elsewhere is the same data."""
+    root = make_paper(tmp_path / "d")
+    before = fingerprint(root)
+    mask = read_split(root, "test")[0].mask
+    data = bytearray(mask.read_bytes())
+    data[-1] ^= 0xFF
+    copy = shutil.copytree(root, tmp_path / "copy")
+    mask.write_bytes(bytes(data))
+    assert fingerprint(root) != before
+    assert fingerprint(copy) == before

@@ -15,7 +15,7 @@ import time
 import uuid
 
 import pytest
-from conftest import start_mlflow_server, stop_mlflow_server
+from conftest import card, start_mlflow_server, stop_mlflow_server
 
 from anodfd import registry, tracking
 from anodfd.config import PRESETS, Config
@@ -30,8 +30,11 @@ CONTENDER = """
 import json, sys, time
 from pathlib import Path
 from anodfd import registry
+from anodfd.scoring import Protocol, Scorecard
 uri, checkpoint, run_id, barrier, processes, index, f1, *datasets = sys.argv[1:]
-versions = [registry.register_version(uri, checkpoint, d, {"f1": float(f1)}, "same-data", run_id) for d in datasets]
+scores = {"f1": float(f1), "auc": 0.9}
+card = Scorecard(Protocol("same-data"), scores, scores, 0.5, 0.1, 0.2, 6)
+versions = [registry.register_version(uri, checkpoint, d, card, run_id) for d in datasets]
 for r, (name, version) in enumerate(versions):
     (Path(barrier) / f"{r}-{index}").touch()
     while len(list(Path(barrier).glob(f"{r}-*"))) < int(processes):
@@ -115,9 +118,9 @@ def test_a_fault_in_the_gate_promotes_nothing_and_a_retry_succeeds(checkpoint, t
     port = int(uri.rsplit(":", 1)[1])
     try:
         run_id, _ = tracking.start_run(uri, Config(), str(tmp_path / "runs"), "fault")
-        first = registry.log_and_register(uri, checkpoint, "FAULT", {"f1": 0.5}, "data", run_id)
+        first = registry.log_and_register(uri, checkpoint, "FAULT", card(0.5), run_id)
         assert first.champion
-        name, version = registry.register_version(uri, checkpoint, "FAULT", {"f1": 0.8}, "data", run_id)
+        name, version = registry.register_version(uri, checkpoint, "FAULT", card(0.8), run_id)
         # A promotion that crashed while holding the lease: it never releases it; it expires in 45 s.
         tracking.client(uri).create_registered_model(name + registry.LEASE_SUFFIX, tags={
             "owner": "crashed-host:1:dead", "expires": f"{time.time() + 45:.3f}"})
@@ -159,8 +162,8 @@ def test_a_fault_in_the_gate_promotes_nothing_and_a_retry_succeeds(checkpoint, t
 
 def test_dataset_names_are_case_insensitive(mlflow_server, checkpoint, search_run, capsys):
     tag = uuid.uuid4().hex[:6]
-    first = registry.log_and_register(mlflow_server, checkpoint, f"Case{tag}", {"f1": 0.5}, "d", search_run)
-    second = registry.log_and_register(mlflow_server, checkpoint, f"case{tag.upper()}", {"f1": 0.6}, "d", search_run)
+    first = registry.log_and_register(mlflow_server, checkpoint, f"Case{tag}", card(0.5), search_run)
+    second = registry.log_and_register(mlflow_server, checkpoint, f"case{tag.upper()}", card(0.6), search_run)
     assert first.name == second.name == f"anodfdnet-Case{tag}" and second.version == 2 and second.champion
     from anodfd.cli import main
 

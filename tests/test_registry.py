@@ -3,16 +3,18 @@ pyfunc model, and the CLI's `models list/promote`, `predict --model` and `eval -
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import re
 import uuid
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import free_port
+from conftest import card, free_port
 
 from anodfd import registry, tracking
 from anodfd.cli import main
@@ -20,6 +22,7 @@ from anodfd.config import PRESETS, Config
 from anodfd.data.cache import decode_image
 from anodfd.data.dataset import to_chw
 from anodfd.data.layouts import fingerprint, read_split
+from anodfd.scoring import Protocol, score_checkpoint
 from anodfd.train.loop import fit, load_checkpoint, model_from_checkpoint, predict_probs, resize_probs
 
 # The session's server is shared with other test files, which may register models too: use our own dataset name.
@@ -47,21 +50,22 @@ def aliases(uri: str) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def history(mlflow_server, checkpoint, search_run, synth_ol):
-    """Five registrations of the same checkpoint with different test F1 / data: (Registration, aliases after)."""
+    """Six registrations of the same checkpoint with chosen scores: (Registration, aliases after)."""
     fp = fingerprint(synth_ol)
-    steps = [(0.5, fp), (0.4, fp), (0.5, fp), (0.6, fp), (0.9, "0123456789abcdef")]
+    steps = [card(0.5, fp, **METRICS), card(0.4, fp, **METRICS), card(0.5, fp, **METRICS), card(0.6, fp, **METRICS),
+             card(0.9, "0123456789abcdef", **METRICS), card(0.7, fp, **{**METRICS, "auc": 0.55})]
     out = []
-    for trial, (f1, data) in enumerate(steps, 1):
-        reg = registry.log_and_register(mlflow_server, checkpoint, DATASET, {"f1": f1, **METRICS}, data, search_run,
+    for trial, scores in enumerate(steps, 1):
+        reg = registry.log_and_register(mlflow_server, checkpoint, DATASET, scores, search_run,
                                         tags={"trial": str(trial)})
         out.append((reg, aliases(mlflow_server)))
     return out
 
 
-def test_first_registration_is_champion_with_tags(history, mlflow_server, search_run, synth_ol):
+def test_first_registration_is_champion_with_tags(history, mlflow_server, search_run, synth_ol, checkpoint):
     reg, after = history[0]
     assert (reg.name, reg.version, reg.champion) == (NAME, 1, True)
-    assert "no champion yet" in reg.reason
+    assert "no champion yet; test F1 0.5000 clears the floor 0.1000" in reg.reason
     assert after == {"champion": 1, "challenger": 1}
     c = tracking.client(mlflow_server)
     mv = c.get_model_version(NAME, "1")
@@ -71,8 +75,13 @@ def test_first_registration_is_champion_with_tags(history, mlflow_server, search
                                  "test_oa")} == {"test_f1": "0.5", "test_iou": "0.3", "test_auc": "0.8",
                                                  "test_eer": "0.25", "test_precision": "0.6", "test_recall": "0.4",
                                                  "test_oa": "0.97"}
-    assert tags["dataset"] == DATASET and tags["fingerprint"] == fingerprint(synth_ol)
-    assert tags["search_run_id"] == search_run and tags["trial"] == "1"
+    assert tags["test_f1_calibrated"] == "0.5" and tags["served_threshold"] == "0.5"
+    protocol = Protocol.from_json(tags["protocol"])
+    assert protocol.fingerprint == tags["fingerprint"] == fingerprint(synth_ol) and protocol.split == "test"
+    assert tags["protocol_id"] == protocol.id and "native" in protocol.resolution
+    assert (tags["floor_f1"], tags["split_train"], tags["split_test"]) == ("0.1", "30", "6")
+    assert json.loads(tags["config"]) == load_checkpoint(checkpoint)["config"]
+    assert tags["dataset"] == DATASET and tags["search_run_id"] == search_run and tags["trial"] == "1"
     assert tags["code_version"] == importlib.metadata.version("anodfd")
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tags["git_commit"])  # the tests run from the git checkout
     # Logged into the search run as models (one per registration), without ending or altering that run.
@@ -82,33 +91,101 @@ def test_first_registration_is_champion_with_tags(history, mlflow_server, search
 
 
 def test_champion_gate(history):
-    (worse, a2), (equal, a3), (better, a4), (other_data, a5) = history[1:]
+    (worse, a2), (equal, a3), (better, a4), (other_data, a5), (weak_auc, a6) = history[1:]
     assert (worse.version, worse.champion) == (2, False)
     assert a2 == {"champion": 1, "challenger": 2}
-    assert "0.4 does not beat champion v1's 0.5" in worse.reason
+    assert "0.4000 does not beat champion v1's 0.5000" in worse.reason
     assert (equal.version, equal.champion) == (3, False)  # a tie keeps the incumbent
     assert a3 == {"champion": 1, "challenger": 3}
     assert (better.version, better.champion) == (4, True)
     assert a4 == {"champion": 4, "challenger": 4}
-    assert "0.6 beats champion v1's 0.5" in better.reason
-    # Far higher F1, but on other data: not comparable, champion stays.
+    assert "beats champion v1's 0.5000" in better.reason
+    # Far higher F1, but under another protocol (other data) and no data to re-score with: champion stays.
     assert (other_data.version, other_data.champion) == (5, False)
     assert a5 == {"champion": 4, "challenger": 5}
-    assert "0123456789abcdef" in other_data.reason and "not comparable" in other_data.reason
+    assert "not comparable" in other_data.reason and "anodfd models gate --data" in other_data.reason
+    # Better F1 than the champion on the same data, but a pixel AUC barely above chance.
+    assert (weak_auc.version, weak_auc.champion) == (6, False)
+    assert a6 == {"champion": 4, "challenger": 6}
+    assert "stays challenger: pixel AUC 0.5500 is 0.0500 short of 0.6" in weak_auc.reason
 
 
-def test_decide_champion_needs_strictly_better_f1_on_the_same_data():
+def test_decide_champion_floor_protocol_and_ties():
     from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 
-    def champion(**tags: str) -> ModelVersion:
+    def version(**tags: str) -> ModelVersion:
         return ModelVersion(NAME, "7", 0, tags=[ModelVersionTag(k, v) for k, v in tags.items()])
 
-    assert registry.decide_champion(0.5, "fp", champion(test_f1="0.5", fingerprint="fp"))[0] is False
-    assert registry.decide_champion(0.5000001, "fp", champion(test_f1="0.5", fingerprint="fp"))[0] is True
-    take, reason = registry.decide_champion(0.9, "fp", champion(fingerprint="fp"))  # promoted by hand, untagged
+    new = {"test_f1": "0.5", "test_auc": "0.9", "floor_f1": "0.3", "protocol_id": "p1"}
+    held = version(test_f1="0.5", protocol_id="p1")
+    assert registry.decide_champion(new, None)[0] is True
+    assert registry.decide_champion(new, held)[0] is False  # a tie keeps the incumbent
+    assert registry.decide_champion({**new, "test_f1": "0.5000001"}, held)[0] is True
+    take, reason = registry.decide_champion({**new, "test_f1": "0.25"}, None)  # even with no champion at all
+    assert not take and "test F1 0.2500 is 0.0500 short of the template-differencing floor 0.3000" in reason
+    take, reason = registry.decide_champion({**new, "test_auc": "nan"}, None)
+    assert not take and "pixel AUC nan" in reason
+    take, reason = registry.decide_champion({k: v for k, v in new.items() if k != "floor_f1"}, None)
+    assert not take and "no template-differencing floor" in reason
+    take, reason = registry.decide_champion({**new, "test_f1": "0.9"}, version(test_f1="0.5", protocol_id="p0"))
+    assert not take and "protocol p0" in reason and "not comparable" in reason
+    take, reason = registry.decide_champion(new, version(protocol_id="p1"))  # promoted by hand, untagged
     assert not take and "no test_f1" in reason
-    with pytest.raises(registry.RegistryError, match="needs an F1"):
-        registry.log_and_register("http://unused", "unused.pt", DATASET, {"iou": 0.5}, "fp", "run")
+    with pytest.raises(registry.RegistryError, match="needs a test F1"):
+        registry.log_and_register("http://unused", "unused.pt", DATASET, card(float("nan")), "run")
+
+
+def test_champion_under_another_protocol_is_rescored_before_the_comparison(mlflow_server, checkpoint, search_run,
+                                                                          synth_ol, tmp_path, capsys):
+    """A champion whose F1 was measured another way (here: an inflated 0.99 at training size) is scored again
+    under the new version's protocol; the comparison then uses the new score, and the old one is kept."""
+    dataset = f"{DATASET}rs"
+    old = card(0.99, fingerprint(synth_ol))
+    old = dataclasses.replace(old, protocol=dataclasses.replace(old.protocol, resolution="training size"))
+    first = registry.log_and_register(mlflow_server, checkpoint, dataset, old, search_run)
+    assert first.champion
+
+    def rescore(ckpt: dict):
+        return score_checkpoint(ckpt, synth_ol, "test", progress=False)
+
+    real = score_checkpoint(load_checkpoint(checkpoint), synth_ol, "test", out=tmp_path / "card", progress=False)
+    assert set(real.files) == {"roc.png", "overlays.jpg"} and real.protocol.id != old.protocol.id
+    # Same checkpoint, so its true F1 is real.metrics["f1"]; the challenger is a hair better and clears its floor.
+    better = dataclasses.replace(real, metrics={**real.metrics, "f1": real.metrics["f1"] + 0.01, "auc": 0.9},
+                                 floor_f1=0.0)
+    second = registry.log_and_register(mlflow_server, checkpoint, dataset, better, search_run, rescore=rescore)
+    assert "re-scoring it under this one" in capsys.readouterr().out
+    assert second.champion, second.reason
+    assert f"beats champion v1's {real.metrics['f1']:.4f} under protocol {real.protocol.id}" in second.reason
+
+    c = tracking.client(mlflow_server)
+    name = registry.model_name(dataset)
+    v1 = c.get_model_version(name, "1").tags
+    assert v1["protocol_id"] == real.protocol.id and float(v1["test_f1"]) == pytest.approx(real.metrics["f1"])
+    (kept,) = [json.loads(v) for k, v in v1.items() if k.startswith(registry.RESCORED_PREFIX)]
+    assert kept["test_f1"] == "0.99" and kept["protocol_id"] == old.protocol.id
+
+    # The model card: description, pictures among the model's artifacts, and `anodfd models show`.
+    third = registry.log_and_register(mlflow_server, checkpoint, dataset, real, search_run,
+                                      tags={"trial_run_id": search_run})
+    location = c.get_model_version_download_uri(name, str(third.version))
+    import mlflow
+
+    roc = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/card/roc.png", dst_path=str(tmp_path / "dl"),
+                                              tracking_uri=mlflow_server)
+    assert Path(roc).read_bytes() == real.files["roc.png"].read_bytes()
+    assert main(["models", "show", "--dataset", dataset, "--version", str(third.version),
+                 "--mlflow-uri", mlflow_server]) == 0
+    shown = capsys.readouterr().out
+    cfg = load_checkpoint(checkpoint)["config"]
+    for text in (f"## {name} v{third.version}", f"protocol `{real.protocol.id}`",
+                 f"| 0.5 (paper) | {real.metrics['f1']:.4f} |", f"template differencing test F1 {real.floor_f1:.4f}",
+                 f"{real.threshold:.4f} (calibrated, served)",
+                 "train {train}, val {val}, test {test} pairs".format(**real.split_sizes),
+                 "{name} depth {depth}, ".format(**cfg["model"]) + f"{cfg['data']['image_size']} px",
+                 "/#/experiments/", f"runs/{search_run})", "aliases: challenger",
+                 "gate decision: ", "card/overlays.jpg"):
+        assert text in shown, text
 
 
 def test_pyfunc_model_matches_checkpoint(history, mlflow_server, checkpoint, synth_ol, tmp_path, monkeypatch):
@@ -172,14 +249,14 @@ def test_models_list_and_promote_cli(history, mlflow_server, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 + len(history)
     row = {int(line.split()[0]): line.split() for line in lines[1:]}
-    assert row[4][1:3] == ["champion", "0.6000"] and row[5][1:3] == ["challenger", "0.9000"]
+    assert row[4][1:3] == ["champion", "0.6000"] and row[6][1:3] == ["challenger", "0.7000"]
     assert row[1][1:5] == ["-", "0.5000", "0.3000", "0.8000"]
 
     assert main(["models", "promote", "--dataset", DATASET, "--version", "2", "--mlflow-uri", mlflow_server]) == 0
     assert aliases(mlflow_server)["champion"] == 2  # explicit promotion bypasses the F1 gate
     assert main(["models", "promote", "--dataset", DATASET, "--version", "99", "--mlflow-uri", mlflow_server]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and f"{NAME} has no version 99; versions: [1, 2, 3, 4, 5]" in err
+    assert err.count("\n") == 0 and f"{NAME} has no version 99; versions: [1, 2, 3, 4, 5, 6]" in err
     assert aliases(mlflow_server)["champion"] == 2
     assert main(["models", "list", "--dataset", "NoSuchData", "--mlflow-uri", mlflow_server]) == 2
     assert "no registered model anodfdnet-NoSuchData" in capsys.readouterr().err

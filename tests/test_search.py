@@ -42,15 +42,18 @@ def parent_and_children(uri: str, search_dir: Path):
 
 
 def test_smoke_search_end_to_end(synth_ol, tmp_path, mlflow_server):
+    """Ranked by AUC (not the preset's metric), over 3 epochs of which Ray keeps 2: the epoch registered is the
+    trial's best-AUC epoch, scored on the test split, with its floor and card."""
     data = shutil.copytree(synth_ol, tmp_path / "OLsearch")  # its own registered model name: anodfdnet-OLsearch
-    proc = subprocess.run(search_cmd(data, tmp_path / "runs", mlflow_server, "s1"), env=env(), check=False,
-                          text=True, capture_output=True, timeout=900)
+    cmd = search_cmd(data, tmp_path / "runs", mlflow_server, "s1", "--metric", "auc", "--max-epochs", "3")
+    proc = subprocess.run(cmd, env=env(), check=False, text=True, capture_output=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| rank | trial | calibrated_f1 | depth | lr |" in proc.stdout
+    assert "| rank | trial | auc | depth | lr |" in proc.stdout
     assert "registry: anodfdnet-OLsearch version 1 -> alias challenger" in proc.stdout
+    assert "model card: anodfd models show --dataset OLsearch --version 1" in proc.stdout
 
     parent, children = parent_and_children(mlflow_server, tmp_path / "runs" / "s1")
-    assert parent.info.status == "FINISHED" and parent.data.params["search.metric"] == "calibrated_f1"
+    assert parent.info.status == "FINISHED" and parent.data.params["search.metric"] == "auc"
     assert len(children) == 3
     for run in children:
         assert run.info.status == "FINISHED"
@@ -62,19 +65,26 @@ def test_smoke_search_end_to_end(synth_ol, tmp_path, mlflow_server):
                and float(r.data.params["train.lr"]) == pytest.approx(2e-4) for r in children)
     c = client(mlflow_server)
     names = {a.path for a in c.list_artifacts(parent.info.run_id)}
-    assert {"summary.md", "search_space.json", "best_trial.json", "optuna"} <= names
+    assert {"summary.md", "search_space.json", "best_trial.json", "optuna", "test"} <= names
     assert "optuna/optimization_history.png" in {a.path for a in c.list_artifacts(parent.info.run_id, "optuna")}
 
-    version = c.get_model_version_by_alias("anodfdnet-OLsearch", "champion")
+    version = c.get_model_version("anodfdnet-OLsearch", "1")
     tags = version.tags
-    assert tags["trial"] == parent.data.tags["anodfd.best_trial"] and "fingerprint" in tags and "test_f1" in tags
+    assert tags["trial"] == parent.data.tags["anodfd.best_trial"] and tags["selected_by"] == "validation auc"
+    # The registered epoch is the one with the trial's best validation AUC, whichever epoch that was.
+    auc = {m.step: m.value for m in c.get_metric_history(tags["trial_run_id"], "auc")}
+    assert auc[int(tags["epoch"])] == max(auc.values()), (tags["epoch"], auc)
+    # Champion exactly when the version cleared the template-differencing floor.
+    cleared = float(tags["test_f1"]) > float(tags["floor_f1"]) and float(tags["test_auc"]) >= 0.6
+    assert ("champion" in c.get_registered_model("anodfdnet-OLsearch").aliases) == cleared, tags
+    assert ("stays challenger" in tags["registration_decision"]) != cleared
 
-    # The registered champion loads as a pyfunc and predicts a map at the current image's resolution.
+    # The registered version loads as a pyfunc and predicts a map at the current image's resolution.
     import mlflow
 
     mlflow.set_tracking_uri(mlflow_server)
     mlflow.set_registry_uri(mlflow_server)
-    model = mlflow.pyfunc.load_model("models:/anodfdnet-OLsearch@champion")
+    model = mlflow.pyfunc.load_model("models:/anodfdnet-OLsearch@challenger")
     pair = data / "oil_leak_test_0"
     hist = cv2.cvtColor(cv2.imread(str(pair / "hist.jpg")), cv2.COLOR_BGR2RGB)
     cur = cv2.cvtColor(cv2.imread(str(pair / "cur.jpg")), cv2.COLOR_BGR2RGB)

@@ -146,7 +146,7 @@ def search(args: argparse.Namespace) -> int:
         return check_only(args, str(data_dir), uri)
     name = args.name or f"search-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     opts = RayOptions(workers=args.workers_per_trial, storage=args.storage, name=name, mlflow_uri=uri,
-                      experiment=args.experiment, keep=2)
+                      experiment=args.experiment, keep=2, metric=metric)
     base, storage, name = prepare(base, opts)
     search_dir = f"{storage.rstrip('/')}/{name}"
 
@@ -216,7 +216,8 @@ def search(args: argparse.Namespace) -> int:
           + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()))
 
     try:
-        promote(uri, parent_run_id, dataset, data_dir, f"{search_dir}/train_runs/{best.trial_id}", best)
+        promote(uri, parent_run_id, dataset, data_dir, f"{search_dir}/train_runs/{best.trial_id}", best, metric,
+                args.experiment)
     except RegistryError as e:
         tracking.end_run(uri, parent_run_id, "FAILED")
         raise RegistryError(f"{e}\nthe search's trials and checkpoints stay in {search_dir}; register its best "
@@ -318,36 +319,51 @@ def optuna_plots(rows: list[TrialRow], folder: Path) -> list[Path]:
     return out
 
 
-def promote(uri: str, parent_run_id: str, dataset: str, data_dir: Path, train_run: str, best: TrialRow) -> None:
-    """Evaluate the best checkpoint on the test split, then register it (once per search, also on resume)."""
-    from anodfd.data.layouts import fingerprint
+def promote(uri: str, parent_run_id: str, dataset: str, data_dir: Path, train_run: str, best: TrialRow,
+            metric: str, experiment: str) -> None:
+    """Score the best trial's checkpoint (the epoch that won on ``metric``) on the test split at native resolution,
+    beside the template-differencing floor, then register it (once per search, also on resume)."""
     from anodfd.metrics import format_row
     from anodfd.registry import log_and_register
-    from anodfd.train.loop import evaluate_split, load_checkpoint, model_from_checkpoint
+    from anodfd.scoring import score_checkpoint
+    from anodfd.train.loop import load_checkpoint, resolve_device
 
-    tags = tracking.client(uri).get_run(parent_run_id).data.tags
+    c = tracking.client(uri)
+    tags = c.get_run(parent_run_id).data.tags
     if "anodfd.registered_version" in tags:
         print(f"registry: this search already registered version {tags['anodfd.registered_version']}; nothing to do")
         return
+    device = resolve_device("auto")
     with tempfile.TemporaryDirectory() as scratch:  # checkpoints on s3:// or gs:// are evaluated from a copy
-        ckpt_path = best_checkpoint_file(fetch_checkpoints(train_run, Path(scratch)))
+        ckpt_path = best_checkpoint_file(fetch_checkpoints(train_run, Path(scratch)), metric)
         if ckpt_path is None:
             raise ConfigError(f"{train_run}: the best trial left no checkpoint")
         ckpt = load_checkpoint(ckpt_path)
-        model, config = model_from_checkpoint(ckpt)
-        config.data.data = str(data_dir)
-        pixels, _ = evaluate_split(model, config.data, "test")
-        test = pixels.compute(0.5)
-        calibrated = pixels.compute(ckpt["threshold"])
-        print(f"test split, threshold 0.5: {format_row(test)}")
-        print(f"test split, calibrated threshold {ckpt['threshold']:.3f}: {format_row(calibrated)}")
-        reg = log_and_register(uri, ckpt_path, dataset, test, fingerprint(data_dir), parent_run_id,
-                               tags={"search_run": parent_run_id, "trial": best.trial_id, "epoch": str(ckpt["epoch"]),
-                                     "test_f1_calibrated": f"{calibrated['f1']:.6f}"})
-        tracking.client(uri).set_tag(parent_run_id, "anodfd.registered_version", str(reg.version))
-        tracking.log_metrics(uri, parent_run_id, {f"test_{k}": v for k, v in test.items()}, step=0)
+        print(f"registry: scoring trial {best.trial_id}'s epoch {ckpt['epoch']} (best validation {metric} "
+              f"{ckpt['metrics'][metric]:.4f}) on the test split at native resolution", flush=True)
+        card = score_checkpoint(ckpt, data_dir, "test", device, out=Path(scratch) / "card")
+        print(f"test split, threshold 0.5: {format_row(card.metrics)}")
+        print(f"test split, calibrated threshold {card.threshold:.3f}: {format_row(card.calibrated)}")
+        print(f"floor (template differencing, threshold {card.floor_threshold:.3f} fitted on train): "
+              f"F1 {card.floor_f1:.3f}")
+        exp = tracking.experiment_id(uri, experiment)
+        trial_runs = c.search_runs([exp], filter_string=f"tags.`{tracking.RUN_DIR_TAG}` = '{train_run}'")
+        reg = log_and_register(
+            uri, ckpt_path, dataset, card, parent_run_id,
+            tags={"search_run": parent_run_id, "trial": best.trial_id, "selected_by": f"validation {metric}",
+                  **({"trial_run_id": trial_runs[0].info.run_id} if trial_runs else {})},
+            rescore=lambda champion: score_checkpoint(champion, data_dir, "test", device),
+        )
+        c.set_tag(parent_run_id, "anodfd.registered_version", str(reg.version))
+        tracking.log_metrics(uri, parent_run_id, {f"test_{k}": v for k, v in card.metrics.items()}, step=0)
+        for path in card.files.values():
+            tracking.log_file(uri, parent_run_id, path, "test")
         print(f"registry: {reg.name} version {reg.version} -> alias challenger; "
               f"champion {'moved to it' if reg.champion else 'unchanged'}: {reg.reason}")
+        if card.shortfall:
+            print(f"\nthis search's model is not a working detector yet: {card.shortfall}. It is registered as "
+                  "challenger only; train longer or search more trials (--max-epochs, --num-samples).")
+        print(f"model card: anodfd models show --dataset {dataset} --version {reg.version}")
 
 
 if __name__ == "__main__":

@@ -53,12 +53,17 @@ def decode_mask(path: Path, size: int) -> np.ndarray:
     Area-resizing then thresholding at half coverage keeps the labels hard (no fake soft labels) and keeps
     the anomalous area about the same.
     """
+    binary = read_mask(path)
+    small = cv2.resize(binary.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    return (small >= 0.5).astype(np.uint8)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """The mask at its own resolution as {0,1} uint8: what native-resolution metrics are counted on."""
     m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if m is None:
         raise DatasetError(f"{path}: OpenCV could not decode this mask; replace the file")
-    binary = (m > 127) if m.max() > 1 else (m > 0)  # 0/255 masks (JPEG noise tolerated) or 0/1 masks
-    small = cv2.resize(binary.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
-    return (small >= 0.5).astype(np.uint8)
+    return ((m > 127) if m.max() > 1 else (m > 0)).astype(np.uint8)  # 0/255 (JPEG noise tolerated) or 0/1
 
 
 class PairCache:

@@ -234,12 +234,18 @@ def available_splits(root: Path, layout: str = "auto") -> list[str]:
 
 
 def fingerprint(root: Path, layout: str = "auto") -> str:
-    """A short hash of the split lists and the listed files' sizes: identifies the data a model was scored on."""
+    """A short hash of every split's pairs, by content: which files each split lists and the bytes in them.
+
+    Identifies the data a model was scored on: a re-encoded image or a relabelled mask changes it, a copy of
+    the dataset in another folder does not.
+    """
     root = Path(root).resolve()
     layout = detect_layout(root, layout)
     h = hashlib.sha256()
     for split in available_splits(root, layout):
         for p in read_split(root, split, layout):
             for f in (p.hist, p.cur, p.mask):
-                h.update(f"{split}|{f.relative_to(root).as_posix()}|{f.stat().st_size}\n".encode())
+                with open(f, "rb") as fh:
+                    content = hashlib.file_digest(fh, "sha256").hexdigest()
+                h.update(f"{split}|{f.relative_to(root).as_posix()}|{content}\n".encode())
     return h.hexdigest()[:16]

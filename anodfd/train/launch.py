@@ -32,7 +32,8 @@ class RayOptions:
     storage: str = "runs"  # local folder (made absolute) or a URI such as s3://bucket/path
     name: str | None = None
     max_failures: int = 2
-    keep: int = 2  # best checkpoints kept by validation F1, besides the latest
+    keep: int = 2  # best checkpoints kept by validation `metric`, besides the latest
+    metric: str = "f1"  # the validation metric that ranks checkpoints (a search's --metric)
     mlflow_uri: str | None = None
     experiment: str = tracking.DEFAULT_EXPERIMENT
 
@@ -117,10 +118,11 @@ def fetch_checkpoints(run_dir: str, scratch: Path) -> Path:
     return scratch
 
 
-def best_checkpoint_file(run_dir: Path) -> Path | None:
-    """The kept checkpoint of a local run folder that `selection_key` ranks first (works for runs ASHA killed)."""
-    found = run_dir.glob(f"epoch_*/{CHECKPOINT_FILE}")
-    return max(found, key=lambda p: selection_key(load_checkpoint(p)["metrics"]), default=None)
+def best_checkpoint_file(run_dir: Path, metric: str = "f1") -> Path | None:
+    """The kept checkpoint of a local run folder that `selection_key` ranks first by ``metric`` (works for runs
+    ASHA killed)."""
+    found = sorted(run_dir.glob(f"epoch_*/{CHECKPOINT_FILE}"))
+    return max(found, key=lambda p: selection_key(load_checkpoint(p)["metrics"], metric), default=None)
 
 
 def init_ray(address: str | None, need_cpus: float, need_gpus: float) -> bool:
@@ -187,7 +189,8 @@ def run_trainer(
         run_config=RunConfig(
             name=name, storage_path=storage,
             failure_config=FailureConfig(max_failures=opts.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=opts.keep, checkpoint_score_attribute="f1",
+            # Kept by the metric the search ranks trials by: the epoch that won is never the one deleted.
+            checkpoint_config=CheckpointConfig(num_to_keep=opts.keep, checkpoint_score_attribute=opts.metric,
                                                checkpoint_score_order="max"),
             callbacks=[MlflowCallback(uri, run_id), *callbacks],
             logging_config=LoggingConfig(log_level="WARNING"),  # one line per epoch, not per report
@@ -203,7 +206,7 @@ def run_trainer(
     except Exception:
         tracking.end_run(uri, run_id, "FAILED")
         raise
-    best_path, best_metrics = export_best(result, Path(storage) / name if "://" not in storage else None)
+    best_path, best_metrics = export_best(result, Path(storage) / name if "://" not in storage else None, opts.metric)
     if best_path is not None:
         tracking.log_file(uri, run_id, best_path, "checkpoints")
         tracking.log_metrics(uri, run_id, {f"best_{k}": v for k, v in best_metrics.items()
@@ -213,12 +216,12 @@ def run_trainer(
     return TrainOutcome(f"{storage.rstrip('/')}/{name}", best_path, best_metrics, run_id, uri, result)
 
 
-def export_best(result, run_dir: Path | None) -> tuple[Path | None, dict]:
+def export_best(result, run_dir: Path | None, metric: str = "f1") -> tuple[Path | None, dict]:
     """Copy the best kept checkpoint (and the latest) to ``best.pt`` / ``last.pt`` in the run folder."""
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if m]
     if not candidates:
         return None, {}
-    checkpoint, metrics = max(candidates, key=lambda cm: selection_key(cm[1]))
+    checkpoint, metrics = max(candidates, key=lambda cm: selection_key(cm[1], metric))
     if run_dir is None:
         return None, metrics
     with checkpoint.as_directory() as d:

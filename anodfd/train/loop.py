@@ -198,13 +198,15 @@ def epoch_metrics(pixels: PixelHistogram, images: ImageScores, threshold: float)
     return metrics
 
 
-def selection_key(metrics: dict[str, float]) -> tuple[float, float]:
-    """Best epoch = highest validation F1 at the fixed threshold (the paper's rule).
+def selection_key(metrics: dict[str, float], metric: str = "f1") -> tuple[float, float]:
+    """Best epoch = highest validation ``metric``; by default F1 at the fixed threshold (the paper's rule).
 
     Early in training every pixel can sit below 0.5, so F1 ties at 0; the calibrated F1 breaks such ties,
-    so the kept checkpoint is the most promising one rather than the first.
+    so the kept checkpoint is the most promising one rather than the first. A NaN (AUC on a one-class split)
+    ranks last.
     """
-    return (metrics["f1"], metrics["calibrated_f1"])
+    value = metrics[metric]
+    return (value if math.isfinite(value) else -math.inf, metrics["calibrated_f1"])
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------
