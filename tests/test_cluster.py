@@ -297,9 +297,9 @@ def test_search_submitted_to_a_two_node_cluster(cluster, synth_ol, tmp_path, mlf
 
     c = client(mlflow_server)
     assert len(c.search_model_versions("name = 'anodfdnet-OLcluster'")) == 1
-    champion = c.get_model_version_by_alias("anodfdnet-OLcluster", "champion")
-    assert champion.version == "1"
-    assert c.get_run(champion.tags["search_run"]).data.params["model.name"] == "fc-siam-diff"
+    registered = c.get_model_version_by_alias("anodfdnet-OLcluster", "challenger")  # champion only past the floor
+    assert registered.version == "1"
+    assert c.get_run(registered.tags["search_run"]).data.params["model.name"] == "fc-siam-diff"
 
 
 def test_cluster_job_fails_fast_without_mlflow_or_writable_storage(cluster, synth_ol, tmp_path, mlflow_server):
