@@ -115,7 +115,7 @@ def test_two_worker_metrics_equal_one_process(synth_ol, tmp_path):
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="eval", storage_path=str(tmp_path / "ray")),
     ).fit()
-    assert result.metrics["pixels"] == len(val) * 64 * 64  # every pixel counted once, none twice
+    assert result.metrics["pixels"] == len(val) * config.data.image_size**2  # every pixel counted once, none twice
     for key in ("precision", "recall", "oa", "f1", "iou", "auc", "eer", "calibrated_f1", "image_auroc"):
         assert result.metrics[key] == pytest.approx(single[key], abs=1e-12), key
 
