@@ -27,7 +27,7 @@ def _data_check(args: argparse.Namespace) -> int:
     from anodfd.data.layouts import resolve_data_dir
 
     root = resolve_data_dir(dataset=args.dataset, data=args.dir, data_root=args.data_root)
-    report = check_dataset(root, args.layout)
+    report = check_dataset(root, args.layout, allow_normal_only=args.allow_normal_only)
     print(report.format())
     return 0 if report.ok else 1
 
@@ -137,10 +137,23 @@ def _eval(args: argparse.Namespace) -> int:
     calibrated = float(ckpt.get("threshold", threshold))
     print(f"{args.split} ({len(dataset)} pairs), threshold {metrics['threshold']:.3f}: {format_row(metrics)}")
     print(f"{args.split}, calibrated threshold {calibrated:.3f}: {format_row(pixels.compute(calibrated))}")
-    print(f"image-level AUROC {images.auroc():.4f}")
+    normal, anomalous = (int(n) for n in images.state().sum(dim=1))
+    results = {k: metrics[k] for k in ("precision", "recall", "oa", "f1", "iou", "auc", "eer", "threshold")}
+    results["image_auroc"] = images.auroc()
+    undefined = {}  # metric -> why it has no value; NaN is not an answer (and not valid JSON)
+    if not (pixels.pos.sum() and pixels.neg.sum()):
+        why = f"the {args.split} split has no {'anomalous' if not pixels.pos.sum() else 'normal'} pixel"
+        undefined.update(auc=why, eer=why)
+    if not (normal and anomalous):
+        undefined["image_auroc"] = (f"all {normal + anomalous} pairs of the {args.split} split are "
+                                    f"{'anomalous' if anomalous else 'normal'}; it needs both kinds")
+    for key, why in undefined.items():
+        results[key] = None
+        print(f"{key} undefined: {why}")
+    if results["image_auroc"] is not None:
+        print(f"image-level AUROC {results['image_auroc']:.4f}")
     if args.json:
-        keys = ("precision", "recall", "oa", "f1", "iou", "auc", "eer", "threshold")
-        Path(args.json).write_text(json.dumps({k: metrics[k] for k in keys}, indent=2))
+        Path(args.json).write_text(json.dumps({**results, "undefined": undefined}, indent=2))
     if args.plot:
         plot_roc(pixels, args.plot, title=f"ROC, {args.split} split")
     return 0
@@ -268,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="named dataset under the data root: OL, FB or Diff")
     p.add_argument("--data-root", default=None, help="folder holding named datasets (default $ANODFD_DATA_ROOT or ./data)")
     p.add_argument("--layout", choices=LAYOUTS, default="auto")
+    p.add_argument("--allow-normal-only", action="store_true",
+                   help="accept splits without a single anomalous pixel (normal-only data on purpose)")
     p.set_defaults(func=_data_check)
 
     p = sub.add_parser("train", help="train AnoDFDNet on Ray Train (the paper's recipe by default)")

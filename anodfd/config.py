@@ -7,6 +7,7 @@ is all it takes to rebuild the run.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,19 @@ ANODFD_NAMES = ("paper", "tiny", "resnet18", "resnet34", "efficientnet_b0", "con
 BASELINE_NAMES = ("unet", "unet-cat", "deeplabv3plus", "deeplabv3plus-cat", "fc-siam-diff")
 MODEL_NAMES = ANODFD_NAMES + BASELINE_NAMES
 DEPTHS = (0, 1, 2, 4, 8)
+# The deepest feature map's stride of each AnoDFDNet variant: its input side must be a multiple of it.
+STRIDES = {"paper": 16, "tiny": 16}  # the timm variants: 32; the baselines pad any size themselves
+
+
+def _require(key: str, value: Any, ok: bool, rule: str) -> None:
+    """One line naming the flag, the value and the allowed range, before anything runs."""
+    if not ok:
+        flag = "--" + key.split(".")[-1].replace("_", "-")
+        raise ConfigError(f"{flag} {value!r} ({key}): {rule}")
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -32,6 +46,16 @@ class DataConfig:
     val_fraction: float = 0.2  # used only when a dataset ships no validation list (the paper's 8:2)
     cache_dir: str = ""  # on-disk decode cache; "" = $ANODFD_CACHE_DIR or ~/.cache/anodfd
     num_workers: int = 0  # DataLoader worker processes
+
+    def __post_init__(self) -> None:
+        _require("data.image_size", self.image_size, isinstance(self.image_size, int) and self.image_size >= 32,
+                 "must be a whole number of pixels, at least 32")
+        _require("data.misregister", self.misregister, _number(self.misregister) and 0 <= self.misregister < 0.5,
+                 "must be in [0, 0.5): a fraction of the image side")
+        _require("data.val_fraction", self.val_fraction, _number(self.val_fraction) and 0 < self.val_fraction < 1,
+                 "must be in (0, 1)")
+        _require("data.num_workers", self.num_workers, isinstance(self.num_workers, int) and self.num_workers >= 0,
+                 "must be 0 (load in the training process) or more")
 
 
 @dataclass
@@ -51,6 +75,11 @@ class ModelConfig:
             raise ConfigError(f"unknown model {self.name!r}; choose one of {', '.join(MODEL_NAMES)}")
         if self.depth not in DEPTHS:
             raise ConfigError(f"depth {self.depth} is not one of {DEPTHS}")
+        if self.name in ANODFD_NAMES:
+            stride = STRIDES.get(self.name, 32)
+            _require("model.image_size", self.image_size,
+                     isinstance(self.image_size, int) and self.image_size >= 2 * stride and self.image_size % stride == 0,
+                     f"model {self.name} needs a size divisible by its stride {stride}, at least {2 * stride}")
 
 
 @dataclass
@@ -70,6 +99,32 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 0  # print a progress line every N steps inside an epoch; 0 = once per epoch
     max_steps_per_epoch: int = 0  # 0 = whole epoch; small values make smoke runs and tests quick
+
+    def __post_init__(self) -> None:
+        def whole(key: str, low: int, rule: str) -> None:
+            value = getattr(self, key)
+            _require(f"train.{key}", value, isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                     rule)
+
+        whole("epochs", 1, "must be 1 or more")
+        whole("batch_size", 1, "must be 1 or more")
+        whole("max_steps_per_epoch", 0, "must be 0 (whole epochs) or more")
+        whole("log_every", 0, "must be 0 (once per epoch) or more")
+        _require("train.lr", self.lr, _number(self.lr) and 0 < self.lr <= 1, "must be in (0, 1]")
+        for key in ("beta1", "beta2"):
+            _require(f"train.{key}", getattr(self, key), _number(getattr(self, key)) and 0 <= getattr(self, key) < 1,
+                     "must be in [0, 1)")
+        _require("train.weight_decay", self.weight_decay, _number(self.weight_decay) and self.weight_decay >= 0,
+                 "must be 0 or more")
+        weights = {"bce_weight": self.bce_weight, "dice_weight": self.dice_weight, "focal_weight": self.focal_weight}
+        for key, value in weights.items():
+            _require(f"train.{key}", value, _number(value) and value >= 0, "must be 0 or more")
+        _require("train.bce_weight", self.bce_weight, sum(weights.values()) > 0,
+                 "the BCE, Dice and focal weights are all 0: give at least one loss a weight above 0")
+        _require("train.pos_weight", self.pos_weight, _number(self.pos_weight) and self.pos_weight > 0,
+                 "must be above 0")
+        _require("train.threshold", self.threshold, _number(self.threshold) and 0 < self.threshold < 1,
+                 "must lie strictly between 0 and 1")
 
 
 @dataclass

@@ -29,7 +29,11 @@ CHUNK = 16  # pairs per forward pass: bounds memory for large batches
 
 
 def as_image_list(x: Any, name: str) -> list[np.ndarray]:
-    """One HxWx3 image, an NxHxWx3 batch, or a length-N object array of HxWx3 images -> a list of images."""
+    """An NxHxWx3 batch, or a length-N object array of HxWx3 images -> a list of images.
+
+    Through MLflow (`mlflow.pyfunc.load_model(...).predict`) the logged signature requires the batch axis: send one
+    pair as ``image[None]``. Called directly, a single HxWx3 image is accepted too.
+    """
     x = np.asarray(x)
     if x.dtype == object:  # a "ragged" batch: images of different sizes
         images = [np.asarray(im) for im in x]
@@ -64,7 +68,8 @@ class AnomalyMapModel(mlflow.pyfunc.PythonModel):
         return to_chw(cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA))
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        """``{"history": ..., "current": ...}`` -> maps: HxW for one pair, NxHxW for a batch, object array if ragged."""
+        """``{"history": NxHxWx3, "current": NxHxWx3}`` uint8 RGB -> NxHxW float32 maps (an object array of HxW maps
+        for a ragged batch). One pair is a batch of one: ``{"history": h[None], "current": c[None]}``."""
         try:
             hist, cur = model_input["history"], model_input["current"]
         except (KeyError, TypeError, IndexError):

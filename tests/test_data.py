@@ -79,6 +79,20 @@ def test_forward_slashes_work_too(tmp_path):
     assert len(read_split(root, "train")) == 6
 
 
+@pytest.mark.parametrize("entries", [("a1", "a2"), ("a1.jpg", "a2.jpg"), ("a1.png", "a2.JPG")])
+def test_abl_lists_with_ids_or_file_names(tmp_path, entries):
+    """LEVIR-CD-style lists name files with their extension; the mask is a .png beside .jpg images either way."""
+    root = make_abl(tmp_path / "d", ("a1", "a2"))
+    for split in ("train", "val"):  # with a val list, train is the whole list (no hold-out)
+        (root / "list" / f"{split}.txt").write_text("\n".join(entries) + "\n")
+    pairs = read_split(root, "train")
+    assert [(p.hist.name, p.cur.name, p.mask.name) for p in pairs] == [("a1.jpg", "a1.jpg", "a1.png"),
+                                                                       ("a2.jpg", "a2.jpg", "a2.png")]
+    (root / "list" / "train.txt").write_text("a3.png\n")
+    with pytest.raises(DatasetError, match=r"train.txt line 1: no image for 'a3.png' in "):
+        read_split(root, "train")
+
+
 def test_abl_layout_and_deterministic_holdout(tmp_path):
     ids = tuple(f"{i:04d}" for i in range(10))
     root = make_abl(tmp_path / "pcb", ids)
@@ -245,6 +259,58 @@ def test_data_check_reports_and_exit_status(tmp_path, capsys):
     report = check_dataset(root)
     assert not report.ok and any(str(f) in e for e in report.errors)
     assert cli(["data", "check", str(root)]) == 1
+
+
+def test_data_check_refuses_a_split_without_anomalies_unless_allowed(tmp_path, capsys):
+    root = make_paper(tmp_path / "d")
+    for mask in root.glob("oil_leak_test_*/cur_gt.png"):
+        cv2.imwrite(str(mask), np.zeros((64, 96), np.uint8))
+    assert cli(["data", "check", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "test       2 pairs, 2 normal, anomalous pixels 0.000%" in out
+    assert "error: test: not one anomalous pixel in its 2 masks" in out and "--allow-normal-only" in out
+    assert cli(["data", "check", str(root), "--allow-normal-only"]) == 0
+    assert "train      6 pairs, 0 normal, anomalous pixels 6.250%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("convention", ["grey 0/255", "grey 0/1", "class indices", "red on black", "colour per class",
+                                        "grey as RGB", "16-bit", "JPEG 0/255"])
+def test_every_mask_convention_keeps_its_labels(tmp_path, convention):
+    """Masks as datasets ship them: every one keeps its anomalous pixels, at native size and at training size."""
+    from anodfd.data.cache import read_mask
+
+    one, two = (slice(8, 24), slice(8, 32)), (slice(28, 40), slice(40, 56))
+    expected = np.zeros((48, 64), np.uint8)
+    expected[one] = expected[two] = 1
+    grey = np.zeros((48, 64), np.uint8)
+    colour = np.zeros((48, 64, 3), np.uint8)  # BGR, as OpenCV writes it
+    if convention in ("grey 0/255", "JPEG 0/255"):
+        grey[one] = grey[two] = 255
+        mask = grey
+    elif convention == "grey 0/1":
+        grey[one] = grey[two] = 1
+        mask = grey
+    elif convention == "class indices":
+        grey[one], grey[two] = 1, 2
+        mask = grey
+    elif convention == "red on black":
+        colour[one] = colour[two] = (0, 0, 255)
+        mask = colour
+    elif convention == "colour per class":
+        colour[one], colour[two] = (0, 0, 200), (0, 180, 0)
+        mask = colour
+    elif convention == "grey as RGB":
+        colour[one] = colour[two] = (255, 255, 255)
+        mask = colour
+    else:
+        mask = grey.astype(np.uint16)
+        mask[one] = mask[two] = 65535
+    path = tmp_path / ("m.jpg" if convention.startswith("JPEG") else "m.png")
+    assert cv2.imwrite(str(path), mask)
+    got = read_mask(path)
+    wrong = np.count_nonzero(got != expected)
+    assert wrong <= (40 if convention.startswith("JPEG") else 0), wrong  # JPEG blurs the edges a little
+    assert abs(decode_mask(path, 32).mean() - expected.mean()) < 0.01
 
 
 def test_cli_unknown_dataset_is_one_line(tmp_path, capsys):

@@ -6,6 +6,7 @@ Everything real: a local Ray instance, an `mlflow server` on 127.0.0.1, tiny mod
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -15,7 +16,7 @@ import time
 import pytest
 import torch
 
-from anodfd.config import PRESETS, Config
+from anodfd.config import PRESETS, Config, ConfigError
 from anodfd.tracking import RUN_DIR_TAG, TrackingError, client
 from anodfd.train.launch import RayOptions, train_on_ray
 
@@ -174,4 +175,15 @@ def test_unreachable_tracking_server_fails_before_training(synth_ol, tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(TrackingError, match="unreachable"):
         train_on_ray(smoke(synth_ol), RayOptions(storage=str(tmp_path / "runs"), name="x", mlflow_uri=uri))
-    assert not (tmp_path / "runs" / "x").exists()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_fewer_validation_pairs_than_workers_is_refused_up_front(synth_ol, tmp_path):
+    """2 workers, 1 validation pair: one rank would have no validation shard. Refused before Ray or MLflow."""
+    data = shutil.copytree(synth_ol, tmp_path / "OL")
+    first = (data / "validation.txt").read_text().splitlines()[0]
+    (data / "validation.txt").write_text(first + "\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(ConfigError, match=r"has 1 pair\(s\), fewer than the 2 DDP workers; use at most 1 worker"):
+        train_on_ray(smoke(data), RayOptions(workers=2, storage=str(tmp_path / "runs"), name="x", mlflow_uri=uri))
+    assert not (tmp_path / "runs").exists()

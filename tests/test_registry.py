@@ -202,6 +202,14 @@ def test_pyfunc_model_matches_checkpoint(history, mlflow_server, checkpoint, syn
     curs = [cv2.resize(cv2.imread(str(p.cur))[..., ::-1], (61, 83)) for p in pairs]
     batch = pyfunc.predict({"history": np.stack(hists), "current": np.stack(curs)})
     assert batch.shape == (2, 83, 61) and batch.dtype == np.float32
+    # The documented call for one pair: a batch of one. A bare HxWx3 array is refused by the signature, by shape.
+    one = pyfunc.predict({"history": hists[0][None], "current": curs[0][None]})
+    assert one.shape == (1, 83, 61)
+    np.testing.assert_allclose(one[0], batch[0], atol=1e-6)
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="shape"):
+        pyfunc.predict({"history": hists[0], "current": curs[0]})
 
     # The checkpoint directly, through the files-on-disk path that `anodfd predict` uses.
     ckpt = load_checkpoint(checkpoint)
@@ -277,7 +285,8 @@ def test_predict_and_eval_from_registry_match_checkpoint(history, mlflow_server,
     assert main(["eval", "--model", f"models:/{NAME}/1", *data, "--json", str(tmp_path / "reg.json"), *uri]) == 0
     assert main(["eval", "--checkpoint", str(checkpoint), *data, "--json", str(tmp_path / "file.json")]) == 0
     reg, file = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("reg", "file"))
-    assert set(reg) == {"precision", "recall", "oa", "f1", "iou", "auc", "eer", "threshold"} and reg == file
+    assert set(reg) == {"precision", "recall", "oa", "f1", "iou", "auc", "eer", "threshold", "image_auroc",
+                        "undefined"} and reg == file
 
 
 def test_registry_errors_in_cli(history, mlflow_server, checkpoint, tmp_path, capsys):

@@ -4,6 +4,7 @@ against a real `mlflow server`: trials, nested runs, Optuna plots, registration,
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -90,6 +91,69 @@ def test_smoke_search_end_to_end(synth_ol, tmp_path, mlflow_server):
     cur = cv2.cvtColor(cv2.imread(str(pair / "cur.jpg")), cv2.COLOR_BGR2RGB)
     out = np.asarray(model.predict({"history": hist[None], "current": cur[None]}))  # batched NxHxWx3
     assert out.shape[-2:] == cur.shape[:2] and np.isfinite(out).all() and 0 <= out.min() <= out.max() <= 1
+
+
+def load_search_module():
+    sys.path.insert(0, str(SEARCH.parent))
+    import search
+
+    return search
+
+
+def test_resume_without_name_continues_the_latest_search_of_that_dataset(synth_ol, tmp_path):
+    search = load_search_module()
+    storage = tmp_path / "runs"
+    for name, dataset, started in [("a", "OL", 100.0), ("newest-ol", "OL", 300.0), ("fb", "FB", 900.0)]:
+        (storage / name).mkdir(parents=True)
+        (storage / name / search.SEARCH_MARKER).write_text(json.dumps({"dataset": dataset, "started": started}))
+    (storage / "search-OL-20200101-000000").mkdir()  # a search from before markers: its folder's age counts
+    os.utime(storage / "search-OL-20200101-000000", (200.0, 200.0))
+    assert search.latest_search(str(storage), "ol") == "newest-ol"
+    assert search.latest_search(str(storage), "FB") == "fb"
+
+    # Nothing to resume: one clear line, before Ray starts or anything is written.
+    proc = subprocess.run([sys.executable, str(SEARCH), "--data", str(synth_ol), "--resume", "--storage",
+                           str(tmp_path / "empty"), "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"],
+                          env=env(), check=False, text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"--resume: no search of OL in {tmp_path / 'empty'} to continue" in proc.stderr
+    assert not (tmp_path / "empty").exists()
+
+
+def test_a_search_whose_every_trial_scores_nan_fails_clearly(synth_ol, tmp_path, mlflow_server):
+    """Validation without one anomalous pixel: every trial's AUC is NaN. The search says why, in words, and its
+    parent run ends FAILED instead of staying RUNNING."""
+    from anodfd.data.cache import read_mask
+    from anodfd.data.layouts import read_split
+
+    data = shutil.copytree(synth_ol, tmp_path / "OLnan")
+    normal = [p for p in read_split(data, "train") if not read_mask(p.mask).any()]
+    lines = [f"{p.cur.relative_to(data)},{p.hist.relative_to(data)},{p.mask.relative_to(data)}" for p in normal[:3]]
+    (data / "validation.txt").write_text("\n".join(lines) + "\n")
+    cmd = search_cmd(data, tmp_path / "runs", mlflow_server, "nan", "--metric", "auc", "--max-epochs", "1", samples=1)
+    proc = subprocess.run(cmd, env=env(), check=False, text=True, capture_output=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]  # the search's own last word, after whatever Ray logged
+    assert last.startswith("search: error: every finished trial has validation auc NaN"), last
+    parent, _ = parent_and_children(mlflow_server, tmp_path / "runs" / "nan")
+    assert parent.info.status == "FAILED"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workers-per-trial", "0"], "--workers-per-trial 0: need at least 1 worker"),
+    (["--cpus-per-worker", "0"], "--cpus-per-worker 0.0: must be above 0"),
+    (["--gpus-per-worker", "-1"], "--gpus-per-worker -1.0: must be 0 (CPU) or more"),
+    (["--num-samples", "0"], "--num-samples 0: must be 1 or more"),
+    (["--max-epochs", "0"], "--max-epochs 0: must be 1 or more"),
+    (["--max-concurrent", "0"], "--max-concurrent 0: must be 1 or more"),
+])
+def test_search_refuses_bad_numbers_before_anything_runs(synth_ol, tmp_path, monkeypatch, capsys, flags, message):
+    search = load_search_module()
+    monkeypatch.chdir(tmp_path)  # ./runs and ./mlflow.db would land here
+    assert search.main(["--data", str(synth_ol), "--preset", "smoke", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_dataset_fails_fast_with_the_fix(tmp_path):

@@ -13,6 +13,8 @@ from anodfd.cli import main as cli
 from anodfd.config import PRESETS, Config, ConfigError
 from anodfd.data.dataset import make_dataset
 from anodfd.train.loop import (
+    checkpoint_dict,
+    epoch_line,
     epoch_metrics,
     evaluate,
     fit,
@@ -44,6 +46,68 @@ def test_learning_happens(synth_ol, tmp_path):
     assert after["calibrated_f1"] > before["calibrated_f1"] + 0.3
     assert after["auc"] > 0.9 and after["f1"] > 0.3
     assert result["history"][-1]["train_loss"] < result["history"][0]["train_loss"]
+
+
+def test_ranks_draw_their_own_augmentation_with_loader_workers(synth_ol):
+    """DDP ranks with DataLoader workers: each rank's augmentation stream is its own, and a rerun repeats it."""
+    config = smoke(synth_ol, **{"data.image_size": 32, "model.image_size": 32, "data.augment": "strong"})
+
+    def stream(rank: int) -> torch.Tensor:
+        dataset = make_dataset(config.data, "train", train=True, seed=7919 * rank)  # as train/worker.py seeds it
+        loader = make_loader(dataset, 8, shuffle=False, seed=0, epoch=3, num_workers=1, rank=rank)
+        return torch.cat([hist for hist, _, _ in loader])
+
+    rank0, rank1 = stream(0), stream(1)
+    assert not torch.equal(rank0, rank1), "both ranks drew the same augmentation"
+    assert torch.equal(rank0, stream(0)) and torch.equal(rank1, stream(1))
+
+
+@pytest.mark.parametrize("case", ["no anomalous pixel", "collapsed model"])
+def test_served_threshold_stays_strictly_inside_0_1(case):
+    """A validation split without anomalies (F1 is perfect at threshold 1.0) or a model that scores every pixel 0
+    (F1 is best at 0.0): the checkpoint keeps the fixed 0.5 rather than a threshold `predict` must refuse."""
+    from anodfd.metrics import ImageScores, PixelHistogram
+    from anodfd.predict import check_threshold
+
+    pixels = PixelHistogram()
+    if case == "no anomalous pixel":
+        pixels.update(torch.rand(4, 1, 16, 16) * 0.3, torch.zeros(4, 1, 16, 16))
+    else:
+        mask = torch.zeros(4, 1, 16, 16)
+        mask[:, :, 4:8, 4:8] = 1
+        pixels.update(torch.zeros(4, 1, 16, 16), mask)
+    metrics = epoch_metrics(pixels, ImageScores(), 0.5)
+    assert metrics["calibrated_threshold"] == 0.5 and metrics["threshold_calibrated"] == 0.0
+    assert metrics["calibrated_f1"] == metrics["f1"]
+    ckpt = checkpoint_dict(torch.nn.Linear(1, 1), None, 1, Config(), metrics, (0.0, 0.0))
+    assert check_threshold(ckpt["threshold"]) == 0.5
+    line = epoch_line({**metrics, "epoch": 1, "train_loss": 0.1, "pairs_per_s": 1.0}, 1)
+    assert "no threshold calibrates on this validation split: serving at 0.5" in line
+
+
+def test_eval_says_in_words_when_a_metric_is_undefined(synth_ol, tmp_path, capsys):
+    """Every test pair anomalous (as in DeepPCB): image-level AUROC has no value. The CLI says why, and the JSON
+    holds null with the reason, never NaN."""
+    import shutil
+
+    from anodfd.data.cache import read_mask
+    from anodfd.data.layouts import read_split
+
+    data = shutil.copytree(synth_ol, tmp_path / "allbad")
+    anomalous = [p for p in read_split(data, "test") if read_mask(p.mask).any()]
+    (data / "test.txt").write_text("".join(f"{p.cur.relative_to(data)},{p.hist.relative_to(data)},"
+                                           f"{p.mask.relative_to(data)}\n" for p in anomalous))
+    fit(smoke(data, **{"train.epochs": 1, "train.max_steps_per_epoch": 1}), tmp_path / "run", log=lambda s: None)
+    out = tmp_path / "m.json"
+    assert cli(["eval", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(data), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    why = f"all {len(anomalous)} pairs of the test split are anomalous; it needs both kinds"
+    assert f"image_auroc undefined: {why}" in printed and "image-level AUROC nan" not in printed
+    text = out.read_text()
+    assert "NaN" not in text
+    result = json.loads(text)
+    assert result["image_auroc"] is None and result["undefined"] == {"image_auroc": why}
+    assert 0.0 <= result["auc"] <= 1.0
 
 
 def test_checkpoint_is_self_describing_and_weights_only(synth_ol, tmp_path):
@@ -137,3 +201,40 @@ def test_bad_checkpoint_is_one_clear_error(tmp_path, capsys):
     (tmp_path / "a.jpg").write_bytes(b"")
     assert cli(["eval", "--checkpoint", str(tmp_path / "x.pt"), "--data", str(tmp_path)]) == 2
     assert "not a readable anodfd checkpoint" in capsys.readouterr().err
+
+
+BAD_TRAIN_FLAGS = [
+    (["--lr", "-1"], "--lr -1.0 (train.lr): must be in (0, 1]"),
+    (["--lr", "0"], "--lr 0.0 (train.lr)"),
+    (["--batch-size", "0"], "--batch-size 0 (train.batch_size): must be 1 or more"),
+    (["--epochs", "0"], "--epochs 0 (train.epochs): must be 1 or more"),
+    (["--image-size", "7"], "--image-size 7 (data.image_size): must be a whole number of pixels, at least 32"),
+    (["--image-size", "100"], "--image-size 100 (model.image_size): model paper needs a size divisible by its stride 16"),
+    (["--bce-weight", "0", "--dice-weight", "0"], "the BCE, Dice and focal weights are all 0"),
+    (["--dice-weight", "-0.5"], "--dice-weight -0.5 (train.dice_weight): must be 0 or more"),
+    (["--focal-weight", "nan"], "--focal-weight nan (train.focal_weight)"),
+    (["--pos-weight", "0"], "--pos-weight 0.0 (train.pos_weight): must be above 0"),
+    (["--misregister", "0.7"], "--misregister 0.7 (data.misregister): must be in [0, 0.5)"),
+    (["--num-workers", "-1"], "--num-workers -1 (data.num_workers)"),
+    (["--max-steps-per-epoch", "-1"], "--max-steps-per-epoch -1 (train.max_steps_per_epoch)"),
+    (["--workers", "0"], "--workers 0: need at least 1 worker"),
+    (["--cpus-per-worker", "0"], "--cpus-per-worker 0.0: must be above 0"),
+    (["--gpus-per-worker", "-1"], "--gpus-per-worker -1.0: must be 0 (CPU) or more"),
+    (["--keep", "0"], "--keep 0: keep at least 1 checkpoint"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_TRAIN_FLAGS, ids=[" ".join(f) for f, _ in BAD_TRAIN_FLAGS])
+def test_bad_numbers_fail_in_one_line_before_anything_runs(synth_ol, tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)  # the default run folder (./runs) and MLflow store (./mlflow.db) would land here
+    assert cli(["train", "--data", str(synth_ol), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert list(tmp_path.iterdir()) == [], "nothing is written for a run that cannot start"
+
+
+@pytest.mark.parametrize("key, value", [("train.threshold", 0.0), ("train.threshold", 1.0), ("data.val_fraction", 0.0),
+                                        ("data.val_fraction", 1.5), ("train.beta1", 1.0), ("train.weight_decay", -1.0)])
+def test_settings_without_a_flag_are_checked_too(key, value):
+    with pytest.raises(ConfigError, match=rf"\({key}\)"):
+        Config().with_flat({key: value})

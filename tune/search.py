@@ -12,6 +12,7 @@ in the MLflow Model Registry (alias `challenger`; `champion` only if it beats th
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -32,6 +33,7 @@ from anodfd.registry import RegistryError
 from anodfd.train.launch import (
     RayOptions,
     best_checkpoint_file,
+    check_resources,
     fetch_checkpoints,
     init_ray,
     prepare,
@@ -48,6 +50,7 @@ SEARCH_PRESETS = {
               "first": {k: v for k, v in Config().with_flat(PRESETS["smoke"]).flat().items() if k in SPACE}},
 }
 METRICS = ("f1", "calibrated_f1", "iou", "auc")
+SEARCH_MARKER = "anodfd_search.json"  # in each search folder: its dataset, so --resume can find the latest
 TRIAL_DRIVER_CPU = 0.1  # the Tune function that launches a trial's TorchTrainer only waits
 
 
@@ -130,6 +133,12 @@ def search(args: argparse.Namespace) -> int:
     from ray.tune.schedulers import ASHAScheduler  # Ray
     from ray.tune.search.optuna import OptunaSearch  # Ray
 
+    # Bad numbers fail here, in one line, before Ray, MLflow or the storage are touched.
+    check_resources(args.workers_per_trial, args.cpus_per_worker, args.gpus_per_worker, "--workers-per-trial")
+    for flag, value in (("--num-samples", args.num_samples), ("--max-epochs", args.max_epochs),
+                        ("--max-concurrent", args.max_concurrent)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value}: must be 1 or more")
     preset = SEARCH_PRESETS[args.preset]
     metric = args.metric or preset["metric"]
     num_samples = args.num_samples or preset["num_samples"]
@@ -145,11 +154,17 @@ def search(args: argparse.Namespace) -> int:
     load_split(data_dir, "test", base.data.layout)
     if args.check:
         return check_only(args, str(data_dir), uri)
-    name = args.name or f"search-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = args.name
+    if name is None:
+        name = latest_search(args.storage, dataset) if args.resume else f"search-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     opts = RayOptions(workers=args.workers_per_trial, storage=args.storage, name=name, mlflow_uri=uri,
                       experiment=args.experiment, keep=2, metric=metric)
     base, storage, name = prepare(base, opts)
     search_dir = f"{storage.rstrip('/')}/{name}"
+    if "://" not in search_dir and not (Path(search_dir) / SEARCH_MARKER).is_file():
+        Path(search_dir).mkdir(parents=True, exist_ok=True)
+        (Path(search_dir) / SEARCH_MARKER).write_text(json.dumps({"dataset": dataset, "data": str(data_dir),
+                                                                  "started": time.time()}))
 
     joined = init_ray(args.address, 0, 0)
     res = ray.cluster_resources()
@@ -211,7 +226,13 @@ def search(args: argparse.Namespace) -> int:
     if not any(r.status == "TERMINATED" for r in rows):
         tracking.end_run(uri, parent_run_id, "FAILED")
         raise ConfigError(f"no trial finished; see the trial errors under {search_dir}")
-    best = max((r for r in rows if math.isfinite(r.value)), key=lambda r: r.value)
+    finite = [r for r in rows if math.isfinite(r.value)]
+    if not finite:
+        tracking.end_run(uri, parent_run_id, "FAILED")
+        raise ConfigError(f"every finished trial has validation {metric} NaN, so none can be ranked (AUC needs both "
+                          "anomalous and normal pixels in the validation split); search with another --metric, or "
+                          "check the validation masks with anodfd data check")
+    best = max(finite, key=lambda r: r.value)
     log_parent(uri, parent_run_id, rows, best, metric, table)
     print(f"\nbest trial {best.trial_id}: {metric} {best.value:.4f} with "
           + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()))
@@ -226,6 +247,29 @@ def search(args: argparse.Namespace) -> int:
     print(f"\nsearch folder: {search_dir}\nMLflow: {tracking.ui_command(uri)}")
     tracking.end_run(uri, parent_run_id)
     return 0
+
+
+def latest_search(storage: str, dataset: str) -> str:
+    """The name of the latest search of ``dataset`` in a local ``storage`` (what `--resume` without `--name`
+    continues): folders carrying a search marker, or named as searches name themselves."""
+    if "://" in storage:
+        raise ConfigError(f"--resume without --name looks for searches in a local folder, not {storage}; pass --name")
+    root = Path(storage).expanduser().resolve()
+    found = []
+    for folder in root.glob("*/") if root.is_dir() else []:
+        marker = folder / SEARCH_MARKER
+        if marker.is_file():
+            info = json.loads(marker.read_text())
+            if str(info.get("dataset", "")).lower() == dataset.lower():
+                found.append((float(info["started"]), folder.name))
+        elif folder.name.lower().startswith(f"search-{dataset.lower()}-"):  # written before markers existed
+            found.append((folder.stat().st_mtime, folder.name))
+    if not found:
+        raise ConfigError(f"--resume: no search of {dataset} in {root} to continue; drop --resume to start one, "
+                          "or pass --name and --storage of the search")
+    _, name = max(found)
+    print(f"--resume: continuing {name}, the latest search of {dataset} in {root}")
+    return name
 
 
 def check_only(args: argparse.Namespace, data_dir: str, uri: str) -> int:

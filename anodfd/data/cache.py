@@ -19,7 +19,7 @@ import numpy as np
 
 from anodfd.data.layouts import DatasetError, Pair, image_size
 
-_VERSION = "v1"  # bump when the decoding below changes, so stale entries are not reused
+_VERSION = "v2"  # bump when the decoding below changes, so stale entries are not reused
 _REDUCED = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2}
 cv2.setNumThreads(1)  # DataLoader workers already run in parallel; nested OpenCV threads only contend
 
@@ -48,7 +48,7 @@ def decode_image(path: Path, size: int) -> np.ndarray:
 
 
 def decode_mask(path: Path, size: int) -> np.ndarray:
-    """A {0,1} uint8 mask of ``size`` x ``size`` from a 0/1 or 0/255, grey or RGB, PNG or JPG file.
+    """A {0,1} uint8 mask of ``size`` x ``size`` from any convention `binarize_mask` reads, PNG or JPG.
 
     Area-resizing then thresholding at half coverage keeps the labels hard (no fake soft labels) and keeps
     the anomalous area about the same.
@@ -59,11 +59,28 @@ def decode_mask(path: Path, size: int) -> np.ndarray:
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """The mask at its own resolution as {0,1} uint8: what native-resolution metrics are counted on."""
-    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    """The mask at its own resolution as {0,1} uint8 (see `binarize_mask`): what native-resolution metrics count."""
+    m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # channels and bit depth as stored
     if m is None:
         raise DatasetError(f"{path}: OpenCV could not decode this mask; replace the file")
-    return ((m > 127) if m.max() > 1 else (m > 0)).astype(np.uint8)  # 0/255 (JPEG noise tolerated) or 0/1
+    return binarize_mask(m)
+
+
+def binarize_mask(m: np.ndarray) -> np.ndarray:
+    """{0,1} from the conventions datasets use, for 8- or 16-bit masks:
+    - grey 0/255 (or 0/65535), JPEG noise tolerated: anomalous at or above half the range;
+    - class indices (0 normal; 1, 2, ... kinds of anomaly), every value below half the range: any non-zero;
+    - colour (red anomalies on black, a colour per class): any channel at or above half its range.
+    """
+    half = (int(np.iinfo(m.dtype).max) + 1) // 2 if m.dtype.kind in "ui" else 0.5
+    if m.ndim == 3:
+        m = m[..., :3]  # an alpha channel says nothing about anomalies
+        if not (m == m[..., :1]).all():
+            return (m >= half).any(axis=2).astype(np.uint8)
+        m = m[..., 0]  # grey stored as colour
+    if m.max() >= half:
+        return (m >= half).astype(np.uint8)
+    return (m > 0).astype(np.uint8)
 
 
 class PairCache:

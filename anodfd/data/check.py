@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from anodfd.data.cache import read_mask
 from anodfd.data.layouts import SPLITS, DatasetError, detect_layout, image_size, list_path, read_split
 
 
@@ -47,8 +48,10 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def check_dataset(root: str | Path, layout: str = "auto", val_fraction: float = 0.2) -> CheckReport:
-    """Every listed file must exist, have a sane header and decode; every problem is collected, not just one."""
+def check_dataset(root: str | Path, layout: str = "auto", val_fraction: float = 0.2,
+                  allow_normal_only: bool = False) -> CheckReport:
+    """Every listed file must exist, have a sane header and decode, and every split must hold anomalous pixels
+    (unless ``allow_normal_only``: a split of normal pairs on purpose); every problem is collected, not just one."""
     root = Path(root).resolve()
     layout = detect_layout(root, layout)
     report = CheckReport(root=root, layout=layout)
@@ -74,17 +77,20 @@ def check_dataset(root: str | Path, layout: str = "auto", val_fraction: float = 
                 for f in (p.cur, p.hist):
                     if cv2.imread(str(f), cv2.IMREAD_REDUCED_COLOR_4) is None:
                         raise DatasetError(f"{f}: OpenCV could not decode this image; replace the file")
-                m = cv2.imread(str(p.mask), cv2.IMREAD_GRAYSCALE)
-                if m is None:
-                    raise DatasetError(f"{p.mask}: OpenCV could not decode this mask; replace the file")
+                m = read_mask(p.mask)
             except DatasetError as e:
                 report.errors.append(str(e))
                 continue
             report.sizes[cur_size] += 1
-            positive = int(np.count_nonzero((m > 127) if m.max() > 1 else m))
+            positive = int(np.count_nonzero(m))
             anomalous += positive
             total += m.size
             normal += positive == 0
         report.anomaly_fraction[split] = anomalous / max(total, 1)
         report.normal_pairs[split] = normal
+        if total and not anomalous and not allow_normal_only:
+            report.errors.append(
+                f"{split}: not one anomalous pixel in its {len(pairs)} masks. Masks are read as grey 0/255, class "
+                "indices (any non-zero) or colour (any channel at half its range or more); if this split is normal "
+                "on purpose, pass --allow-normal-only")
     return report

@@ -163,13 +163,21 @@ def _listed_file(root: Path, field: str, where: str) -> Path:
     return path
 
 
-def _find_image(folder: Path, stem: str, where: str) -> Path:
-    for ext in IMAGE_EXTS:
-        path = folder / f"{stem}{ext}"
+def _find_image(folder: Path, entry: str, where: str) -> Path:
+    """The file of list entry ``entry`` in ``folder``: an id (``0001``) or, as LEVIR-CD, DSIFN and ChangeFormer
+    lists write it, a file name (``test_77_0512_0256.png``). A named file is looked for as named first, then by
+    its stem with every image extension (masks are often .png beside .jpg images)."""
+    stem = entry
+    candidates = []
+    if Path(entry).suffix.lower() in IMAGE_EXTS:
+        candidates.append(folder / entry)
+        stem = entry[: -len(Path(entry).suffix)]
+    candidates += [folder / f"{stem}{ext}" for ext in IMAGE_EXTS]
+    for path in candidates:
         if path.is_file():
             return path
     raise DatasetError(
-        f"{where}: no image for id {stem!r} in {folder} (tried {', '.join(IMAGE_EXTS)}); "
+        f"{where}: no image for {entry!r} in {folder} (tried {', '.join(p.name for p in candidates[:3])}, ...); "
         "fix the list or restore the file"
     )
 

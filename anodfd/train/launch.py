@@ -6,6 +6,7 @@ Ray starts a single worker.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -36,6 +37,24 @@ class RayOptions:
     metric: str = "f1"  # the validation metric that ranks checkpoints (a search's --metric)
     mlflow_uri: str | None = None
     experiment: str = tracking.DEFAULT_EXPERIMENT
+
+    def __post_init__(self) -> None:
+        check_resources(self.workers, self.cpus_per_worker, self.gpus_per_worker)
+        if not (isinstance(self.keep, int) and self.keep >= 1):
+            raise ConfigError(f"--keep {self.keep!r}: keep at least 1 checkpoint")
+        if not (isinstance(self.max_failures, int) and self.max_failures >= -1):
+            raise ConfigError(f"--max-failures {self.max_failures!r}: must be 0 or more (-1: retry forever)")
+
+
+def check_resources(workers: int, cpus_per_worker: float | None, gpus_per_worker: float | None,
+                    workers_flag: str = "--workers") -> None:
+    """Workers, CPUs and GPUs per worker, checked before Ray, MLflow or storage are touched."""
+    if not (isinstance(workers, int) and workers >= 1):
+        raise ConfigError(f"{workers_flag} {workers!r}: need at least 1 worker")
+    if cpus_per_worker is not None and not (cpus_per_worker > 0 and math.isfinite(cpus_per_worker)):
+        raise ConfigError(f"--cpus-per-worker {cpus_per_worker!r}: must be above 0 (fractions such as 0.5 work)")
+    if gpus_per_worker is not None and not (gpus_per_worker >= 0 and math.isfinite(gpus_per_worker)):
+        raise ConfigError(f"--gpus-per-worker {gpus_per_worker!r}: must be 0 (CPU) or more")
 
 
 class MlflowCallback(UserCallback):
@@ -70,12 +89,15 @@ class TrainOutcome:
 
 def prepare(config: Config, opts: RayOptions) -> tuple[Config, str, str]:
     """Validate everything cheap to validate; returns (config with absolute paths, storage, run name)."""
-    if opts.workers < 1:
-        raise ConfigError(f"--workers {opts.workers}: need at least 1")
     if not config.data.cache_dir:  # workers run in another directory: give them an absolute cache
         config.data.cache_dir = str(default_cache_dir().resolve())
     make_dataset(config.data, "train")  # lists, files and image headers: DatasetError names the problem
-    make_dataset(config.data, "val")
+    val = make_dataset(config.data, "val")
+    if len(val) < opts.workers:
+        # Each DDP worker scores its own share of validation; one with none would meet its peers at another
+        # collective and hang them.
+        raise ConfigError(f"the validation split of {config.data.data} has {len(val)} pair(s), fewer than the "
+                          f"{opts.workers} DDP workers; use at most {len(val)} worker(s) or list more validation pairs")
     remote = "://" in opts.storage
     storage = opts.storage if remote else str(Path(opts.storage).expanduser().resolve())
     if not remote:

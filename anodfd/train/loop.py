@@ -43,10 +43,12 @@ def autocast(device: torch.device):
 
 def make_loader(
     dataset: PairDataset, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
-    sampler: Sampler | None = None, num_workers: int = 0, pin_memory: bool = False,
+    sampler: Sampler | None = None, num_workers: int = 0, pin_memory: bool = False, rank: int = 0,
 ) -> DataLoader:
-    # The shuffle order depends only on (seed, epoch), so a resumed run sees the epochs it would have seen.
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    # The shuffle order depends only on (seed, epoch), so a resumed run sees the epochs it would have seen. The
+    # rank is mixed in because loader workers seed their augmentation from this generator: without it every DDP
+    # rank would draw the same flips and nuisances.
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + rank * 7_919_000_003)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
         generator=generator, num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
@@ -165,7 +167,7 @@ def run_epoch(
         sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed)
         sampler.set_epoch(epoch)
     loader = make_loader(train_ds, t.batch_size, shuffle=True, seed=t.seed, epoch=epoch, sampler=sampler,
-                         num_workers=workers, pin_memory=pin)
+                         num_workers=workers, pin_memory=pin, rank=rank)
     stats = train_one_epoch(model, loader, loss_fn, optimizer, device, t.max_steps_per_epoch, t.log_every,
                             log if rank == 0 else lambda s: None)
     if not math.isfinite(stats.loss):
@@ -194,7 +196,14 @@ def epoch_metrics(pixels: PixelHistogram, images: ImageScores, threshold: float)
     """The paper's row at the fixed threshold, plus the F1-calibrated threshold and image-level AUROC."""
     metrics = pixels.compute(threshold)
     best_t, best_f1 = pixels.best_f1_threshold()
-    metrics.update(calibrated_threshold=best_t, calibrated_f1=best_f1, image_auroc=images.auroc())
+    # Without anomalous pixels in validation every threshold that flags nothing ties at F1 1; a collapsed model
+    # is best at 0.0 (flag everything). Neither is a threshold to serve with: the fixed one is kept instead, and
+    # `threshold_calibrated` says so.
+    calibrated = bool(pixels.pos.sum() and pixels.neg.sum()) and 0.0 < best_t < 1.0 and best_f1 > 0.0
+    if not calibrated:
+        best_t, best_f1 = threshold, metrics["f1"]
+    metrics.update(calibrated_threshold=best_t, calibrated_f1=best_f1, threshold_calibrated=float(calibrated),
+                   image_auroc=images.auroc())
     return metrics
 
 
@@ -324,9 +333,12 @@ def fit(config: Config, out: str | Path, log: Callable[[str], None] = print) -> 
 
 
 def epoch_line(metrics: dict[str, float], epochs: int) -> str:
+    calibrated = (f"calibrated {metrics['calibrated_f1']:.4f} @ {metrics['calibrated_threshold']:.3f}"
+                  if metrics.get("threshold_calibrated", 1.0) else
+                  f"no threshold calibrates on this validation split: serving at {metrics['calibrated_threshold']:g}")
     return (
         f"epoch {int(metrics['epoch'])}/{epochs}  loss {metrics['train_loss']:.4f}  val F1 {metrics['f1']:.4f} "
-        f"(calibrated {metrics['calibrated_f1']:.4f} @ {metrics['calibrated_threshold']:.3f})  "
+        f"({calibrated})  "
         f"AUC {metrics['auc']:.4f}  {metrics['pairs_per_s']:.1f} pairs/s"
     )
 
