@@ -158,8 +158,11 @@ def test_train_eval_predict_commands(synth_ol, tmp_path, capsys, monkeypatch, ra
             "--json", str(m), "--plot", str(roc)]
     assert cli(argv) == 0
     metrics = json.loads(m.read_text())
-    assert set(metrics) == {"precision", "recall", "oa", "f1", "iou", "auc", "eer", "threshold"}
+    assert set(metrics) == {"precision", "recall", "oa", "f1", "iou", "auc", "eer", "threshold", "image_auroc",
+                            "undefined"}
     assert metrics["threshold"] == 0.5 and 0.0 <= metrics["f1"] <= 1.0
+    # A value, or null with the reason (this stand-in's test pairs may all be anomalous).
+    assert (metrics["image_auroc"] is None) == ("image_auroc" in metrics["undefined"])
     assert roc.stat().st_size > 5000
     out = capsys.readouterr().out
     assert "calibrated threshold" in out and "F1" in out
