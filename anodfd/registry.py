@@ -259,19 +259,17 @@ def gate(uri: str, name: str, version: int, rescore: Rescore | None = None, leas
         tags = c.get_model_version(name, str(version)).tags
         for _ in range(5):
             champion = _version_by_alias(c, name, CHAMPION)
-            if _needs_rescore(champion, tags, version) and rescore is not None:
+            if rescore is not None and _needs_rescore(champion, tags, version):
                 _rescore(uri, name, champion, rescore)
             with promotion_lease(c, name, lease_ttl, lease_wait) as lease:
                 champion = _version_by_alias(c, name, CHAMPION)
-                if _needs_rescore(champion, tags, version) and rescore is not None:
+                if rescore is not None and _needs_rescore(champion, tags, version):
                     continue  # champion moved while we re-scored the one before: re-score the new one
-                if champion is not None and int(champion.version) == version:
-                    take, reason = True, "already champion"
-                else:
-                    take, reason = decide_champion(tags, champion)
+                already = champion is not None and int(champion.version) == version
+                take, reason = (True, "already champion") if already else decide_champion(tags, champion)
                 c.set_model_version_tag(name, str(version), "registration_decision", reason)
                 _move_alias(c, name, CHALLENGER, version, "registered by a search")
-                if take and reason != "already champion":
+                if take and not already:
                     _move_alias(c, name, CHAMPION, version, reason)
                 lease.check()  # still ours: nobody else can have moved an alias meanwhile
                 if take and int(c.get_registered_model(name).aliases.get(CHAMPION, -1)) != version:

@@ -216,7 +216,9 @@ def score_checkpoint(
     threshold = float(ckpt.get("threshold", 0.5))
     if not 0.0 < threshold < 1.0:
         threshold = 0.5
-    sizes = {s: len(load_split(Path(data_dir), s, data.layout, data.val_fraction)) for s in ("train", "val", split)}
+    # The files were checked when the splits were scored above: only the counts are needed here.
+    sizes = {s: len(load_split(Path(data_dir), s, data.layout, data.val_fraction, check=False))
+             for s in ("train", "val", split)}
     card = Scorecard(protocol, pixels.compute(0.5), pixels.compute(threshold), threshold,
                      floor.compute(floor_threshold)["f1"], floor_threshold, sizes[split], sizes)
     if out is not None:
