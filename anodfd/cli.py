@@ -292,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="run name under --storage; rerunning with it resumes")
     p.add_argument("--workers", type=int, default=1, help="DDP workers (default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs (and torch threads) per worker; default: a local run shares the machine's cores, 1 on a cluster")
     p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else local Ray)")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures survived from the last checkpoint")
     p.add_argument("--keep", type=int, default=2, help="best checkpoints kept by validation F1, besides the latest")

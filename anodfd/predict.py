@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from anodfd.config import Config, ConfigError
-from anodfd.data.cache import decode_image
+from anodfd.data.cache import preprocess, read_rgb
 from anodfd.data.dataset import to_chw
 from anodfd.data.layouts import IMAGE_EXTS, DatasetError
 from anodfd.metrics import image_scores
@@ -57,28 +57,31 @@ def find_pairs(hist: str, cur: str | None = None, list_file: str | None = None) 
     return pairs
 
 
+def pair_map(
+    model: nn.Module, size: int, hist_rgb: np.ndarray, cur_rgb: np.ndarray, device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, float]:
+    """One decoded RGB pair -> (HxW float32 probability map at the current image's size, pair score)."""
+    hist, cur = to_chw(preprocess(hist_rgb, size))[None], to_chw(preprocess(cur_rgb, size))[None]
+    probs = predict_probs(model, hist, cur, torch.device(device))
+    full = resize_probs(probs, *cur_rgb.shape[:2])[0, 0].numpy()
+    return full, float(image_scores(probs)[0])
+
+
 def predict_pairs(
     model: nn.Module, config: Config, pairs: list[tuple[str, Path, Path]], out: str | Path,
     threshold: float, device: torch.device | str = "cpu", min_area: int = 16,
 ) -> list[Prediction]:
-    out, device = Path(out), torch.device(device)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    size = config.data.image_size
     results = []
     for name, hist_path, cur_path in pairs:
-        cur_full = cv2.imread(str(cur_path), cv2.IMREAD_COLOR)
-        if cur_full is None:
-            raise DatasetError(f"{cur_path}: OpenCV could not decode this image; replace the file")
-        hist, cur = to_chw(decode_image(hist_path, size))[None], to_chw(decode_image(cur_path, size))[None]
-        probs = predict_probs(model, hist, cur, device)
-        score = float(image_scores(probs)[0])
-        height, width = cur_full.shape[:2]
-        full = resize_probs(probs, height, width)[0, 0].numpy()
+        cur_rgb = read_rgb(cur_path)
+        full, score = pair_map(model, config.data.image_size, read_rgb(hist_path), cur_rgb, device)
         binary = (full >= threshold).astype(np.uint8)
         boxes = regions(binary, full, min_area)
         map_path, overlay_path, json_path = out / f"{name}_map.png", out / f"{name}_overlay.jpg", out / f"{name}.json"
         cv2.imwrite(str(map_path), np.round(full * 255).astype(np.uint8))
-        cv2.imwrite(str(overlay_path), overlay(cur_full, binary, boxes))
+        cv2.imwrite(str(overlay_path), overlay(cv2.cvtColor(cur_rgb, cv2.COLOR_RGB2BGR), binary, boxes))
         json_path.write_text(json.dumps({
             "history": str(hist_path), "current": str(cur_path), "score": score, "threshold": threshold,
             "anomalous_fraction": float(binary.mean()), "boxes": boxes,

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import cv2
 import mlflow
 import numpy as np
 import torch
 
 from anodfd.config import ConfigError
+from anodfd.data.cache import preprocess
 from anodfd.data.dataset import to_chw
 from anodfd.train.loop import (
     load_checkpoint,
@@ -64,8 +64,7 @@ class AnomalyMapModel(mlflow.pyfunc.PythonModel):
         self.threshold = float(ckpt.get("threshold", config.train.threshold))
 
     def _resize(self, image: np.ndarray) -> torch.Tensor:
-        # As `anodfd.data.cache.decode_image` does for files: area resize to the model's square input.
-        return to_chw(cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA))
+        return to_chw(preprocess(image, self.size))  # exactly what training saw of a decoded file
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         """``{"history": NxHxWx3, "current": NxHxWx3}`` uint8 RGB -> NxHxW float32 maps (an object array of HxW maps

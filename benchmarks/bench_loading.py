@@ -1,7 +1,7 @@
 """Pairs/s delivered as training batches: our loader against the official pipeline, in the same run.
 
-The official pipeline opens every pair with PIL and resizes it with torchvision, every epoch. Ours decodes JPEGs
-at reduced size with OpenCV once, then serves the cached uint8 pair. Both produce normalised float batches of
+The official pipeline opens every pair with PIL and resizes it with torchvision, every epoch. Ours decodes each
+pair with OpenCV once (full decode, area resize), then serves the cached uint8 pair. Both produce normalised float batches of
 (history, current, mask) at the target size with the paper's flip/rotation augmentation.
 
     python benchmarks/bench_loading.py                       # OL stand-in at 2048x1536, made on first use
@@ -99,7 +99,7 @@ def main() -> None:
     print("|---|---|---|")
     later = lambda r: sum(r[1:]) / max(len(r) - 1, 1)
     print(f"| official (PIL + torchvision, every epoch) | {official[0]:.1f} | {later(official):.1f} |")
-    print(f"| anodfd (OpenCV reduced decode + cache) | {ours[0]:.1f} | {later(ours):.1f} |")
+    print(f"| anodfd (OpenCV decode once + cache) | {ours[0]:.1f} | {later(ours):.1f} |")
     print(f"| speed-up | {ours[0] / official[0]:.1f}x | {later(ours) / later(official):.1f}x |")
 
 

@@ -1,6 +1,7 @@
 """Model speed on CPU: our AnoDFDNet against a plain re-implementation of the official network.
 
     python benchmarks/bench_model.py --iters 1 --rounds 5 --threads 2
+    python benchmarks/bench_model.py --threads 2 --skip-resnet18 --anodfd-train   # + `anodfd train`, same run
 
 Measures pairs/s of a training step (forward, BCE, backward, Adam step) and of inference, for variant
 `paper` at 256x256 and batch 4, against `OfficialStyleNet` below: the official architecture written the
@@ -286,6 +287,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best is reported")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--skip-resnet18", action="store_true")
+    parser.add_argument("--anodfd-train", action="store_true",
+                        help="also run `anodfd train` (local Ray, default CPUs) on an OL stand-in at the same size and "
+                             "batch, and compare its pairs/s with the in-process train step")
+    parser.add_argument("--train-epochs", type=int, default=3, help="epochs of that run; epoch 1 (decoding) is left out")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -359,6 +364,36 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for variant, impl, tr, inf, note in rows:
         print(f"| {variant} | {impl} | {tr:.2f} | {inf:.2f} | {note} |")
+    if args.anodfd_train:
+        in_process = b / train["ours"]
+        on_ray = anodfd_train_rate(s, b, args.depth, args.train_epochs)
+        print(f"\n| `anodfd train`, 1 local worker, paper at {s}x{s}, batch {b} | pairs/s |\n|---|---|")
+        print(f"| in-process train step, {torch.get_num_threads()} threads (above) | {in_process:.2f} |")
+        print(f"| `anodfd train`, epochs 2-{args.train_epochs} (data, loss and step; validation excluded) | "
+              f"{on_ray:.2f} ({on_ray / in_process:.0%} of in-process) |")
+
+
+def anodfd_train_rate(size: int, batch: int, depth: int, epochs: int) -> float:
+    """Mean training pairs/s of a real `anodfd train` run after its first epoch, as the CLI runs it."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from anodfd.data.synthetic import synthesize
+    from anodfd.train.loop import load_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="anodfd-bench-train-") as tmp:
+        data = Path(tmp) / "OL"
+        synthesize("OL", data, pairs=40, seed=0, size=(512, 384))
+        cmd = [sys.executable, "-m", "anodfd", "train", "--data", str(data), "--preset", "paper",
+               "--image-size", str(size), "--batch-size", str(batch), "--depth", str(depth), "--epochs", str(epochs),
+               "--keep", str(epochs), "--out", f"{tmp}/run", "--mlflow-uri", f"sqlite:///{tmp}/mlflow.db", "--cache-dir", f"{tmp}/cache"]
+        with open(Path(tmp) / "train.log", "w") as log:
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode:
+                raise SystemExit((Path(tmp) / "train.log").read_text()[-3000:])
+        rates = [load_checkpoint(p)["metrics"]["pairs_per_s"] for p in sorted(Path(tmp, "run").glob("epoch_*/*.pt"))]
+        return sum(rates[1:]) / max(len(rates) - 1, 1)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ work, gpus, epochs, batch, loaders = sys.argv[1], float(sys.argv[2]), int(sys.ar
 config = Config().with_flat({"data.data": f"{work}/OL", "model.name": "paper", "model.depth": 2,
                              "train.epochs": epochs, "train.batch_size": batch, "data.num_workers": loaders,
                              "train.device": "cuda" if gpus else "cpu"})
-opts = RayOptions(workers=1, gpus_per_worker=gpus, cpus_per_worker=1 if not gpus else 4,
+opts = RayOptions(workers=1, gpus_per_worker=gpus, cpus_per_worker=None if not gpus else 4,
                   storage=f"{work}/runs", name="gpu-check", mlflow_uri=f"sqlite:///{work}/mlflow.db")
 out = train_on_ray(config, opts)
 hist = lambda k: [m.value for m in sorted(client(out.mlflow_uri).get_metric_history(out.mlflow_run_id, k), key=lambda m: m.step)]

@@ -11,6 +11,17 @@ import torch
 torch.set_num_threads(1)
 
 
+def same_state(a: dict, b: dict) -> bool:
+    """Bit-identical tensors (nested dicts and lists of them, as in an optimizer's state_dict)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     """Tests never read or write the user's ~/.cache/anodfd."""
@@ -106,12 +117,16 @@ def mlflow_server(tmp_path_factory):
 def ray_local():
     """A real local Ray instance (2 CPUs) for one test module, shut down after it.
 
-    Per module, not per session: `tune/search.py` tests run drivers that start their own local Ray, and two
-    Ray instances on one host confuse Ray's cleanup of finished trials.
+    Started as `anodfd train` starts its own (`start_local_ray`), so it and the Ray instances of drivers that
+    tests run as subprocesses tell each other apart.
     """
     import ray
 
+    from anodfd.train.launch import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        start_local_ray(num_cpus=2)
+        # Ray's processes have it; subprocesses of the tests must not inherit this instance's dashboard address.
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
     yield ray
     ray.shutdown()

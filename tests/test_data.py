@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from anodfd.cli import main as cli
-from anodfd.data.cache import PairCache, decode_image, decode_mask
+from anodfd.data.cache import PairCache, decode_mask
 from anodfd.data.check import check_dataset
 from anodfd.data.dataset import PairDataset, normalize
 from anodfd.data.layouts import (
@@ -322,16 +322,63 @@ def test_cli_unknown_dataset_is_one_line(tmp_path, capsys):
 # --- decoding and the cache ------------------------------------------------------------------------------
 
 
-def test_reduced_decoding_matches_full_decoding(tmp_path):
-    # A smooth large image: reduced JPEG decoding + area resize must give nearly the full-decode result.
-    yy, xx = np.mgrid[0:1536, 0:2048]
-    img = np.stack([(xx / 8) % 256, (yy / 6) % 256, (xx + yy) / 14 % 256], -1).astype(np.uint8)
-    path = tmp_path / "big.jpg"
-    cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
-    fast = decode_image(path, 256)
-    full = cv2.cvtColor(cv2.resize(cv2.imread(str(path)), (256, 256), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
-    assert fast.shape == (256, 256, 3) and fast.dtype == np.uint8
-    assert np.abs(fast.astype(int) - full.astype(int)).mean() < 3
+def test_predict_eval_and_pyfunc_see_the_same_pixels(tmp_path):
+    """One preprocessing path: a large JPEG pair gives the same map through `predict`, the eval dataset and the
+    pyfunc fed the decoded arrays, to 1e-5 (a decode at reduced size in training alone was 1.6 grey levels off)."""
+    from types import SimpleNamespace
+
+    from anodfd.config import PRESETS, Config
+    from anodfd.data.dataset import make_dataset, to_chw
+    from anodfd.predict import predict_pairs
+    from anodfd.serving import AnomalyMapModel
+    from anodfd.train.loop import (
+        build_training,
+        checkpoint_dict,
+        predict_probs,
+        resize_probs,
+        save_checkpoint,
+    )
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:384, 0:512]
+    smooth = np.stack([(xx / 2) % 256, (yy / 1.5) % 256, (xx + yy) / 4 % 256], -1)
+    hist = np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8)
+    cur = hist.copy()
+    cur[100:160, 200:300] = 255 - cur[100:160, 200:300]
+    mask = np.zeros((384, 512), np.uint8)
+    mask[100:160, 200:300] = 255
+    root = tmp_path / "d"
+    for split in ("train", "validation", "test"):
+        (root / "p").mkdir(parents=True, exist_ok=True)
+        (root / f"{split}.txt").write_text("p\\cur.jpg,p\\hist.jpg,p\\cur_gt.png\n")
+    for name, img in (("hist.jpg", hist), ("cur.jpg", cur)):
+        cv2.imwrite(str(root / "p" / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    cv2.imwrite(str(root / "p" / "cur_gt.png"), mask)
+
+    config = Config().with_flat({**PRESETS["smoke"], "data.data": str(root), "data.image_size": 64,
+                                 "data.cache_dir": str(tmp_path / "cache")})
+    model, _, _ = build_training(config, torch.device("cpu"))
+    with torch.no_grad():  # a fresh model answers about 0.5 everywhere, whatever it sees; make it sensitive
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ckpt = tmp_path / "c.pt"
+    save_checkpoint(checkpoint_dict(model, None, 1, config, {"calibrated_threshold": 0.5}, (0.0, 0.0)), ckpt)
+
+    predict_pairs(model, config, [("p", root / "p" / "hist.jpg", root / "p" / "cur.jpg")], tmp_path / "out", 0.5)
+    predicted = cv2.imread(str(tmp_path / "out" / "p_map.png"), cv2.IMREAD_GRAYSCALE) / 255.0  # 8-bit PNG
+
+    h, c, _ = make_dataset(config.data, "test").arrays(0)
+    evaluated = resize_probs(predict_probs(model, to_chw(h)[None], to_chw(c)[None], torch.device("cpu")), 384, 512)
+    evaluated = evaluated[0, 0].numpy()
+
+    served_model = AnomalyMapModel()
+    served_model.load_context(SimpleNamespace(artifacts={"checkpoint": str(ckpt)}))
+    decoded = [cv2.cvtColor(cv2.imread(str(root / "p" / n)), cv2.COLOR_BGR2RGB) for n in ("hist.jpg", "cur.jpg")]
+    served = served_model.predict(None, {"history": decoded[0][None], "current": decoded[1][None]})[0]
+
+    assert evaluated.std() > 1e-3  # a map with structure, not a constant any decoding would reproduce
+    np.testing.assert_allclose(served, evaluated, atol=1e-5)
+    np.testing.assert_allclose(predicted, evaluated, atol=0.5 / 255 + 1e-5)  # the PNG holds the map rounded
 
 
 def test_second_epoch_decodes_nothing(tmp_path):

@@ -6,8 +6,10 @@ Everything real: a local Ray instance, an `mlflow server` on 127.0.0.1, tiny mod
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -43,10 +45,13 @@ def test_two_worker_ddp_run_logs_everything_to_mlflow(synth_ol, tmp_path, mlflow
         if key != "data.cache_dir":  # made absolute by the launcher
             assert run.data.params[key] == str(value), key
     assert run.data.tags["anodfd.global_batch"] == str(2 * config.train.batch_size)
-    for key in ("train_loss", "precision", "recall", "oa", "f1", "iou", "auc", "eer", "pairs_per_s"):
+    for key in ("train_loss", "precision", "recall", "oa", "f1", "iou", "auc", "eer", "pairs_per_s", "param_spread",
+                "threads"):
         assert [s for s, _ in history(mlflow_server, out.mlflow_run_id, key)] == [1, 2, 3], key
     # Gradients are synchronised: every rank holds the same weights after every epoch.
     assert all(v == 0.0 for _, v in history(mlflow_server, out.mlflow_run_id, "param_spread"))
+    # The 2 CPUs of this local instance shared out: one torch thread per worker.
+    assert [v for _, v in history(mlflow_server, out.mlflow_run_id, "threads")] == [1.0, 1.0, 1.0]
 
     c = client(mlflow_server)
     artifacts = {a.path for a in c.list_artifacts(out.mlflow_run_id)}
@@ -124,7 +129,7 @@ def test_two_worker_metrics_equal_one_process(synth_ol, tmp_path):
 # --- failures and resume ---------------------------------------------------------------------------------
 
 
-def test_killed_worker_restarts_from_checkpoint(synth_ol, tmp_path, mlflow_server):
+def test_killed_worker_restarts_from_checkpoint(synth_ol, tmp_path, mlflow_server, capfd):
     import ray
     from ray.util.state import list_actors
 
@@ -134,30 +139,50 @@ def test_killed_worker_restarts_from_checkpoint(synth_ol, tmp_path, mlflow_serve
     thread = threading.Thread(target=lambda: box.update(out=train_on_ray(config, opts)), daemon=True)
     thread.start()
 
-    deadline = time.time() + 300
-    while not (tmp_path / "crash" / "epoch_0002" / "checkpoint.pt").exists():
+    # Kill once Ray has accepted 2 epochs (MLflow logs exactly those): a checkpoint folder on disk is not enough,
+    # as reports still queued in a worker die with it.
+    deadline, run_id = time.time() + 300, None
+    while True:
         assert time.time() < deadline and thread.is_alive(), "the run never reached epoch 2"
+        experiment = client(mlflow_server).get_experiment_by_name(opts.experiment)
+        if run_id is None and experiment is not None:
+            runs = client(mlflow_server).search_runs(
+                [experiment.experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{tmp_path}/crash'")
+            run_id = runs[0].info.run_id if runs else None
+        if run_id and len(history(mlflow_server, run_id, "train_loss")) >= 2:
+            break
         time.sleep(0.2)
     # This Ray instance by address: another one on the host (a second test run) would make the default ambiguous.
     address = ray.get_runtime_context().gcs_address
-    victims = [a.pid for a in list_actors(address=address,
-                                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    workers = [a for a in list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker")], limit=1000)]
+    victims = [a.pid for a in workers if a.state == "ALIVE"]
     assert len(victims) == 2
     os.kill(victims[1], signal.SIGKILL)
+    accepted = max(step for step, _ in history(mlflow_server, run_id, "train_loss"))  # at least this was saved
     thread.join(timeout=600)
     assert "out" in box, "the run did not survive the killed worker"
 
     out = box["out"]
     assert out.best_metrics and client(mlflow_server).get_run(out.mlflow_run_id).info.status == "FINISHED"
-    alive = {a.pid for a in list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker")])
-             if a.state == "ALIVE"}
-    assert victims[1] not in alive
+    # A new group of 2 workers replaced the old one, and it started from the last checkpoint, not from scratch.
+    after = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker")], limit=1000)
+    assert len(after) >= len(workers) + 2
+    time.sleep(2)  # the last worker lines reach the driver through Ray's log monitor
+    printed = capfd.readouterr()
+    restored = [int(n) for n in re.findall(r"restored from the checkpoint of epoch (\d+)", printed.out + printed.err)]
+    assert len(restored) == 1 and restored[0] >= accepted, (restored, accepted)
     # Each epoch is logged exactly once: completed epochs were not trained again after the restart.
     assert [s for s, _ in history(mlflow_server, out.mlflow_run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
     assert max(p.name for p in (tmp_path / "crash").glob("epoch_*")) == "epoch_0006"
 
 
-def test_rerun_with_same_name_resumes(synth_ol, tmp_path, mlflow_server):
+def test_rerun_with_same_name_resumes_bit_identically(synth_ol, tmp_path, mlflow_server):
+    """2 epochs, then a rerun of the same name to 3: the same MLflow run continues, and the weights and optimizer
+    state equal those of 3 epochs straight. A single worker on this 2-CPU instance runs 2 torch threads."""
+    from conftest import same_state
+
+    from anodfd.train.loop import load_checkpoint
+
     opts = RayOptions(workers=1, storage=str(tmp_path), name="again", mlflow_uri=mlflow_server)
     first = train_on_ray(smoke(synth_ol, **{"train.epochs": 2}), opts)
     second = train_on_ray(smoke(synth_ol, **{"train.epochs": 3}), opts)
@@ -167,6 +192,38 @@ def test_rerun_with_same_name_resumes(synth_ol, tmp_path, mlflow_server):
         [client(mlflow_server).get_run(first.mlflow_run_id).info.experiment_id],
         filter_string=f"tags.`{RUN_DIR_TAG}` = '{tmp_path}/again'")
     assert len(runs) == 1
+    assert [v for _, v in history(mlflow_server, second.mlflow_run_id, "threads")] == [2.0, 2.0, 2.0]
+
+    train_on_ray(smoke(synth_ol, **{"train.epochs": 3}),
+                 RayOptions(workers=1, storage=str(tmp_path), name="straight", mlflow_uri=mlflow_server))
+    a, b = load_checkpoint(tmp_path / "again" / "last.pt"), load_checkpoint(tmp_path / "straight" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    assert same_state(a["model"], b["model"]) and same_state(a["optimizer"], b["optimizer"])
+    assert a["best"] == b["best"]
+
+
+def test_two_local_runs_on_one_machine_run_side_by_side(synth_ol, tmp_path, mlflow_server):
+    """Two `anodfd train` processes at once, each with its own local Ray instance (and this test module's a third):
+    both finish, each in its own MLflow run, and no Ray process mistakes another instance for its own."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    procs = []
+    for name in ("first", "second"):
+        log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed below; a pipe could fill and block
+        cmd = [sys.executable, "-m", "anodfd", "train", "--data", str(synth_ol), "--preset", "smoke", "--epochs", "2", "--max-steps-per-epoch", "3",
+               "--out", str(tmp_path / name), "--mlflow-uri", mlflow_server]
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, text=True), log))
+        time.sleep(3)  # the second starts while the first is starting Ray or training
+    for proc, log in procs:
+        assert proc.wait(timeout=900) == 0, (tmp_path / f"{log.name}").read_text()[-3000:]
+        log.close()
+    outputs = [(tmp_path / f"{n}.log").read_text() for n in ("first", "second")]
+    for out in outputs:
+        assert "multiple active Ray instances" not in out and "Failed to query Ray Train Controller" not in out, out
+    run_ids = {re.search(r"MLflow run (\w+); to browse", out).group(1) for out in outputs}
+    assert len(run_ids) == 2
+    for run_id in run_ids:
+        run = client(mlflow_server).get_run(run_id)
+        assert run.info.status == "FINISHED" and [s for s, _ in history(mlflow_server, run_id, "f1")] == [1, 2]
 
 
 def test_unreachable_tracking_server_fails_before_training(synth_ol, tmp_path):

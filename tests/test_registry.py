@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import card, free_port
+from conftest import card, free_port, same_state
 
 from anodfd import registry, tracking
 from anodfd.cli import main
@@ -49,15 +49,33 @@ def aliases(uri: str) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def history(mlflow_server, checkpoint, search_run, synth_ol):
-    """Six registrations of the same checkpoint with chosen scores: (Registration, aliases after)."""
+def weights(checkpoint, tmp_path_factory) -> list[Path]:
+    """Six checkpoints with distinct weights (the trained one, nudged per version), so that a lookup returning the
+    wrong version returns the wrong weights."""
+    folder, original = tmp_path_factory.mktemp("versions"), load_checkpoint(checkpoint)
+    paths = []
+    for version in range(1, 7):
+        gen = torch.Generator().manual_seed(version)
+        model = {k: v + 2e-2 * torch.randn(v.shape, generator=gen) if v.is_floating_point() and "running_" not in k
+                 else v for k, v in original["model"].items()}
+        torch.save({**original, "model": model}, folder / f"v{version}.pt")
+        paths.append(folder / f"v{version}.pt")
+    return paths
+
+
+def version_weights(weights: list[Path], version: int) -> dict[str, torch.Tensor]:
+    return load_checkpoint(weights[version - 1])["model"]
+
+
+@pytest.fixture(scope="module")
+def history(mlflow_server, weights, search_run, synth_ol):
+    """Six registrations with chosen scores, version N holding ``weights[N - 1]``: (Registration, aliases after)."""
     fp = fingerprint(synth_ol)
     steps = [card(0.5, fp, **METRICS), card(0.4, fp, **METRICS), card(0.5, fp, **METRICS), card(0.6, fp, **METRICS),
              card(0.9, "0123456789abcdef", **METRICS), card(0.7, fp, **{**METRICS, "auc": 0.55})]
     out = []
-    for trial, scores in enumerate(steps, 1):
-        reg = registry.log_and_register(mlflow_server, checkpoint, DATASET, scores, search_run,
-                                        tags={"trial": str(trial)})
+    for trial, (scores, path) in enumerate(zip(steps, weights), 1):
+        reg = registry.log_and_register(mlflow_server, path, DATASET, scores, search_run, tags={"trial": str(trial)})
         out.append((reg, aliases(mlflow_server)))
     return out
 
@@ -188,7 +206,7 @@ def test_champion_under_another_protocol_is_rescored_before_the_comparison(mlflo
         assert text in shown, text
 
 
-def test_pyfunc_model_matches_checkpoint(history, mlflow_server, checkpoint, synth_ol, tmp_path, monkeypatch):
+def test_pyfunc_model_matches_checkpoint(history, mlflow_server, weights, synth_ol, tmp_path, monkeypatch):
     import mlflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
@@ -211,8 +229,8 @@ def test_pyfunc_model_matches_checkpoint(history, mlflow_server, checkpoint, syn
     with pytest.raises(MlflowException, match="shape"):
         pyfunc.predict({"history": hists[0], "current": curs[0]})
 
-    # The checkpoint directly, through the files-on-disk path that `anodfd predict` uses.
-    ckpt = load_checkpoint(checkpoint)
+    # The champion's checkpoint directly, through the files-on-disk path that `anodfd predict` uses.
+    ckpt = load_checkpoint(weights[aliases(mlflow_server)["champion"] - 1])
     model, config = model_from_checkpoint(ckpt)
     size = config.data.image_size
     for i, (h, c) in enumerate(zip(hists, curs)):
@@ -232,13 +250,15 @@ def test_pyfunc_model_matches_checkpoint(history, mlflow_server, checkpoint, syn
     np.testing.assert_allclose(maps[0], batch[0], atol=1e-6)
 
 
-def test_load_checkpoint_from_registry(history, mlflow_server, checkpoint):
-    original = load_checkpoint(checkpoint)
-    for uri in (f"models:/{NAME}@champion", f"models:/{NAME}/2"):
-        got = registry.load_checkpoint_from_registry(mlflow_server, uri)
+def test_load_checkpoint_from_registry(history, mlflow_server, weights):
+    champion = aliases(mlflow_server)["champion"]
+    other = 2 if champion != 2 else 1
+    assert not same_state(version_weights(weights, champion), version_weights(weights, other))
+    for uri, version in ((f"models:/{NAME}@champion", champion), (f"models:/{NAME}/{other}", other)):
+        got, original = registry.load_checkpoint_from_registry(mlflow_server, uri), load_checkpoint(weights[version - 1])
         assert got["optimizer"] is None and got["threshold"] == original["threshold"]
         assert got["config"] == original["config"]
-        assert all(torch.equal(got["model"][k], v) for k, v in original["model"].items())
+        assert same_state(got["model"], original["model"]), uri
 
 
 @pytest.mark.parametrize("model_uri, message", [
@@ -270,12 +290,13 @@ def test_models_list_and_promote_cli(history, mlflow_server, capsys):
     assert "no registered model anodfdnet-NoSuchData" in capsys.readouterr().err
 
 
-def test_predict_and_eval_from_registry_match_checkpoint(history, mlflow_server, checkpoint, synth_ol, tmp_path):
+def test_predict_and_eval_from_registry_match_checkpoint(history, mlflow_server, weights, synth_ol, tmp_path):
     pair = read_split(synth_ol, "test")[0]
     io = ["--hist", str(pair.hist), "--cur", str(pair.cur)]
     uri = ["--mlflow-uri", mlflow_server]
+    champion = weights[aliases(mlflow_server)["champion"] - 1]
     assert main(["predict", "--model", f"models:/{NAME}@champion", *io, "--out", str(tmp_path / "reg"), *uri]) == 0
-    assert main(["predict", "--checkpoint", str(checkpoint), *io, "--out", str(tmp_path / "file")]) == 0
+    assert main(["predict", "--checkpoint", str(champion), *io, "--out", str(tmp_path / "file")]) == 0
     written = sorted(p.name for p in (tmp_path / "reg").iterdir())
     assert written == ["cur.json", "cur_map.png", "cur_overlay.jpg"]
     assert (tmp_path / "reg/cur_map.png").read_bytes() == (tmp_path / "file/cur_map.png").read_bytes()
@@ -283,7 +304,7 @@ def test_predict_and_eval_from_registry_match_checkpoint(history, mlflow_server,
 
     data = ["--data", str(synth_ol), "--split", "test"]
     assert main(["eval", "--model", f"models:/{NAME}/1", *data, "--json", str(tmp_path / "reg.json"), *uri]) == 0
-    assert main(["eval", "--checkpoint", str(checkpoint), *data, "--json", str(tmp_path / "file.json")]) == 0
+    assert main(["eval", "--checkpoint", str(weights[0]), *data, "--json", str(tmp_path / "file.json")]) == 0
     reg, file = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("reg", "file"))
     assert set(reg) == {"precision", "recall", "oa", "f1", "iou", "auc", "eer", "threshold", "image_auroc",
                         "undefined"} and reg == file

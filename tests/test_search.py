@@ -16,8 +16,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from ray._private.utils import get_num_cpus
 
 from anodfd.tracking import RUN_DIR_TAG, client
+from anodfd.train.launch import threads_for
 
 SEARCH = Path(__file__).resolve().parents[1] / "tune" / "search.py"
 
@@ -46,7 +48,9 @@ def test_smoke_search_end_to_end(synth_ol, tmp_path, mlflow_server):
     """Ranked by AUC (not the preset's metric), over 3 epochs of which Ray keeps 2: the epoch registered is the
     trial's best-AUC epoch, scored on the test split, with its floor and card."""
     data = shutil.copytree(synth_ol, tmp_path / "OLsearch")  # its own registered model name: anodfdnet-OLsearch
-    cmd = search_cmd(data, tmp_path / "runs", mlflow_server, "s1", "--metric", "auc", "--max-epochs", "3")
+    # One trial at a time: it gets the machine's cores (less the trial driver's 0.1), as `anodfd train` would.
+    cmd = search_cmd(data, tmp_path / "runs", mlflow_server, "s1", "--metric", "auc", "--max-epochs", "3",
+                     "--max-concurrent", "1")
     proc = subprocess.run(cmd, env=env(), check=False, text=True, capture_output=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| rank | trial | auc | depth | lr |" in proc.stdout
@@ -56,11 +60,15 @@ def test_smoke_search_end_to_end(synth_ol, tmp_path, mlflow_server):
     parent, children = parent_and_children(mlflow_server, tmp_path / "runs" / "s1")
     assert parent.info.status == "FINISHED" and parent.data.params["search.metric"] == "auc"
     assert len(children) == 3
+    best_auc = {}  # trial run id -> its best validation AUC over the epochs it ran
     for run in children:
         assert run.info.status == "FINISHED"
         assert run.data.tags["anodfd.stopped_early"] in ("true", "false")
         steps = [m.step for m in client(mlflow_server).get_metric_history(run.info.run_id, "f1")]
         assert len(steps) == len(set(steps)) >= 1 and "model.depth" in run.data.params
+        best_auc[run.info.run_id] = max(m.value for m in client(mlflow_server).get_metric_history(run.info.run_id, "auc"))
+        threads = {m.value for m in client(mlflow_server).get_metric_history(run.info.run_id, "threads")}
+        assert threads == {float(threads_for(get_num_cpus() - 0.1))}, threads
     # The smoke preset's own settings are the first trial.
     assert any(r.data.params["model.depth"] == "2" and r.data.params["train.dice_weight"] == "1.0"
                and float(r.data.params["train.lr"]) == pytest.approx(3e-3) for r in children)
@@ -72,6 +80,8 @@ def test_smoke_search_end_to_end(synth_ol, tmp_path, mlflow_server):
     version = c.get_model_version("anodfdnet-OLsearch", "1")
     tags = version.tags
     assert tags["trial"] == parent.data.tags["anodfd.best_trial"] and tags["selected_by"] == "validation auc"
+    # The registered trial is the best of all trials by validation AUC, not merely one that finished.
+    assert best_auc[tags["trial_run_id"]] == max(best_auc.values()), (tags["trial_run_id"], best_auc)
     # The registered epoch is the one with the trial's best validation AUC, whichever epoch that was.
     auc = {m.step: m.value for m in c.get_metric_history(tags["trial_run_id"], "auc")}
     assert auc[int(tags["epoch"])] == max(auc.values()), (tags["epoch"], auc)
@@ -177,6 +187,11 @@ def test_resume_after_killing_the_driver(synth_ol, tmp_path, mlflow_server):
             time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
+    # What the kill interrupted: trials whose MLflow runs were still open, and the epochs they had logged.
+    _, before = parent_and_children(mlflow_server, tmp_path / "runs" / "r1")
+    interrupted = {r.info.run_id: len(client(mlflow_server).get_metric_history(r.info.run_id, "f1"))
+                   for r in before if r.info.status == "RUNNING"}
+    assert interrupted, "the kill came after every trial had finished: nothing was left to resume"
 
     again = subprocess.run([*cmd, "--resume"], env=env(), check=False, text=True, capture_output=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -188,6 +203,10 @@ def test_resume_after_killing_the_driver(synth_ol, tmp_path, mlflow_server):
     assert len(trial_ids) == len(set(trial_ids)) == 2  # no duplicate MLflow run for any trial
     for run in children:
         steps = [m.step for m in client(mlflow_server).get_metric_history(run.info.run_id, "f1")]
-        assert len(steps) == len(set(steps)), "an epoch was logged twice"
+        assert steps and steps == list(range(1, len(steps) + 1)), f"epochs missing or logged twice: {steps}"
+        assert run.info.status == "FINISHED"
+        if run.info.run_id in interrupted:  # it went on after the resume, in the same MLflow run
+            stopped = run.data.tags["anodfd.stopped_early"] == "true"
+            assert len(steps) >= interrupted[run.info.run_id] and (len(steps) == 2 or stopped), (steps, run.data.tags)
     versions = client(mlflow_server).search_model_versions("name = 'anodfdnet-OLresume'")
     assert len(versions) == 1

@@ -7,11 +7,13 @@ import json
 import cv2
 import pytest
 import torch
+from conftest import same_state
 
 import anodfd
 from anodfd.cli import main as cli
 from anodfd.config import PRESETS, Config, ConfigError
 from anodfd.data.dataset import make_dataset
+from anodfd.data.layouts import read_split
 from anodfd.train.loop import (
     checkpoint_dict,
     epoch_line,
@@ -124,15 +126,29 @@ def test_checkpoint_is_self_describing_and_weights_only(synth_ol, tmp_path):
         assert torch.equal(model(x, -x), again(x, -x))
 
 
-def test_resume_continues_and_refuses_another_model(synth_ol, tmp_path):
+def test_resume_is_bit_identical_to_a_straight_run_and_refuses_another_model(synth_ol, tmp_path):
+    """3 epochs straight against 2 epochs, a stop, and a resume: the same weights, optimizer state and best score,
+    with every random stream in use (strong augmentation, misregistration, dropout, shuffling)."""
+    config = smoke(synth_ol, **{"train.epochs": 3, "train.max_steps_per_epoch": 3, "data.image_size": 64,
+                                "data.augment": "strong", "data.misregister": 0.03})
+    fit(config, tmp_path / "straight", log=lambda s: None)
     out = tmp_path / "run"
-    config = smoke(synth_ol, **{"train.epochs": 2, "train.max_steps_per_epoch": 2})
-    fit(config, out, log=lambda s: None)
+    fit(config.with_flat({"train.epochs": 2}), out, log=lambda s: None)
     lines = []
-    result = fit(config.with_flat({"train.epochs": 3}), out, log=lines.append)
+    result = fit(config, out, log=lines.append)
     assert "resuming" in lines[0] and "from epoch 2" in lines[0]
     assert [h["epoch"] for h in result["history"]] == [3]
-    assert load_checkpoint(out / "last.pt")["epoch"] == 3
+
+    straight, resumed = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(out / "last.pt")
+    assert resumed["epoch"] == 3
+    assert same_state(straight["model"], resumed["model"])
+    assert same_state(straight["optimizer"], resumed["optimizer"])
+    timing = {"pairs_per_s", "data_wait"}
+    assert straight["best"] == resumed["best"]
+    assert {k: v for k, v in straight["metrics"].items() if k not in timing} == {
+        k: v for k, v in resumed["metrics"].items() if k not in timing}
+    assert same_state(load_checkpoint(tmp_path / "straight" / "best.pt")["model"],
+                       load_checkpoint(out / "best.pt")["model"])
 
     before = (out / "last.pt").read_bytes()
     with pytest.raises(ConfigError, match="different model"):
@@ -196,14 +212,19 @@ def test_predict_any_resolution_and_folders(synth_ol, tmp_path):
     assert cv2.imread(str(tmp_path / "pred" / "p1_map.png"), cv2.IMREAD_UNCHANGED).shape == (200, 350)
 
 
-def test_bad_checkpoint_is_one_clear_error(tmp_path, capsys):
+def test_bad_checkpoint_is_one_clear_error(synth_ol, tmp_path, capsys):
+    """With every other input in order, a corrupt checkpoint is what `predict` and `eval` name, in one line."""
     (tmp_path / "x.pt").write_text("garbage")
-    argv = ["predict", "--checkpoint", str(tmp_path / "x.pt"), "--hist", "a", "--cur", "b", "--out", str(tmp_path)]
+    pair = read_split(synth_ol, "test")[0]
+    argv = ["predict", "--checkpoint", str(tmp_path / "x.pt"), "--hist", str(pair.hist), "--cur", str(pair.cur),
+            "--out", str(tmp_path / "out")]
     assert cli(argv) == 2
-    assert "a: input image not found" in capsys.readouterr().err
-    (tmp_path / "a.jpg").write_bytes(b"")
-    assert cli(["eval", "--checkpoint", str(tmp_path / "x.pt"), "--data", str(tmp_path)]) == 2
-    assert "not a readable anodfd checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert f"{tmp_path / 'x.pt'}: not a readable anodfd checkpoint" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+    assert cli(["eval", "--checkpoint", str(tmp_path / "x.pt"), "--data", str(synth_ol)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{tmp_path / 'x.pt'}: not a readable anodfd checkpoint" in err and "\n" not in err
 
 
 BAD_TRAIN_FLAGS = [

@@ -166,7 +166,7 @@ def search(args: argparse.Namespace) -> int:
         (Path(search_dir) / SEARCH_MARKER).write_text(json.dumps({"dataset": dataset, "data": str(data_dir),
                                                                   "started": time.time()}))
 
-    joined = init_ray(args.address, 0, 0)
+    joined = init_ray(args.address)
     res = ray.cluster_resources()
     gpus = args.gpus_per_worker
     if gpus is None:
@@ -185,6 +185,11 @@ def search(args: argparse.Namespace) -> int:
     if fits < 1 and not joined:
         raise ConfigError(f"one trial needs {trial_cpus:g} CPUs and {opts.workers * gpus:g} GPUs; this Ray instance "
                           f"has {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs: lower --workers-per-trial")
+    if not joined and args.cpus_per_worker is None and not gpus:
+        # As `anodfd train` does locally: the trials running at once share the machine's cores, and each worker
+        # runs as many threads as it has CPUs (`threads_for`), so --max-concurrent 1 on 2 cores trains on both.
+        running = min(concurrency, fits)
+        opts.cpus_per_worker = (res.get("CPU", 0) - TRIAL_DRIVER_CPU * running) / (running * opts.workers)
 
     parent_run_id, resumed = tracking.start_run(uri, base, search_dir, name, args.experiment,
                                                 tags={"anodfd.kind": "search", "anodfd.dataset": dataset})
@@ -274,7 +279,7 @@ def latest_search(storage: str, dataset: str) -> str:
 
 def check_only(args: argparse.Namespace, data_dir: str, uri: str) -> int:
     """`--check`: the cluster preflight alone, with every GPU node checked; nothing is trained or written."""
-    if not init_ray(args.address, 0, 0):
+    if not init_ray(args.address):
         raise ConfigError("--check probes the nodes of a cluster: run it as a job (cluster/submit.py --check) "
                           "or pass --address")
     storage = args.storage if "://" in args.storage else str(Path(args.storage).resolve())

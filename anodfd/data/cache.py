@@ -1,10 +1,12 @@
 """Decode a pair once, at the training size, and keep it: in memory and on disk.
 
-A 2048x1536 JPEG costs tens of milliseconds to decode; a model at 256x256 needs a sixty-fourth of its pixels.
-So JPEGs at least twice the target size are decoded at reduced size by libjpeg itself (IMREAD_REDUCED_*), then
-area-resized; the resulting uint8 pair (hist RGB, cur RGB, mask {0,1}) is stored as one ``.npy`` keyed by the
-three files' identity (path, size, mtime) and the target size. Later epochs, runs and processes read that
-instead of decoding. Writes are atomic (temp file + rename), so concurrent workers can share one cache.
+Every path that feeds the network (training, eval, `predict`, the pyfunc, scoring) goes through `preprocess`:
+the full image decoded, then area-resized. A faster decode at reduced size (libjpeg's IMREAD_REDUCED_*) was
+dropped on purpose: a served model is handed decoded arrays, which it cannot decode the same way, and the gap
+(1.6 grey levels on average, up to 8) is a train/serve skew. The cost is paid once per pair: the resulting uint8
+pair (hist RGB, cur RGB, mask {0,1}) is stored as one ``.npy`` keyed by the three files' identity (path, size,
+mtime) and the target size. Later epochs, runs and processes read that instead of decoding. Writes are atomic
+(temp file + rename), so concurrent workers can share one cache.
 """
 
 from __future__ import annotations
@@ -17,10 +19,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from anodfd.data.layouts import DatasetError, Pair, image_size
+from anodfd.data.layouts import DatasetError, Pair
 
-_VERSION = "v2"  # bump when the decoding below changes, so stale entries are not reused
-_REDUCED = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2}
+_VERSION = "v3"  # bump when the decoding below changes, so stale entries are not reused
 cv2.setNumThreads(1)  # DataLoader workers already run in parallel; nested OpenCV threads only contend
 
 
@@ -31,20 +32,29 @@ def default_cache_dir() -> Path:
     return Path(base) / "anodfd"
 
 
-def decode_image(path: Path, size: int) -> np.ndarray:
-    """An RGB uint8 image of ``size`` x ``size``; JPEGs decoded at reduced size when large enough."""
-    flag = cv2.IMREAD_COLOR
-    if path.suffix.lower() in (".jpg", ".jpeg"):
-        w, h = image_size(path)
-        for factor, reduced in _REDUCED.items():
-            if min(w, h) >= factor * size:  # still at least the target size after reduction
-                flag = reduced
-                break
-    img = cv2.imread(str(path), flag)
+def read_rgb(path: Path) -> np.ndarray:
+    """An image file at its own size as RGB uint8."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise DatasetError(f"{path}: OpenCV could not decode this image; replace the file")
-    img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
+    """The network's view of an RGB uint8 image at any size: area-resized to ``size`` x ``size``."""
+    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """`preprocess` of an image file: what training, eval and `predict` all feed the network.
+
+    Resized before the BGR -> RGB swap, which is exact (the resize treats channels alike) and spares the
+    swap of a full-size image.
+    """
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DatasetError(f"{path}: OpenCV could not decode this image; replace the file")
+    return cv2.cvtColor(preprocess(img, size), cv2.COLOR_BGR2RGB)
 
 
 def decode_mask(path: Path, size: int) -> np.ndarray:

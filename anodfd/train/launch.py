@@ -28,7 +28,7 @@ from anodfd.train.worker import CHECKPOINT_FILE, train_func_per_worker
 class RayOptions:
     workers: int = 1
     gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: a local run shares the machine's cores; 1 on a cluster
     address: str | None = None  # None: $RAY_ADDRESS, else a local Ray instance
     storage: str = "runs"  # local folder (made absolute) or a URI such as s3://bucket/path
     name: str | None = None
@@ -147,23 +147,60 @@ def best_checkpoint_file(run_dir: Path, metric: str = "f1") -> Path | None:
     return max(found, key=lambda p: selection_key(load_checkpoint(p)["metrics"], metric), default=None)
 
 
-def init_ray(address: str | None, need_cpus: float, need_gpus: float) -> bool:
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """Start a local Ray instance that its own processes can tell apart from any other on this host.
+
+    Ray's state API, which Train's placement-group cleaner calls from inside the instance, finds "its" instance
+    by scanning the host; with two local runs it finds two and fails ("Found multiple active Ray instances").
+    Pinning the dashboard to a free port and exporting that address before Ray starts makes every process of
+    this instance (they inherit the environment) ask its own dashboard.
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             log_to_driver=True)
+
+
+def init_ray(address: str | None) -> bool:
     """Join the cluster at ``address`` (or ``$RAY_ADDRESS``), else start a local instance; True if joined."""
     import ray
 
+    joined = bool(address or os.environ.get("RAY_ADDRESS"))
     if not ray.is_initialized():
-        # No address and no RAY_ADDRESS: Ray starts a local instance (the embedded default).
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+        if joined:
+            ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+        else:  # the embedded default; a second run on this machine gets its own instance
+            start_local_ray()
+    return joined
+
+
+def threads_for(cpus: float) -> int:
+    """Torch threads of a worker given ``cpus`` CPUs: its share rounded, at least one (0.9 -> 1, 1.9 -> 2)."""
+    return max(1, math.floor(cpus + 0.5))
+
+
+def size_workers(opts: RayOptions, joined: bool) -> None:
+    """Give each worker its CPUs: the machine's cores shared out on a local instance, 1 on a cluster (unless
+    ``--cpus-per-worker``); then check that a local instance can hold the run at all."""
+    import ray
+
     res = ray.cluster_resources()
-    local = not (address or os.environ.get("RAY_ADDRESS"))
-    if local and (res.get("CPU", 0) < need_cpus or res.get("GPU", 0) < need_gpus):
+    if opts.cpus_per_worker is None:
+        opts.cpus_per_worker = 1.0 if joined else res.get("CPU", 1) / opts.workers
+    need_cpus, need_gpus = opts.workers * opts.cpus_per_worker, opts.workers * opts.gpus_per_worker
+    if not joined and (res.get("CPU", 0) < need_cpus - 1e-9 or res.get("GPU", 0) < need_gpus - 1e-9):
         # On a fixed local machine this would wait forever for resources that never come.
         raise ConfigError(
             f"this run needs {need_cpus:g} CPUs and {need_gpus:g} GPUs but the local Ray instance has "
             f"{res.get('CPU', 0):g} CPUs and {res.get('GPU', 0):g} GPUs; lower --workers, --cpus-per-worker "
             "or --gpus-per-worker"
         )
-    return not local
 
 
 def train_on_ray(
@@ -173,10 +210,11 @@ def train_on_ray(
     uri = tracking.resolve_tracking_uri(opts.mlflow_uri)
     tracking.check_tracking(uri)
     config, storage, name = prepare(config, opts)
-    init_ray(opts.address, opts.workers * opts.cpus_per_worker, opts.workers * opts.gpus_per_worker)
+    size_workers(opts, init_ray(opts.address))
     run_id, resumed = start_tracked_run(uri, config, opts, storage, name, tags, parent_run_id)
-    print(f"{'resuming' if resumed else 'starting'} run {name} in {storage} "
-          f"({opts.workers} worker(s), global batch {config.train.batch_size * opts.workers}); MLflow run {run_id}")
+    print(f"{'resuming' if resumed else 'starting'} run {name} in {storage} ({opts.workers} worker(s) of "
+          f"{opts.cpus_per_worker:g} CPU and {threads_for(opts.cpus_per_worker)} thread(s), "
+          f"global batch {config.train.batch_size * opts.workers}); MLflow run {run_id}")
     return run_trainer(config, opts, storage, name, uri, run_id)
 
 
@@ -204,7 +242,7 @@ def run_trainer(
         resources["GPU"] = opts.gpus_per_worker
     trainer = TorchTrainer(  # Ray
         train_func_per_worker,
-        train_loop_config={"config": config.to_dict(), "threads": max(1, int(opts.cpus_per_worker)),
+        train_loop_config={"config": config.to_dict(), "threads": threads_for(opts.cpus_per_worker),
                            "gpus": opts.gpus_per_worker},
         scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=opts.gpus_per_worker > 0,
                                      resources_per_worker=resources),

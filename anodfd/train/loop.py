@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -150,6 +151,19 @@ def val_shard(dataset: PairDataset, rank: int, world: int):
     return dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
 
 
+def seed_epoch(dataset: PairDataset, seed: int, epoch: int, rank: int) -> None:
+    """Restart every random stream of this rank (dropout, augmentation) from (seed, epoch, rank).
+
+    Each epoch's randomness is then a function of its number alone, so a run resumed at epoch k draws exactly
+    what a straight run draws there: no RNG state has to travel in the checkpoint. Loader workers reseed their
+    augmentation from the loader's generator, which `make_loader` derives from the same three numbers.
+    """
+    state = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0])
+    torch.manual_seed(state)
+    if dataset.transform is not None:
+        dataset.transform.reseed(state)
+
+
 def run_epoch(
     model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, train_ds: PairDataset,
     val_ds: PairDataset, config: Config, epoch: int, device: torch.device, rank: int = 0, world: int = 1,
@@ -161,6 +175,7 @@ def run_epoch(
     """
     t, workers = config.train, config.data.num_workers
     pin = device.type == "cuda"
+    seed_epoch(train_ds, t.seed, epoch, rank)
     sampler = None
     if world > 1:
         # Reshuffled by epoch number, so resuming at epoch e sees the order a straight run would have.
@@ -255,7 +270,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise ConfigError(f"{path}: not a readable anodfd checkpoint ({e})") from None
+        # torch's message runs to a page; what the safe unpickler met is the line after "WeightsUnpickler error".
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        marker = next((i for i, line in enumerate(lines) if "WeightsUnpickler error" in line), None)
+        first = ("not a checkpoint torch can load safely: " + lines[marker + 1]
+                 if marker is not None and marker + 1 < len(lines) else lines[0])[:160]
+        raise ConfigError(f"{path}: not a readable anodfd checkpoint ({first}); pass a .pt file written by "
+                          "`anodfd train`") from None
 
 
 def build_training(config: Config, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:

@@ -79,6 +79,7 @@ def train_func_per_worker(loop_config: dict) -> None:
         metrics, pixels = run_epoch(model, optimizer, loss_fn, train_ds, val_ds, config, epoch, device, rank, world)
         metrics["param_spread"] = param_spread(model)  # 0.0 when DDP kept every rank's weights identical
         metrics["workers"] = world
+        metrics["threads"] = torch.get_num_threads()  # each worker's share of its node's cores
         best = max(best, selection_key(metrics))
         with tempfile.TemporaryDirectory() as d:
             ckpt_obj = None
