@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from anodfd.config import DEPTHS, MODEL_NAMES, PRESETS, Config, ConfigError
-from anodfd.data.layouts import LAYOUTS, DatasetError
+from anodfd.data.layouts import LAYOUTS, SPLITS, DatasetError
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -30,6 +30,16 @@ def _data_check(args: argparse.Namespace) -> int:
     report = check_dataset(root, args.layout, allow_normal_only=args.allow_normal_only)
     print(report.format())
     return 0 if report.ok else 1
+
+
+def _data_shift(args: argparse.Namespace) -> int:
+    from anodfd.data.shift import MANIFEST, shift_dataset
+
+    warps = shift_dataset(args.src, args.out, args.homography, args.photometric, args.seed, tuple(args.splits),
+                          args.layout)
+    print(f"{len(warps)} history images shifted (corners up to {args.homography:g} of the side"
+          f"{', relit' if args.photometric else ''}) in {args.out}; homographies in {Path(args.out) / MANIFEST}")
+    return 0
 
 
 # CLI flag -> dotted config keys it sets (image size sets both the data and the model's position grid).
@@ -120,7 +130,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     from anodfd.metrics import format_row, plot_roc
     from anodfd.predict import check_threshold
-    from anodfd.train.loop import evaluate, make_loader, model_from_checkpoint, resolve_device
+    from anodfd.scoring import score_native
+    from anodfd.train.loop import model_from_checkpoint, resolve_device
 
     device = resolve_device(args.device)
     ckpt = _load_checkpoint_for(args)
@@ -130,13 +141,21 @@ def _eval(args: argparse.Namespace) -> int:
     data_cfg.layout = args.layout or "auto"
     from anodfd.data.dataset import make_dataset
 
-    dataset = make_dataset(data_cfg, args.split, train=False)
-    pixels, images = evaluate(model, make_loader(dataset, args.batch_size, shuffle=False), device)
+    dataset = make_dataset(data_cfg, args.split, train=False)  # every file checked before any compute
     threshold = check_threshold(args.threshold)
-    metrics = pixels.compute(threshold)
     calibrated = float(ckpt.get("threshold", threshold))
-    print(f"{args.split} ({len(dataset)} pairs), threshold {metrics['threshold']:.3f}: {format_row(metrics)}")
+    calibrated = calibrated if 0.0 < calibrated < 1.0 else threshold
+    # At each mask's own resolution, as the registry scores: a 64 px model and a 640 px one count the same pixels.
+    pixels, images, defects, _ = score_native(model, data_cfg, args.split, device, args.batch_size,
+                                              threshold=calibrated)
+    metrics = pixels.compute(threshold)
+    print(f"{args.split} ({len(dataset)} pairs, native resolution), threshold {metrics['threshold']:.3f}: "
+          f"{format_row(metrics)}")
     print(f"{args.split}, calibrated threshold {calibrated:.3f}: {format_row(pixels.compute(calibrated))}")
+    d = defects.compute()
+    print(f"{args.split} defects at {calibrated:.3f}: F {d['defect_f']:.3f} | recall {d['defect_recall']:.3f} | "
+          f"precision {d['defect_precision']:.3f} | {d['false_alarms_per_image']:.2f} false alarms per pair | "
+          f"every defect found in {d['all_found']:.3f} of the pairs that have any")
     normal, anomalous = (int(n) for n in images.state().sum(dim=1))
     results = {k: metrics[k] for k in ("precision", "recall", "oa", "f1", "iou", "auc", "eer", "threshold")}
     results["image_auroc"] = images.auroc()
@@ -153,7 +172,8 @@ def _eval(args: argparse.Namespace) -> int:
     if results["image_auroc"] is not None:
         print(f"image-level AUROC {results['image_auroc']:.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({**results, "undefined": undefined}, indent=2))
+        Path(args.json).write_text(json.dumps({**results, "undefined": undefined, "resolution": "native",
+                                               "defect_threshold": calibrated, "defects": d}, indent=2))
     if args.plot:
         plot_roc(pixels, args.plot, title=f"ROC, {args.split} split")
     return 0
@@ -284,6 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-normal-only", action="store_true",
                    help="accept splits without a single anomalous pixel (normal-only data on purpose)")
     p.set_defaults(func=_data_check)
+    p = data.add_parser("shift", help="copy a dataset with its history images moved by random homographies "
+                                      "(and optionally relit): a viewpoint stress test")
+    p.add_argument("src", help="dataset folder (any layout)")
+    p.add_argument("--out", required=True, help="new folder for the copy (must not exist)")
+    p.add_argument("--homography", type=float, required=True,
+                   help="corners move by up to this fraction of the side, e.g. 0.02")
+    p.add_argument("--photometric", action="store_true", help="also change brightness, contrast and noise")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
+                   help="splits whose history images move (default: all the dataset has)")
+    p.add_argument("--layout", choices=LAYOUTS, default="auto")
+    p.set_defaults(func=_data_shift)
 
     p = sub.add_parser("train", help="train AnoDFDNet on Ray Train (the paper's recipe by default)")
     _add_train_flags(p)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch import Tensor
@@ -286,6 +287,82 @@ class ImageScores:
     def auroc(self) -> float:
         """Image-level ROC AUC; NaN unless both normal and anomalous pairs were seen."""
         return self.hist.auc()
+
+
+# --- defect level -------------------------------------------------------------------------------------------
+
+MIN_REGION_AREA = 16  # pixels: smaller predicted regions are specks, dropped by `predict` and by the defect count
+
+
+def detections(binary: np.ndarray, min_area: int = MIN_REGION_AREA) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """`anodfd predict`'s regions of a {0,1} map: 8-connected components of at least ``min_area`` pixels.
+
+    Returns the component label image, OpenCV's per-label stats (x, y, width, height, area) and the labels kept.
+    """
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
+    return labels, stats, [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= min_area]
+
+
+class DefectCounts:
+    """Defect-level counts over pairs: each 8-connected region of a mask is a defect, each `detections` region
+    of a thresholded map is a detection. A defect is found when some detection overlaps it by a pixel; a
+    detection overlapping no defect is a false alarm. Integer counts, so ranks add up with `state()`.
+    """
+
+    FIELDS = ("defects", "found", "detections", "false_alarms", "pairs", "pairs_with_defects", "pairs_all_found")
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(self.FIELDS, 0)
+
+    def update(self, binary: np.ndarray, mask: np.ndarray, min_area: int = MIN_REGION_AREA) -> None:
+        """Add one pair: its thresholded map and its mask, {0,1} arrays of the same HxW."""
+        if binary.shape != mask.shape:
+            raise ValueError(f"map {binary.shape} and mask {mask.shape} differ in size; resize the map first")
+        det_labels, _, kept = detections(binary, min_area)
+        detected = np.isin(det_labels, kept)
+        n_truth, truth_labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+        found = np.unique(truth_labels[detected & (truth_labels > 0)]).size
+        hits = set(np.unique(det_labels[(truth_labels > 0) & detected]).tolist())
+        c = self.counts
+        c["defects"] += n_truth - 1
+        c["found"] += found
+        c["detections"] += len(kept)
+        c["false_alarms"] += sum(1 for k in kept if k not in hits)
+        c["pairs"] += 1
+        if n_truth > 1:
+            c["pairs_with_defects"] += 1
+            c["pairs_all_found"] += int(found == n_truth - 1)
+
+    def merge(self, other: DefectCounts) -> DefectCounts:
+        for k in self.FIELDS:
+            self.counts[k] += other.counts[k]
+        return self
+
+    def state(self) -> Tensor:
+        return torch.tensor([self.counts[k] for k in self.FIELDS], dtype=torch.int64)
+
+    @classmethod
+    def from_state(cls, state: Tensor) -> DefectCounts:
+        counts = cls()
+        counts.counts = dict(zip(cls.FIELDS, (int(v) for v in state.tolist())))
+        return counts
+
+    def compute(self) -> dict[str, float]:
+        """defect_precision, defect_recall, defect_f, false_alarms_per_image, all_found (share of pairs with
+        defects whose every defect was found). Empty denominators follow the pixel convention: nothing to find
+        and nothing flagged is 1.0."""
+        c = self.counts
+        true_detections = c["detections"] - c["false_alarms"]
+        if c["defects"] == 0 and c["detections"] == 0:
+            precision = recall = 1.0
+        else:
+            precision, recall = _ratio(true_detections, c["detections"]), _ratio(c["found"], c["defects"])
+        f = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return {
+            "defect_precision": precision, "defect_recall": recall, "defect_f": f,
+            "false_alarms_per_image": _ratio(c["false_alarms"], c["pairs"]),
+            "all_found": _ratio(c["pairs_all_found"], c["pairs_with_defects"]) if c["pairs_with_defects"] else 1.0,
+        }
 
 
 def format_row(metrics: dict) -> str:

@@ -15,7 +15,7 @@ from anodfd.config import Config, ConfigError
 from anodfd.data.cache import preprocess, read_rgb
 from anodfd.data.dataset import to_chw
 from anodfd.data.layouts import IMAGE_EXTS, DatasetError
-from anodfd.metrics import image_scores
+from anodfd.metrics import MIN_REGION_AREA, detections, image_scores
 from anodfd.train.loop import predict_probs, resize_probs
 
 
@@ -69,7 +69,7 @@ def pair_map(
 
 def predict_pairs(
     model: nn.Module, config: Config, pairs: list[tuple[str, Path, Path]], out: str | Path,
-    threshold: float, device: torch.device | str = "cpu", min_area: int = 16,
+    threshold: float, device: torch.device | str = "cpu", min_area: int = MIN_REGION_AREA,
 ) -> list[Prediction]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,15 +90,14 @@ def predict_pairs(
     return results
 
 
-def regions(binary: np.ndarray, probs: np.ndarray, min_area: int = 16) -> list[dict]:
+def regions(binary: np.ndarray, probs: np.ndarray, min_area: int = MIN_REGION_AREA) -> list[dict]:
     """Connected anomalous regions as boxes, largest first; specks under ``min_area`` pixels are dropped."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    labels, stats, kept = detections(binary, min_area)
     boxes = []
-    for i in range(1, n):
+    for i in kept:
         x, y, w, h, area = (int(v) for v in stats[i])
-        if area >= min_area:
-            boxes.append({"x": x, "y": y, "width": w, "height": h, "area": area,
-                          "max_prob": float(probs[labels == i].max())})
+        boxes.append({"x": x, "y": y, "width": w, "height": h, "area": area,
+                      "max_prob": float(probs[labels == i].max())})
     return sorted(boxes, key=lambda b: -b["area"])
 
 

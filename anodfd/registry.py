@@ -226,10 +226,14 @@ def model_card(uri: str, name: str, version: int, tags: dict[str, str], experime
         *rows,
         "",
         f"- **Serves with threshold** {num('served_threshold')} (calibrated on validation).",
+        (f"- **Defects** at that threshold: F {num('test_defect_f')}, recall {num('test_defect_recall')}, precision "
+         f"{num('test_defect_precision')}; {num('test_false_alarms_per_image')} false alarms per pair; every defect "
+         f"found in {num('test_all_found')} of the pairs that have any."),
         (f"- **Floor**: template differencing test F1 {num('floor_f1')} (threshold {num('floor_threshold')} fitted "
         f"on train); pixel AUC must reach {MIN_AUC:g}."),
         (f"- **Protocol** `{tags.get('protocol_id', '-')}`: data fingerprint {protocol.get('fingerprint', '-')}, "
-        f"split {protocol.get('split', '-')}; {protocol.get('resolution', '-')}; {protocol.get('thresholds', '-')}."),
+        f"split {protocol.get('split', '-')}; {protocol.get('resolution', '-')}; {protocol.get('thresholds', '-')}"
+        + (f"; defects {protocol['defects']}." if "defects" in protocol else ".")),
         (f"- **Splits**: train {tags.get('split_train', '?')}, val {tags.get('split_val', '?')}, "
         f"test {tags.get('split_test', tags.get('test_pairs', '?'))} pairs."),
         (f"- **Training**: {model.get('name', '?')} depth {model.get('depth', '?')}, {data.get('image_size', '?')} px, "

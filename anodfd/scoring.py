@@ -29,10 +29,10 @@ from anodfd.config import DataConfig
 from anodfd.data.cache import PairCache, read_mask
 from anodfd.data.dataset import to_chw
 from anodfd.data.layouts import Pair, fingerprint, load_split
-from anodfd.metrics import ImageScores, PixelHistogram, image_scores, plot_roc
+from anodfd.metrics import MIN_REGION_AREA, DefectCounts, ImageScores, PixelHistogram, image_scores, plot_roc
 from anodfd.train.loop import model_from_checkpoint, predict_probs, resize_probs
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: defect-level scores
 MIN_AUC = 0.6  # pixel AUC a version needs to take champion: 0.5 is a coin toss, 0.6 is clearly more
 GRID_PAIRS = 4  # test pairs in the model card's overlay grid
 _KERNEL = cv2.getStructuringElement(cv2.MORPH_RECT, (3, 3))
@@ -47,6 +47,9 @@ class Protocol:
     resolution: str = "native: each probability map bilinearly resized to its mask's size, as anodfd predict"
     thresholds: str = "test_* at 0.5 (the paper's); test_*_calibrated at the checkpoint's validation-calibrated one"
     floor: str = "template differencing at native size, 3x3 opening, threshold fitted on the train split"
+    defects: str = (f"at the served threshold: each 8-connected mask region is a defect, each predicted region of at "
+                    f"least {MIN_REGION_AREA} px (as anodfd predict) a detection; a defect is found when a detection "
+                    "overlaps it")
     version: int = PROTOCOL_VERSION
 
     @property
@@ -85,6 +88,7 @@ class Scorecard:
     pairs: int
     split_sizes: dict[str, int] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)  # name -> picture (roc.png, overlays.jpg)
+    defects: dict[str, float] = field(default_factory=dict)  # `DefectCounts.compute()` at `threshold`
 
     @property
     def shortfall(self) -> str | None:
@@ -95,6 +99,7 @@ class Scorecard:
         return {
             **{f"test_{k}": f"{v:.6g}" for k, v in self.metrics.items() if k != "threshold"},
             **{f"test_{k}_calibrated": f"{v:.6g}" for k, v in self.calibrated.items() if k != "threshold"},
+            **{f"test_{k}": f"{v:.6g}" for k, v in self.defects.items()},
             "served_threshold": f"{self.threshold:.6g}",
             "fingerprint": self.protocol.fingerprint,
             "protocol": self.protocol.to_json(),
@@ -116,9 +121,10 @@ def _progress(items, desc: str, show: bool):
 @torch.inference_mode()
 def score_native(
     model: nn.Module, data: DataConfig, split: str, device: torch.device | str = "cpu", batch_size: int = 8,
-    grid_pairs: int = 0, progress: bool = True,
-) -> tuple[PixelHistogram, ImageScores, list[tuple[np.ndarray, ...]]]:
-    """Pixel histogram and pair scores of ``model`` over ``split``, counted on each mask's own pixels.
+    grid_pairs: int = 0, progress: bool = True, threshold: float = 0.5,
+) -> tuple[PixelHistogram, ImageScores, DefectCounts, list[tuple[np.ndarray, ...]]]:
+    """Pixel histogram, pair scores and defect counts (maps cut at ``threshold``) of ``model`` over ``split``,
+    counted on each mask's own pixels.
 
     The network sees each pair as `anodfd predict` feeds it (decoded at ``data.image_size``); its map is resized
     to the mask's size before counting. Also returns the first ``grid_pairs`` pairs as (history, current, mask,
@@ -127,7 +133,7 @@ def score_native(
     device = torch.device(device)
     pairs = load_split(Path(data.data), split, data.layout, data.val_fraction)
     cache, size = PairCache(data.cache_dir or None), data.image_size
-    pixels, images, grid = PixelHistogram(), ImageScores(), []
+    pixels, images, defects, grid = PixelHistogram(), ImageScores(), DefectCounts(), []
     bar = _progress(range(0, len(pairs), batch_size), f"scoring {split} at native size", progress)
     for start in bar:
         batch = pairs[start:start + batch_size]
@@ -140,10 +146,11 @@ def score_native(
             full = resize_probs(p[None], *mask.shape)
             truth = torch.from_numpy(mask)[None, None]
             pixels.update(full, truth)
+            defects.update((full[0, 0].numpy() >= threshold).astype(np.uint8), mask)
             images.add(image_scores(p[None]), truth.reshape(1, -1).amax(dim=1) > 0)
             if len(grid) < grid_pairs:
                 grid.append(_display(pair, mask, full[0, 0].numpy()))
-    return pixels, images, grid
+    return pixels, images, defects, grid
 
 
 def _display(pair: Pair, mask: np.ndarray, probs: np.ndarray, width: int = 320) -> tuple[np.ndarray, ...]:
@@ -210,17 +217,18 @@ def score_checkpoint(
     config.data.data = str(data_dir)
     data = config.data
     protocol = Protocol(fingerprint(Path(data_dir), data.layout), split)
-    pixels, _, grid = score_native(model, data, split, device, grid_pairs=GRID_PAIRS if out else 0,
-                                   progress=progress)
-    floor, floor_threshold = template_difference(data, split, native=True, progress=progress)
     threshold = float(ckpt.get("threshold", 0.5))
     if not 0.0 < threshold < 1.0:
         threshold = 0.5
+    pixels, _, defects, grid = score_native(model, data, split, device, grid_pairs=GRID_PAIRS if out else 0,
+                                            progress=progress, threshold=threshold)
+    floor, floor_threshold = template_difference(data, split, native=True, progress=progress)
     # The files were checked when the splits were scored above: only the counts are needed here.
     sizes = {s: len(load_split(Path(data_dir), s, data.layout, data.val_fraction, check=False))
              for s in ("train", "val", split)}
     card = Scorecard(protocol, pixels.compute(0.5), pixels.compute(threshold), threshold,
-                     floor.compute(floor_threshold)["f1"], floor_threshold, sizes[split], sizes)
+                     floor.compute(floor_threshold)["f1"], floor_threshold, sizes[split], sizes,
+                     defects=defects.compute())
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

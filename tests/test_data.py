@@ -443,3 +443,58 @@ def test_fingerprint_follows_content_not_sizes(tmp_path):
     mask.write_bytes(bytes(data))
     assert fingerprint(root) != before
     assert fingerprint(copy) == before
+
+
+# --- anodfd data shift -------------------------------------------------------------------------------------
+
+
+def test_data_shift_moves_history_images_only_and_deterministically(tmp_path, capsys):
+    import json
+
+    from anodfd.data.shift import shift_image
+
+    src = make_paper(tmp_path / "src", size=(96, 64))
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    out = tmp_path / "shifted"
+    argv = ["data", "shift", str(src), "--homography", "0.05", "--seed", "3", "--splits", "test"]
+    assert cli([*argv, "--out", str(out)]) == 0
+    assert "2 history images shifted" in capsys.readouterr().out
+    warps = json.loads((out / "shift.json").read_text())["warps"]
+    tests, trains = load_split(src, "test"), load_split(src, "train")
+    assert set(warps) == {p.hist.relative_to(src).as_posix() for p in tests}
+
+    corners = np.float32([[0, 0], [96, 0], [96, 64], [0, 64]])
+    for p in tests:
+        rel = p.hist.relative_to(src)
+        matrix = np.array(warps[rel.as_posix()])
+        moved = cv2.perspectiveTransform(corners[None], matrix)[0]
+        assert (np.abs(moved - corners) <= np.float32([96, 64]) * 0.05 + 1e-3).all()
+        assert np.abs(moved - corners).max() > 0.5
+        original = cv2.imread(str(p.hist)).astype(int)
+        got = cv2.imread(str(out / rel)).astype(int)
+        expected = shift_image(cv2.imread(str(p.hist)), matrix).astype(int)
+        assert np.abs(got - expected).mean() < 12 and np.abs(got - original).mean() > 30  # the warp, saved as JPEG
+        for f in (p.cur, p.mask):  # untouched, and linked rather than copied
+            assert (out / f.relative_to(src)).read_bytes() == f.read_bytes()
+            assert os.stat(out / f.relative_to(src)).st_ino == os.stat(f).st_ino
+    for p in trains:  # a split not chosen keeps its history images
+        assert (out / p.hist.relative_to(src)).read_bytes() == p.hist.read_bytes()
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before  # the source is never written
+    assert check_dataset(out).ok
+
+    # The same seed writes the same bytes; another seed moves the images differently.
+    assert cli([*argv, "--out", str(tmp_path / "again")]) == 0
+    assert cli([*argv[:-4], "--seed", "4", "--splits", "test", "--out", str(tmp_path / "other")]) == 0
+    for p in tests:
+        rel = p.hist.relative_to(src)
+        assert (tmp_path / "again" / rel).read_bytes() == (out / rel).read_bytes()
+        assert (tmp_path / "other" / rel).read_bytes() != (out / rel).read_bytes()
+
+    # Nothing already written is overwritten, and a shift out of range is refused before anything is written.
+    capsys.readouterr()
+    stamp = (out / "shift.json").read_bytes()
+    assert cli([*argv, "--out", str(out)]) == 2
+    assert "already exists; pass a new --out folder" in capsys.readouterr().err
+    assert (out / "shift.json").read_bytes() == stamp
+    assert cli(["data", "shift", str(src), "--homography", "0.5", "--out", str(tmp_path / "far")]) == 2
+    assert "--homography 0.5" in capsys.readouterr().err and not (tmp_path / "far").exists()

@@ -181,10 +181,20 @@ def test_rerun_with_same_name_resumes_bit_identically(synth_ol, tmp_path, mlflow
     state equal those of 3 epochs straight. A single worker on this 2-CPU instance runs 2 torch threads."""
     from conftest import same_state
 
+    from anodfd.train.launch import backfill_accepted_epochs
     from anodfd.train.loop import load_checkpoint
 
     opts = RayOptions(workers=1, storage=str(tmp_path), name="again", mlflow_uri=mlflow_server)
     first = train_on_ray(smoke(synth_ol, **{"train.epochs": 2}), opts)
+    # A driver killed between Ray committing an epoch and MLflow logging it: here an MLflow run that never heard
+    # of this run's epochs. They are logged from Ray's record of what it committed, once.
+    c = client(mlflow_server)
+    orphan = c.create_run(c.get_run(first.mlflow_run_id).info.experiment_id).info.run_id
+    assert backfill_accepted_epochs(f"{tmp_path}/again", mlflow_server, orphan) == [1, 2]
+    assert [s for s, _ in history(mlflow_server, orphan, "f1")] == [1, 2]
+    assert {a.path for a in c.list_artifacts(orphan)} == {"roc", "overlays"}
+    assert backfill_accepted_epochs(f"{tmp_path}/again", mlflow_server, orphan) == []
+    assert backfill_accepted_epochs(f"{tmp_path}/never-ran", mlflow_server, orphan) == []
     second = train_on_ray(smoke(synth_ol, **{"train.epochs": 3}), opts)
     assert second.mlflow_run_id == first.mlflow_run_id  # the same MLflow run continues
     assert [s for s, _ in history(mlflow_server, second.mlflow_run_id, "f1")] == [1, 2, 3]

@@ -238,3 +238,58 @@ def test_format_row():
     expected = "Pre 0.812 | Re 0.790 | OA 0.991 | F1 0.801 | IoU 0.668 | AUC 0.987 | EER 0.055"
     assert format_row(metrics) == expected
     assert format_row({"f1": 0.5, "iou": 1 / 3}) == "F1 0.500 | IoU 0.333"
+
+
+# --- defect level ----------------------------------------------------------------------------------------
+
+
+def _defect_cases() -> list[tuple[np.ndarray, np.ndarray]]:
+    """(thresholded map, mask) pairs whose defect counts are written out by hand below."""
+    # Pair 1: three defects. One is found by a region overlapping it; the small one is hit only by a 3x3 speck,
+    # which the 16-pixel rule drops; the third is missed. One region overlaps nothing: a false alarm.
+    mask, pred = np.zeros((40, 40), np.uint8), np.zeros((40, 40), np.uint8)
+    mask[2:6, 2:6] = mask[20:22, 20:22] = mask[30:34, 2:6] = 1
+    pred[4:10, 4:10] = 1  # 36 px, overlaps the first defect
+    pred[20:23, 20:23] = 1  # 9 px speck on the small defect
+    pred[30:36, 30:36] = 1  # 36 px on nothing
+    # Pair 2: two defects, both found by one region that spans them.
+    mask2, pred2 = np.zeros((40, 40), np.uint8), np.zeros((40, 40), np.uint8)
+    mask2[0:4, 0:4] = mask2[0:4, 6:10] = 1
+    pred2[0:5, 0:10] = 1
+    # Pair 3: nothing to find, nothing flagged.
+    empty = np.zeros((40, 40), np.uint8)
+    return [(pred, mask), (pred2, mask2), (empty, empty)]
+
+
+def test_defect_counts_match_hand_counted_cases():
+    from anodfd.metrics import DefectCounts
+    from anodfd.predict import regions
+
+    cases = _defect_cases()
+    counts = DefectCounts()
+    for pred, mask in cases:
+        counts.update(pred, mask)
+    assert counts.counts == {"defects": 5, "found": 3, "detections": 3, "false_alarms": 1, "pairs": 3,
+                             "pairs_with_defects": 2, "pairs_all_found": 1}
+    m = counts.compute()
+    assert m["defect_precision"] == pytest.approx(2 / 3) and m["defect_recall"] == pytest.approx(3 / 5)
+    assert m["defect_f"] == pytest.approx(12 / 19)  # 2 * (2/3) * (3/5) / (2/3 + 3/5)
+    assert m["false_alarms_per_image"] == pytest.approx(1 / 3) and m["all_found"] == pytest.approx(1 / 2)
+    # The detections are exactly `anodfd predict`'s boxes.
+    pred, _ = cases[0]
+    assert len(regions(pred, pred.astype(np.float32))) == 2
+
+    # Counted per process and summed (as ranks are) gives the same as one pass.
+    a, b = DefectCounts(), DefectCounts()
+    a.update(*cases[0])
+    for pred, mask in cases[1:]:
+        b.update(pred, mask)
+    merged = DefectCounts.from_state(a.state() + b.state())
+    assert merged.counts == counts.counts and a.merge(b).counts == counts.counts
+
+    only_empty = DefectCounts()
+    only_empty.update(*cases[2])
+    assert only_empty.compute() == {"defect_precision": 1.0, "defect_recall": 1.0, "defect_f": 1.0,
+                                    "false_alarms_per_image": 0.0, "all_found": 1.0}
+    with pytest.raises(ValueError, match="differ in size"):
+        DefectCounts().update(np.zeros((4, 4), np.uint8), np.zeros((4, 5), np.uint8))

@@ -307,7 +307,7 @@ def test_predict_and_eval_from_registry_match_checkpoint(history, mlflow_server,
     assert main(["eval", "--checkpoint", str(weights[0]), *data, "--json", str(tmp_path / "file.json")]) == 0
     reg, file = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("reg", "file"))
     assert set(reg) == {"precision", "recall", "oa", "f1", "iou", "auc", "eer", "threshold", "image_auroc",
-                        "undefined"} and reg == file
+                        "undefined", "resolution", "defect_threshold", "defects"} and reg == file
 
 
 def test_registry_errors_in_cli(history, mlflow_server, checkpoint, tmp_path, capsys):

@@ -112,6 +112,23 @@ def test_eval_says_in_words_when_a_metric_is_undefined(synth_ol, tmp_path, capsy
     assert 0.0 <= result["auc"] <= 1.0
 
 
+def test_models_of_any_size_are_scored_on_the_masks_own_pixels(synth_ol):
+    """A 64 px model and a 96 px one are counted on the same pixels: every pixel of every test mask, once."""
+    from anodfd.data.cache import read_mask
+    from anodfd.model import build_model
+    from anodfd.scoring import score_native
+
+    masks = [read_mask(p.mask) for p in read_split(synth_ol, "test")]
+    counted = []
+    for size in (64, 96):
+        config = smoke(synth_ol, **{"data.image_size": size, "model.image_size": size})
+        pixels, _, defects, _ = score_native(build_model(config.model).eval(), config.data, "test", progress=False)
+        counted.append((int(pixels.pos.sum()), int(pixels.neg.sum()), defects.counts["defects"]))
+    n_defects = sum(cv2.connectedComponents(m, connectivity=8)[0] - 1 for m in masks)
+    expected = (sum(int(m.sum()) for m in masks), sum(m.size - int(m.sum()) for m in masks), n_defects)
+    assert counted == [expected, expected]
+
+
 def test_checkpoint_is_self_describing_and_weights_only(synth_ol, tmp_path):
     config = smoke(synth_ol, **{"train.epochs": 1, "train.max_steps_per_epoch": 2})
     fit(config, tmp_path / "run", log=lambda s: None)
@@ -175,8 +192,10 @@ def test_train_eval_predict_commands(synth_ol, tmp_path, capsys, monkeypatch, ra
     assert cli(argv) == 0
     metrics = json.loads(m.read_text())
     assert set(metrics) == {"precision", "recall", "oa", "f1", "iou", "auc", "eer", "threshold", "image_auroc",
-                            "undefined"}
-    assert metrics["threshold"] == 0.5 and 0.0 <= metrics["f1"] <= 1.0
+                            "undefined", "resolution", "defect_threshold", "defects"}
+    assert metrics["threshold"] == 0.5 and 0.0 <= metrics["f1"] <= 1.0 and metrics["resolution"] == "native"
+    assert set(metrics["defects"]) == {"defect_precision", "defect_recall", "defect_f", "false_alarms_per_image",
+                                       "all_found"} and 0.0 < metrics["defect_threshold"] < 1.0
     # A value, or null with the reason (this stand-in's test pairs may all be anomalous).
     assert (metrics["image_auroc"] is None) == ("image_auroc" in metrics["undefined"])
     assert roc.stat().st_size > 5000

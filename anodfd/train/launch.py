@@ -258,6 +258,7 @@ def run_trainer(
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
+    backfill_accepted_epochs(f"{storage.rstrip('/')}/{name}", uri, run_id)
     try:
         result = trainer.fit()  # Ray
     except KeyboardInterrupt:
@@ -274,6 +275,36 @@ def run_trainer(
                              step=int(best_metrics.get("epoch", 0)))
     tracking.end_run(uri, run_id)
     return TrainOutcome(f"{storage.rstrip('/')}/{name}", best_path, best_metrics, run_id, uri, result)
+
+
+def backfill_accepted_epochs(run_dir: str, uri: str, run_id: str) -> list[int]:
+    """Log to MLflow the epochs Ray committed but MLflow never heard of; returns them.
+
+    `MlflowCallback` logs an epoch right after Ray commits its checkpoint. A driver killed between the two (the
+    whole local instance dies with it) leaves a committed epoch unlogged, and the resumed run starts after it.
+    Ray's own record of its committed checkpoints (`Result.from_path`) holds their metrics, and each checkpoint
+    folder holds its pictures: enough to log that epoch now, once.
+    """
+    from ray.train import Result  # Ray
+
+    try:
+        committed = Result.from_path(run_dir).best_checkpoints or []  # Ray: [] or an error on a fresh run
+    except Exception:  # noqa: BLE001 - no run there yet, or nothing committed: nothing to backfill
+        return []
+    logged = {m.step for m in tracking.client(uri).get_metric_history(run_id, "train_loss")}
+    backfilled = []
+    for checkpoint, metrics in committed:
+        epoch = int(metrics.get("epoch", 0))
+        if not epoch or epoch in logged:
+            continue
+        tracking.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        with checkpoint.as_directory() as d:
+            for png in sorted(Path(d).glob("*.png")):
+                tracking.log_file(uri, run_id, png, png.name.split("_epoch_")[0])
+        backfilled.append(epoch)
+    if backfilled:
+        print(f"MLflow run {run_id}: logged epoch(s) {backfilled}, which Ray had committed before an interruption")
+    return backfilled
 
 
 def export_best(result, run_dir: Path | None, metric: str = "f1") -> tuple[Path | None, dict]:

@@ -1,0 +1,112 @@
+"""`anodfd data shift`: a copy of a dataset whose history images moved, to stress-test viewpoint robustness.
+
+Each listed history image of the chosen splits is warped by its own random homography: each corner moved by up to
+``homography`` of the image side, independently in x and y. With ``photometric``, its brightness, contrast and
+noise change too. Current images and masks are untouched (the masks describe the current image), so they and every
+other file are hard-linked where the file system allows, else copied. The draw depends only on the seed and the
+file's path inside the dataset, so a rerun writes the same bytes. Pixels the warp brings in from outside the frame
+are filled by reflection: a real second pass sees more scene there, not a black wedge that would itself look like
+a change. Every homography is written to ``shift.json`` (history file -> 3x3 matrix mapping original to shifted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from anodfd.config import ConfigError
+from anodfd.data.layouts import SPLITS, DatasetError, detect_layout, list_path, load_split
+
+MAX_SHIFT = 0.25  # corners moved by a quarter of the side already fold most images over themselves
+MANIFEST = "shift.json"
+
+
+def random_homography(width: int, height: int, shift: float, rng: np.random.Generator) -> np.ndarray:
+    """A 3x3 homography that moves each image corner by up to ``shift`` of the width (x) and height (y)."""
+    corners = np.float32([[0, 0], [width, 0], [width, height], [0, height]])
+    moved = corners + rng.uniform(-shift, shift, (4, 2)).astype(np.float32) * np.float32([width, height])
+    return cv2.getPerspectiveTransform(corners, moved).astype(np.float64)
+
+
+def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Brightness within ±20 grey levels, contrast x0.85-1.15 around the mean, Gaussian noise of sigma up to 4."""
+    x = image.astype(np.float32)
+    mean = x.mean()
+    x = (x - mean) * rng.uniform(0.85, 1.15) + mean + rng.uniform(-20, 20)
+    x += rng.normal(0.0, rng.uniform(0.0, 4.0), x.shape).astype(np.float32)
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def shift_image(image: np.ndarray, homography: np.ndarray) -> np.ndarray:
+    h, w = image.shape[:2]
+    return cv2.warpPerspective(image, homography, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+
+
+def _rng(seed: int, relative: str) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(relative.encode())]))
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed: a copy reads the same
+        shutil.copy2(src, dst)
+
+
+def shift_dataset(
+    src: str | Path, out: str | Path, homography: float, photometric_change: bool = False, seed: int = 0,
+    splits: tuple[str, ...] = SPLITS, layout: str = "auto", progress: bool = True,
+) -> dict[str, list[list[float]]]:
+    """Write the shifted copy of ``src`` to ``out`` (which must not exist yet); returns the manifest."""
+    src, out = Path(src).resolve(), Path(out).resolve()
+    if not 0.0 <= homography <= MAX_SHIFT:
+        raise ConfigError(f"--homography {homography}: corners move by a fraction of the side in [0, {MAX_SHIFT}]; "
+                          "0.02 is a 2% shift")
+    for split in splits:
+        if split not in SPLITS:
+            raise ConfigError(f"--splits {split!r}: choose from {', '.join(SPLITS)}")
+    if out.exists():
+        raise ConfigError(f"{out} already exists; pass a new --out folder (nothing is overwritten)")
+    if out == src or src in out.parents:
+        raise ConfigError(f"--out {out} is inside the dataset {src}; write the copy elsewhere")
+    layout = detect_layout(src, layout)
+    histories = []
+    for split in splits:
+        if split != "val" and not list_path(src, split, layout).is_file():
+            continue  # a split this dataset does not have
+        histories += [p.hist for p in load_split(src, split, layout)]  # every file checked before anything is written
+    if not histories:
+        have = [s for s in SPLITS if list_path(src, s, layout).is_file()]
+        raise DatasetError(f"{src} has no {' or '.join(splits)} list (it lists {', '.join(have) or 'nothing'}); "
+                           "choose --splits among those")
+
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    for f in files:
+        _link(f, out / f.relative_to(src))
+    manifest = {}
+    for hist in tqdm(sorted(set(histories)), desc=f"shifting {src.name}", unit="pair", disable=not progress):
+        relative = hist.relative_to(src).as_posix()
+        image = cv2.imread(str(hist), cv2.IMREAD_COLOR)
+        if image is None:
+            raise DatasetError(f"{hist}: OpenCV could not decode this image; replace the file")
+        rng = _rng(seed, relative)
+        matrix = random_homography(image.shape[1], image.shape[0], homography, rng)
+        shifted = shift_image(image, matrix)
+        if photometric_change:
+            shifted = photometric(shifted, rng)
+        target = out / relative
+        target.unlink()  # the link made above: the original must stay as it was
+        if not cv2.imwrite(str(target), shifted, [cv2.IMWRITE_JPEG_QUALITY, 95]):
+            raise DatasetError(f"{target}: could not be written")
+        manifest[relative] = matrix.tolist()
+    (out / MANIFEST).write_text(json.dumps({"homography": homography, "photometric": photometric_change,
+                                            "seed": seed, "splits": list(splits), "warps": manifest}, indent=1))
+    return manifest
