@@ -139,24 +139,22 @@ def _eval(args: argparse.Namespace) -> int:
     data_cfg = config.data
     data_cfg.data = str(resolve_data_dir_for(args))
     data_cfg.layout = args.layout or "auto"
-    from anodfd.data.dataset import make_dataset
-
-    dataset = make_dataset(data_cfg, args.split, train=False)  # every file checked before any compute
     threshold = check_threshold(args.threshold)
     calibrated = float(ckpt.get("threshold", threshold))
     calibrated = calibrated if 0.0 < calibrated < 1.0 else threshold
     # At each mask's own resolution, as the registry scores: a 64 px model and a 640 px one count the same pixels.
+    # It checks every file of the split before any compute.
     pixels, images, defects, _ = score_native(model, data_cfg, args.split, device, args.batch_size,
                                               threshold=calibrated)
     metrics = pixels.compute(threshold)
-    print(f"{args.split} ({len(dataset)} pairs, native resolution), threshold {metrics['threshold']:.3f}: "
+    normal, anomalous = (int(n) for n in images.state().sum(dim=1))
+    print(f"{args.split} ({normal + anomalous} pairs, native resolution), threshold {metrics['threshold']:.3f}: "
           f"{format_row(metrics)}")
     print(f"{args.split}, calibrated threshold {calibrated:.3f}: {format_row(pixels.compute(calibrated))}")
     d = defects.compute()
     print(f"{args.split} defects at {calibrated:.3f}: F {d['defect_f']:.3f} | recall {d['defect_recall']:.3f} | "
           f"precision {d['defect_precision']:.3f} | {d['false_alarms_per_image']:.2f} false alarms per pair | "
           f"every defect found in {d['all_found']:.3f} of the pairs that have any")
-    normal, anomalous = (int(n) for n in images.state().sum(dim=1))
     results = {k: metrics[k] for k in ("precision", "recall", "oa", "f1", "iou", "auc", "eer", "threshold")}
     results["image_auroc"] = images.auroc()
     undefined = {}  # metric -> why it has no value; NaN is not an answer (and not valid JSON)

@@ -32,12 +32,17 @@ def default_cache_dir() -> Path:
     return Path(base) / "anodfd"
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """An image file at its own size as RGB uint8."""
+def read_bgr(path: Path) -> np.ndarray:
+    """An image file at its own size as OpenCV's BGR uint8, or one clear error naming the file."""
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise DatasetError(f"{path}: OpenCV could not decode this image; replace the file")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """An image file at its own size as RGB uint8."""
+    return cv2.cvtColor(read_bgr(path), cv2.COLOR_BGR2RGB)
 
 
 def preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -51,10 +56,7 @@ def decode_image(path: Path, size: int) -> np.ndarray:
     Resized before the BGR -> RGB swap, which is exact (the resize treats channels alike) and spares the
     swap of a full-size image.
     """
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise DatasetError(f"{path}: OpenCV could not decode this image; replace the file")
-    return cv2.cvtColor(preprocess(img, size), cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(preprocess(read_bgr(path), size), cv2.COLOR_BGR2RGB)
 
 
 def decode_mask(path: Path, size: int) -> np.ndarray:

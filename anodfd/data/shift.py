@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from anodfd.config import ConfigError
+from anodfd.data.cache import read_bgr
 from anodfd.data.layouts import SPLITS, DatasetError, detect_layout, list_path, load_split
 
 MAX_SHIFT = 0.25  # corners moved by a quarter of the side already fold most images over themselves
@@ -94,9 +95,7 @@ def shift_dataset(
     manifest = {}
     for hist in tqdm(sorted(set(histories)), desc=f"shifting {src.name}", unit="pair", disable=not progress):
         relative = hist.relative_to(src).as_posix()
-        image = cv2.imread(str(hist), cv2.IMREAD_COLOR)
-        if image is None:
-            raise DatasetError(f"{hist}: OpenCV could not decode this image; replace the file")
+        image = read_bgr(hist)
         rng = _rng(seed, relative)
         matrix = random_homography(image.shape[1], image.shape[0], homography, rng)
         shifted = shift_image(image, matrix)
