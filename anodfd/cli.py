@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from anodfd.config import DEPTHS, MODEL_NAMES, PRESETS, Config, ConfigError
+from anodfd.config import DEPTHS, MODEL_NAMES, PRESETS, Config, ConfigError, with_window
 from anodfd.data.layouts import LAYOUTS, SPLITS, DatasetError
 
 
@@ -42,10 +42,11 @@ def _data_shift(args: argparse.Namespace) -> int:
     return 0
 
 
-# CLI flag -> dotted config keys it sets (image size sets both the data and the model's position grid).
+# CLI flag -> dotted config keys it sets.
 _FLAGS = {
     "model": ["model.name"], "depth": ["model.depth"], "pretrained": ["model.pretrained"],
-    "image_size": ["data.image_size", "model.image_size"], "layout": ["data.layout"],
+    "resize": ["data.resize"], "scale": ["data.scale"], "crop": ["data.crop"],
+    "crop_pos_fraction": ["data.crop_pos_fraction"], "layout": ["data.layout"],
     "augment": ["data.augment"], "misregister": ["data.misregister"], "num_workers": ["data.num_workers"],
     "cache_dir": ["data.cache_dir"], "epochs": ["train.epochs"], "batch_size": ["train.batch_size"],
     "lr": ["train.lr"], "bce_weight": ["train.bce_weight"], "dice_weight": ["train.dice_weight"],
@@ -63,7 +64,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         value = getattr(args, flag, None)
         if value is not None:
             overrides.update({k: value for k in keys})
-    return config.with_flat(overrides)
+    return with_window(config, overrides)
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -81,7 +82,14 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=MODEL_NAMES, default=None)
     p.add_argument("--depth", type=int, choices=DEPTHS, default=None, help="Transformer layers (0 = none); AnoDFDNet only")
     p.add_argument("--pretrained", action="store_true", default=None, help="download ImageNet encoder weights (timm, U-Net, DeepLabV3+)")
-    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--resize", type=int, default=None,
+                   help="squash every pair to N x N (the paper: 256); 0 keeps the aspect ratio (needs --crop)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="with --resize 0: scale both sides by S (default 1 = native pixels)")
+    p.add_argument("--crop", type=int, default=None,
+                   help="train on random N x N crops; validation and inference slide N x N tiles")
+    p.add_argument("--crop-pos-fraction", type=float, default=None,
+                   help="share of training crops placed on an anomaly (default 0)")
     p.add_argument("--augment", choices=["none", "paper", "strong"], default=None)
     p.add_argument("--misregister", type=float, default=None, help="max independent history misalignment (0.03 = 3%%)")
     p.add_argument("--epochs", type=int, default=None)

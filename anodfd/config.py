@@ -36,11 +36,22 @@ def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _whole(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 @dataclass
 class DataConfig:
     data: str = ""  # dataset folder; named datasets (OL, FB, Diff) are resolved to a folder before this
     layout: str = "auto"  # auto | paper (cur,hist,gt lists) | abl (A/ B/ label/ list/)
-    image_size: int = 256  # square side the pair is resized to (the paper: 256)
+    # How the network sees a pair (see anodfd.data.cache.View): squashed to resize x resize, the paper's way, or,
+    # with resize 0, scaled by `scale` keeping its aspect ratio, so small defects keep their pixels.
+    resize: int = 256  # square side every pair is resized to (the paper: 256); 0 = keep the aspect ratio
+    scale: float = 1.0  # with resize 0: the factor both sides are scaled by (1 = native pixels)
+    # Train on random crop x crop windows of that view; validation and inference then slide the same window over
+    # the whole view and blend the tiles (anodfd.inference). 0 = whole pairs (resize must then be set).
+    crop: int = 0
+    crop_pos_fraction: float = 0.0  # share of training crops placed to contain an anomalous pixel
     augment: str = "paper"  # none | paper (flips, 180 rotation) | strong (+ scale/shift, photometric)
     misregister: float = 0.0  # max independent shift/rotation/scale of history, as a fraction (0.03 = 3%)
     val_fraction: float = 0.2  # used only when a dataset ships no validation list (the paper's 8:2)
@@ -48,14 +59,33 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes
 
     def __post_init__(self) -> None:
-        _require("data.image_size", self.image_size, isinstance(self.image_size, int) and self.image_size >= 32,
-                 "must be a whole number of pixels, at least 32")
+        _require("data.resize", self.resize, _whole(self.resize) and (self.resize == 0 or self.resize >= 32),
+                 "must be a whole number of pixels, at least 32, or 0 to keep the aspect ratio (with --crop)")
+        _require("data.scale", self.scale, _number(self.scale) and 0 < self.scale <= 4,
+                 "must be in (0, 4]: the factor both image sides are scaled by")
+        _require("data.scale", self.scale, self.resize == 0 or self.scale == 1,
+                 f"applies only with --resize 0; --resize {self.resize} squashes every pair to {self.resize}x{self.resize}")
+        _require("data.crop", self.crop, _whole(self.crop) and (self.crop == 0 or self.crop >= 32),
+                 "must be 0 (whole pairs) or a whole number of pixels, at least 32")
+        _require("data.crop", self.crop, self.crop > 0 or self.resize > 0,
+                 "--resize 0 keeps each image's own size, which cannot be batched whole: pass --crop N (e.g. 256)")
+        _require("data.crop", self.crop, self.resize == 0 or self.crop <= self.resize,
+                 f"is larger than the --resize {self.resize} view it is cut from")
+        _require("data.crop_pos_fraction", self.crop_pos_fraction,
+                 _number(self.crop_pos_fraction) and 0 <= self.crop_pos_fraction <= 1, "must be in [0, 1]")
+        _require("data.crop_pos_fraction", self.crop_pos_fraction, self.crop > 0 or self.crop_pos_fraction == 0,
+                 "applies to training crops: pass --crop N as well")
         _require("data.misregister", self.misregister, _number(self.misregister) and 0 <= self.misregister < 0.5,
                  "must be in [0, 0.5): a fraction of the image side")
         _require("data.val_fraction", self.val_fraction, _number(self.val_fraction) and 0 < self.val_fraction < 1,
                  "must be in (0, 1)")
         _require("data.num_workers", self.num_workers, isinstance(self.num_workers, int) and self.num_workers >= 0,
                  "must be 0 (load in the training process) or more")
+
+    @property
+    def window(self) -> int:
+        """The side of the square the network sees: a training crop and an inference tile, or the resized pair."""
+        return self.crop or self.resize
 
 
 @dataclass
@@ -133,6 +163,14 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        if self.model.name in ANODFD_NAMES:
+            stride = STRIDES.get(self.model.name, 32)
+            key = "data.crop" if self.data.crop else "data.resize"
+            _require(key, self.data.window, self.data.window % stride == 0,
+                     f"model {self.model.name} sees {self.data.window}x{self.data.window} windows, which must be "
+                     f"divisible by its stride {stride}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -159,7 +197,19 @@ class Config:
         return Config.from_dict(d)
 
 
+def with_window(config: Config, overrides: dict[str, Any]) -> Config:
+    """``config`` with dotted ``overrides``, and the model's position grid set to the window the network sees
+    (a training crop and inference tile, or the whole resized pair): it follows the data, never set on its own."""
+    config = config.with_flat(overrides)  # a bad view fails here, naming the data flag
+    return config.with_flat({"model.image_size": config.data.window})
+
+
+# Keys renamed since checkpoints and registry versions were first written: old name -> new name.
+_RENAMED = {DataConfig: {"image_size": "resize"}}
+
+
 def _build(cls: type, values: dict[str, Any]):
+    values = {_RENAMED.get(cls, {}).get(k, k): v for k, v in values.items()}
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - known
     if unknown:
@@ -174,7 +224,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "model.name": "tiny",
         "model.image_size": 96,
-        "data.image_size": 96,
+        "data.resize": 96,
         "train.epochs": 15,
         "train.batch_size": 4,
         "train.lr": 3e-3,

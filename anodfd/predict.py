@@ -12,11 +12,10 @@ import torch
 from torch import nn
 
 from anodfd.config import Config, ConfigError
-from anodfd.data.cache import preprocess, read_rgb
-from anodfd.data.dataset import to_chw
+from anodfd.data.cache import read_rgb
 from anodfd.data.layouts import IMAGE_EXTS, DatasetError
-from anodfd.metrics import MIN_REGION_AREA, detections, image_scores
-from anodfd.train.loop import predict_probs, resize_probs
+from anodfd.inference import pair_map
+from anodfd.metrics import MIN_REGION_AREA, detections
 
 
 @dataclass
@@ -57,16 +56,6 @@ def find_pairs(hist: str, cur: str | None = None, list_file: str | None = None) 
     return pairs
 
 
-def pair_map(
-    model: nn.Module, size: int, hist_rgb: np.ndarray, cur_rgb: np.ndarray, device: torch.device | str = "cpu",
-) -> tuple[np.ndarray, float]:
-    """One decoded RGB pair -> (HxW float32 probability map at the current image's size, pair score)."""
-    hist, cur = to_chw(preprocess(hist_rgb, size))[None], to_chw(preprocess(cur_rgb, size))[None]
-    probs = predict_probs(model, hist, cur, torch.device(device))
-    full = resize_probs(probs, *cur_rgb.shape[:2])[0, 0].numpy()
-    return full, float(image_scores(probs)[0])
-
-
 def predict_pairs(
     model: nn.Module, config: Config, pairs: list[tuple[str, Path, Path]], out: str | Path,
     threshold: float, device: torch.device | str = "cpu", min_area: int = MIN_REGION_AREA,
@@ -76,7 +65,10 @@ def predict_pairs(
     results = []
     for name, hist_path, cur_path in pairs:
         cur_rgb = read_rgb(cur_path)
-        full, score = pair_map(model, config.data.image_size, read_rgb(hist_path), cur_rgb, device)
+        try:
+            full, score = pair_map(model, config.data, read_rgb(hist_path), cur_rgb, device)
+        except ConfigError as e:
+            raise DatasetError(f"{hist_path} and {cur_path}: {e}") from None
         binary = (full >= threshold).astype(np.uint8)
         boxes = regions(binary, full, min_area)
         map_path, overlay_path, json_path = out / f"{name}_map.png", out / f"{name}_overlay.jpg", out / f"{name}.json"

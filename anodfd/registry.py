@@ -196,6 +196,14 @@ def register_version(
     return name, int(mv.version)
 
 
+def view_text(data: dict) -> str:
+    """How a checkpoint's model sees a pair, from its config's data section (older ones: ``image_size``)."""
+    resize, crop = data.get("resize", data.get("image_size", "?")), data.get("crop", 0)
+    if resize:
+        return f"pairs resized to {resize}x{resize} px" + (f", {crop} px crops and tiles" if crop else "")
+    return f"pairs scaled by {data.get('scale', 1):g} keeping their aspect ratio, {crop} px crops and tiles"
+
+
 def model_card(uri: str, name: str, version: int, tags: dict[str, str], experiment: str | None = None) -> str:
     """The version's description: what it scored, under which rules, against which floor, from which run."""
     def num(key: str) -> str:
@@ -236,7 +244,7 @@ def model_card(uri: str, name: str, version: int, tags: dict[str, str], experime
         + (f"; defects {protocol['defects']}." if "defects" in protocol else ".")),
         (f"- **Splits**: train {tags.get('split_train', '?')}, val {tags.get('split_val', '?')}, "
         f"test {tags.get('split_test', tags.get('test_pairs', '?'))} pairs."),
-        (f"- **Training**: {model.get('name', '?')} depth {model.get('depth', '?')}, {data.get('image_size', '?')} px, "
+        (f"- **Training**: {model.get('name', '?')} depth {model.get('depth', '?')}, {view_text(data)}, "
         f"lr {train.get('lr', '?')}, batch {train.get('batch_size', '?')}, loss bce {train.get('bce_weight', '?')} / "
         f"dice {train.get('dice_weight', '?')} / focal {train.get('focal_weight', '?')}; epoch "
         f"{tags.get('epoch', '?')} of {train.get('epochs', '?')}, seed {train.get('seed', '?')} "
@@ -455,13 +463,13 @@ def _log_pyfunc(uri: str, ckpt: dict, experiment: str, run_id: str, tags: dict[s
         with tempfile.TemporaryDirectory() as tmp:
             slim = Path(tmp) / CHECKPOINT_FILE
             torch.save({**ckpt, "optimizer": None}, slim)  # serving needs no optimizer state (2/3 of the bytes)
-            image_size = ckpt["config"]["data"]["image_size"]
             example = np.linspace(0, 255, 48 * 64 * 3).astype(np.uint8).reshape(1, 48, 64, 3)
             mlflow.pyfunc.save_model(
                 Path(tmp) / "model", python_model=str(SERVING_CODE), artifacts={CHECKPOINT_KEY: str(slim)},
                 signature=signature(), input_example={"history": example, "current": example[:, ::-1].copy()},
                 pip_requirements=[_pinned(p) for p in REQUIREMENTS],
-                metadata={"threshold": float(ckpt.get("threshold", 0.5)), "image_size": image_size},
+                metadata={"threshold": float(ckpt.get("threshold", 0.5)),
+                          "view": view_text(ckpt["config"]["data"])},
                 mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id, model_id=logged.model_id,
                                    model_uuid=logged.model_id),
             )

@@ -26,11 +26,12 @@ from torch import nn
 from tqdm import tqdm
 
 from anodfd.config import DataConfig
-from anodfd.data.cache import PairCache, read_mask
-from anodfd.data.dataset import to_chw
+from anodfd.data.cache import PairCache, View, read_mask
+from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import Pair, fingerprint, load_split
-from anodfd.metrics import MIN_REGION_AREA, DefectCounts, ImageScores, PixelHistogram, image_scores, plot_roc
-from anodfd.train.loop import model_from_checkpoint, predict_probs, resize_probs
+from anodfd.inference import resize_probs, sliding_probs
+from anodfd.metrics import MIN_REGION_AREA, DefectCounts, ImageScores, PixelHistogram, plot_roc
+from anodfd.train.loop import evaluate, model_from_checkpoint
 
 PROTOCOL_VERSION = 2  # 2: defect-level scores
 MIN_AUC = 0.6  # pixel AUC a version needs to take champion: 0.5 is a coin toss, 0.6 is clearly more
@@ -124,32 +125,21 @@ def score_native(
     grid_pairs: int = 0, progress: bool = True, threshold: float = 0.5,
 ) -> tuple[PixelHistogram, ImageScores, DefectCounts, list[tuple[np.ndarray, ...]]]:
     """Pixel histogram, pair scores and defect counts (maps cut at ``threshold``) of ``model`` over ``split``,
-    counted on each mask's own pixels.
+    counted on each mask's own pixels (`anodfd.train.loop.evaluate`, tiles ``batch_size`` at a time).
 
-    The network sees each pair as `anodfd predict` feeds it (decoded at ``data.image_size``); its map is resized
-    to the mask's size before counting. Also returns the first ``grid_pairs`` pairs as (history, current, mask,
-    map) at display size, for the overlay grid.
+    The network sees each pair as `anodfd predict` feeds it (the checkpoint's view and window). Also returns the
+    first ``grid_pairs`` pairs as (history, current, mask, map) at display size, for the overlay grid.
     """
     device = torch.device(device)
-    pairs = load_split(Path(data.data), split, data.layout, data.val_fraction)
-    cache, size = PairCache(data.cache_dir or None), data.image_size
-    pixels, images, defects, grid = PixelHistogram(), ImageScores(), DefectCounts(), []
-    bar = _progress(range(0, len(pairs), batch_size), f"scoring {split} at native size", progress)
-    for start in bar:
-        batch = pairs[start:start + batch_size]
-        arrays = [cache.get(p, size) for p in batch]
-        hist = torch.stack([to_chw(a[..., :3]) for a in arrays])
-        cur = torch.stack([to_chw(a[..., 3:6]) for a in arrays])
-        probs = predict_probs(model, hist, cur, device)
-        for pair, p in zip(batch, probs):
-            mask = read_mask(pair.mask)
-            full = resize_probs(p[None], *mask.shape)
-            truth = torch.from_numpy(mask)[None, None]
-            pixels.update(full, truth)
-            defects.update((full[0, 0].numpy() >= threshold).astype(np.uint8), mask)
-            images.add(image_scores(p[None]), truth.reshape(1, -1).amax(dim=1) > 0)
-            if len(grid) < grid_pairs:
-                grid.append(_display(pair, mask, full[0, 0].numpy()))
+    dataset = make_dataset(data, split)  # checks every file of the split before any compute
+    pixels, images, defects = evaluate(model, dataset, device, data.window, threshold, batch=batch_size,
+                                       progress=f"scoring {split} at native size" if progress else None)
+    grid = []
+    for i in range(min(grid_pairs, len(dataset))):
+        hist, cur, _ = dataset.arrays(i)
+        mask = dataset.native_mask(i)
+        probs = resize_probs(sliding_probs(model, hist, cur, data.window, device, batch_size)[None, None], *mask.shape)
+        grid.append(_display(dataset.pairs[i], mask, probs[0, 0].numpy()))
     return pixels, images, defects, grid
 
 
@@ -180,8 +170,8 @@ def template_difference(data: DataConfig, split: str, native: bool = True,
                         progress: bool = True) -> tuple[PixelHistogram, float]:
     """Template differencing's histogram on ``split`` and its threshold, fitted on the train split.
 
-    ``native``: on the files as they are, counted on the masks' pixels; otherwise on the pairs decoded at
-    ``data.image_size`` (as the models see them).
+    ``native``: on the files as they are, counted on the masks' pixels; otherwise on the pairs in the config's
+    view (as the models see them).
     """
     cache = PairCache(data.cache_dir or None)
 
@@ -197,7 +187,7 @@ def template_difference(data: DataConfig, split: str, native: bool = True,
                     history, current = (cv2.resize(x, mask.shape[::-1], interpolation=cv2.INTER_AREA)
                                         for x in (history, current))
             else:
-                arr = cache.get(pair, data.image_size)
+                arr = cache.get(pair, View.of(data))
                 history, current, mask = arr[..., :3], arr[..., 3:6], arr[..., 6]
             hist.update(torch.from_numpy(difference_map(history, current)), torch.from_numpy(mask))
         return hist

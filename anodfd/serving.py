@@ -11,21 +11,12 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import torch
 
 from anodfd.config import ConfigError
-from anodfd.data.cache import preprocess
-from anodfd.data.dataset import to_chw
-from anodfd.train.loop import (
-    load_checkpoint,
-    model_from_checkpoint,
-    predict_probs,
-    resize_probs,
-    resolve_device,
-)
+from anodfd.inference import pair_map
+from anodfd.train.loop import load_checkpoint, model_from_checkpoint, resolve_device
 
 CHECKPOINT_KEY = "checkpoint"  # the name of the checkpoint in the model's `artifacts`
-CHUNK = 16  # pairs per forward pass: bounds memory for large batches
 
 
 def as_image_list(x: Any, name: str) -> list[np.ndarray]:
@@ -60,11 +51,8 @@ class AnomalyMapModel(mlflow.pyfunc.PythonModel):
         ckpt = load_checkpoint(context.artifacts[CHECKPOINT_KEY])
         self.device = resolve_device("auto")
         self.model, config = model_from_checkpoint(ckpt, self.device)
-        self.size = config.data.image_size
+        self.data = config.data  # the view and window training used: `pair_map` feeds the network the same way
         self.threshold = float(ckpt.get("threshold", config.train.threshold))
-
-    def _resize(self, image: np.ndarray) -> torch.Tensor:
-        return to_chw(preprocess(image, self.size))  # exactly what training saw of a decoded file
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         """``{"history": NxHxWx3, "current": NxHxWx3}`` uint8 RGB -> NxHxW float32 maps (an object array of HxW maps
@@ -77,12 +65,12 @@ class AnomalyMapModel(mlflow.pyfunc.PythonModel):
         if len(hists) != len(curs):
             raise ConfigError(f"{len(hists)} history images but {len(curs)} current images")
         maps = []
-        for i in range(0, len(curs), CHUNK):
-            h = torch.stack([self._resize(im) for im in hists[i : i + CHUNK]])
-            c = torch.stack([self._resize(im) for im in curs[i : i + CHUNK]])
-            probs = predict_probs(self.model, h, c, self.device)
-            for p, im in zip(probs, curs[i : i + CHUNK]):
-                maps.append(resize_probs(p[None], im.shape[0], im.shape[1])[0, 0].numpy().astype(np.float32))
+        for i, (h, c) in enumerate(zip(hists, curs)):
+            # One pair at a time, its tiles batched: memory stays bounded however many or large the pairs are.
+            try:
+                maps.append(pair_map(self.model, self.data, h, c, self.device)[0].astype(np.float32))
+            except ConfigError as e:
+                raise ConfigError(f"pair {i}: {e}") from None
         cur = np.asarray(cur)
         if cur.dtype == object:
             out = np.empty(len(maps), dtype=object)  # np.array(maps) would try to broadcast maps of different sizes

@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def base_config(args: argparse.Namespace, data_dir: Path) -> Config:
     return Config().with_flat({
-        "data.data": str(data_dir), "data.image_size": args.image_size, "model.image_size": args.image_size,
+        "data.data": str(data_dir), "data.resize": args.image_size, "model.image_size": args.image_size,
         "model.name": args.anodfd_model, "train.epochs": args.epochs, "train.batch_size": args.batch_size,
         "train.lr": args.lr, "train.seed": args.seed, "train.max_steps_per_epoch": args.max_steps_per_epoch,
         "train.bce_weight": 1.0, "train.dice_weight": 1.0,
@@ -104,7 +104,7 @@ def train_cell(config: Config, args: argparse.Namespace, out: Path, uri: str, pa
     outcome = train_on_ray(config, opts, tags={"anodfd.kind": "tables", "anodfd.cell": name}, parent_run_id=parent)
     checkpoint = Path(outcome.run_dir) / ("best.pt" if separate_test else "last.pt")
     model, cfg = model_from_checkpoint(load_checkpoint(checkpoint))
-    pixels, _ = evaluate_split(model, cfg.data, split)
+    pixels, _, _ = evaluate_split(model, cfg.data, split)
     metrics = pixels.compute(0.5)
     result = {"method": name, "model": config.model.name, "depth": config.model.depth, "split": split,
               "checkpoint": str(checkpoint), "minutes": (time.time() - start) / 60,

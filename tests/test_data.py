@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from anodfd.cli import main as cli
-from anodfd.data.cache import PairCache, decode_mask
+from anodfd.data.cache import PairCache, decode_mask, read_mask
 from anodfd.data.check import check_dataset
 from anodfd.data.dataset import PairDataset, normalize
 from anodfd.data.layouts import (
@@ -322,22 +322,22 @@ def test_cli_unknown_dataset_is_one_line(tmp_path, capsys):
 # --- decoding and the cache ------------------------------------------------------------------------------
 
 
-def test_predict_eval_and_pyfunc_see_the_same_pixels(tmp_path):
+VIEWS = {"squashed": {"data.resize": 64}, "scaled and tiled": {"data.resize": 0, "data.scale": 0.25, "data.crop": 64}}
+
+
+@pytest.mark.parametrize("view", VIEWS.values(), ids=VIEWS.keys())
+def test_predict_eval_and_pyfunc_see_the_same_pixels(tmp_path, view):
     """One preprocessing path: a large JPEG pair gives the same map through `predict`, the eval dataset and the
-    pyfunc fed the decoded arrays, to 1e-5 (a decode at reduced size in training alone was 1.6 grey levels off)."""
+    pyfunc fed the decoded arrays, to 1e-5 (a decode at reduced size in training alone was 1.6 grey levels off),
+    for a model that squashes pairs and one that scales them (512x384 -> 128x96) and slides 64 px tiles."""
     from types import SimpleNamespace
 
-    from anodfd.config import PRESETS, Config
-    from anodfd.data.dataset import make_dataset, to_chw
+    from anodfd.config import PRESETS, Config, with_window
+    from anodfd.data.dataset import make_dataset
+    from anodfd.inference import resize_probs, sliding_probs
     from anodfd.predict import predict_pairs
     from anodfd.serving import AnomalyMapModel
-    from anodfd.train.loop import (
-        build_training,
-        checkpoint_dict,
-        predict_probs,
-        resize_probs,
-        save_checkpoint,
-    )
+    from anodfd.train.loop import build_training, checkpoint_dict, save_checkpoint
 
     rng = np.random.default_rng(3)
     yy, xx = np.mgrid[0:384, 0:512]
@@ -355,8 +355,8 @@ def test_predict_eval_and_pyfunc_see_the_same_pixels(tmp_path):
         cv2.imwrite(str(root / "p" / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
     cv2.imwrite(str(root / "p" / "cur_gt.png"), mask)
 
-    config = Config().with_flat({**PRESETS["smoke"], "data.data": str(root), "data.image_size": 64,
-                                 "data.cache_dir": str(tmp_path / "cache")})
+    config = with_window(Config().with_flat(PRESETS["smoke"]), {"data.data": str(root), **view,
+                                                                "data.cache_dir": str(tmp_path / "cache")})
     model, _, _ = build_training(config, torch.device("cpu"))
     with torch.no_grad():  # a fresh model answers about 0.5 everywhere, whatever it sees; make it sensitive
         for p in model.parameters():
@@ -368,8 +368,7 @@ def test_predict_eval_and_pyfunc_see_the_same_pixels(tmp_path):
     predicted = cv2.imread(str(tmp_path / "out" / "p_map.png"), cv2.IMREAD_GRAYSCALE) / 255.0  # 8-bit PNG
 
     h, c, _ = make_dataset(config.data, "test").arrays(0)
-    evaluated = resize_probs(predict_probs(model, to_chw(h)[None], to_chw(c)[None], torch.device("cpu")), 384, 512)
-    evaluated = evaluated[0, 0].numpy()
+    evaluated = resize_probs(sliding_probs(model, h, c, config.data.window)[None, None], 384, 512)[0, 0].numpy()
 
     served_model = AnomalyMapModel()
     served_model.load_context(SimpleNamespace(artifacts={"checkpoint": str(ckpt)}))
@@ -408,6 +407,25 @@ def test_cache_key_follows_file_identity_and_size(tmp_path):
     _write_pair(root, "oil_leak_train_0/hist.jpg", "oil_leak_train_0/cur.jpg", "oil_leak_train_0/cur_gt.png", seed=9)
     os.utime(pair.cur, ns=(1, 1))  # rewritten files get a new identity even within one mtime tick
     assert cache.key(pair, 32) != before
+
+
+def test_views_keep_the_aspect_ratio_and_are_cached_apart(tmp_path):
+    """`--resize 0 --scale S` keeps a 96x64 pair's shape (mask included, still binary), and each view is its own
+    cache entry: a scale-0.5 model never reads a native-size decode."""
+    from anodfd.data.cache import View
+
+    root = make_paper(tmp_path / "d")
+    pair = load_split(root, "train")[0]
+    cache = PairCache(tmp_path / "cache")
+    views = [View(32), View(0, 1.0), View(0, 0.5), View(0, 1.5)]
+    assert len({cache.key(pair, v) for v in views}) == len(views)
+    native = read_mask(pair.mask)
+    for view, shape in zip(views, [(32, 32), (64, 96), (32, 48), (96, 144)]):
+        arr = cache.get(pair, view)
+        assert arr.shape == (*shape, 7) and set(np.unique(arr[..., 6])) <= {0, 1}, view
+        assert abs(arr[..., 6].mean() - native.mean()) < 0.02, view  # the anomalous share survives the scaling
+    assert np.array_equal(cache.get(pair, View(0, 1.0))[..., 6], native)  # native view: the mask as stored
+    assert cache.stats["decoded"] == len(views)
 
 
 def test_dataset_tensors(tmp_path):

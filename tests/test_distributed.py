@@ -46,7 +46,7 @@ def test_two_worker_ddp_run_logs_everything_to_mlflow(synth_ol, tmp_path, mlflow
             assert run.data.params[key] == str(value), key
     assert run.data.tags["anodfd.global_batch"] == str(2 * config.train.batch_size)
     for key in ("train_loss", "precision", "recall", "oa", "f1", "iou", "auc", "eer", "pairs_per_s", "param_spread",
-                "threads"):
+                "threads", "defect_f", "defect_recall", "false_alarms_per_image"):
         assert [s for s, _ in history(mlflow_server, out.mlflow_run_id, key)] == [1, 2, 3], key
     # Gradients are synchronised: every rank holds the same weights after every epoch.
     assert all(v == 0.0 for _, v in history(mlflow_server, out.mlflow_run_id, "param_spread"))
@@ -77,16 +77,17 @@ def _eval_per_worker(loop_config: dict) -> None:
         epoch_metrics,
         evaluate,
         load_checkpoint,
-        make_loader,
         model_from_checkpoint,
         val_shard,
     )
 
     ctx = ray.train.get_context()
     model, config = model_from_checkpoint(load_checkpoint(loop_config["checkpoint"]))
-    shard = val_shard(make_dataset(config.data, "val", check=False), ctx.get_world_rank(), ctx.get_world_size())
-    pixels, images = evaluate(model, make_loader(shard, 3, shuffle=False), torch.device("cpu"))
-    metrics = {**epoch_metrics(pixels, images, 0.5), "pixels": int(pixels.pos.sum() + pixels.neg.sum())}
+    val = make_dataset(config.data, "val", check=False)
+    pixels, images, defects = evaluate(model, val, torch.device("cpu"), config.data.window,
+                                       indices=val_shard(val, ctx.get_world_rank(), ctx.get_world_size()))
+    metrics = {**epoch_metrics(pixels, images, 0.5), **defects.compute(),
+               "pixels": int(pixels.pos.sum() + pixels.neg.sum())}
     with tempfile.TemporaryDirectory() as d:  # Ray Train v2 attaches metrics to a result only with a checkpoint
         first = ctx.get_world_rank() == 0
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if first else None)
@@ -103,7 +104,6 @@ def test_two_worker_metrics_equal_one_process(synth_ol, tmp_path):
         evaluate,
         fit,
         load_checkpoint,
-        make_loader,
         model_from_checkpoint,
     )
 
@@ -112,8 +112,8 @@ def test_two_worker_metrics_equal_one_process(synth_ol, tmp_path):
     checkpoint = tmp_path / "run" / "last.pt"
     model, _ = model_from_checkpoint(load_checkpoint(checkpoint))
     val = make_dataset(config.data, "val")
-    pixels, images = evaluate(model, make_loader(val, 4, shuffle=False), torch.device("cpu"))
-    single = epoch_metrics(pixels, images, 0.5)
+    pixels, images, defects = evaluate(model, val, torch.device("cpu"), config.data.window)
+    single = {**epoch_metrics(pixels, images, 0.5), **defects.compute()}
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
     result = TorchTrainer(
@@ -121,8 +121,10 @@ def test_two_worker_metrics_equal_one_process(synth_ol, tmp_path):
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="eval", storage_path=str(tmp_path / "ray")),
     ).fit()
-    assert result.metrics["pixels"] == len(val) * config.data.image_size**2  # every pixel counted once, none twice
-    for key in ("precision", "recall", "oa", "f1", "iou", "auc", "eer", "calibrated_f1", "image_auroc"):
+    # Every native mask pixel counted once, none twice.
+    assert result.metrics["pixels"] == sum(val.native_mask(i).size for i in range(len(val)))
+    for key in ("precision", "recall", "oa", "f1", "iou", "auc", "eer", "calibrated_f1", "image_auroc",
+                "defect_precision", "defect_recall", "defect_f", "false_alarms_per_image", "all_found"):
         assert result.metrics[key] == pytest.approx(single[key], abs=1e-12), key
 
 

@@ -22,8 +22,9 @@ from anodfd.config import PRESETS, Config
 from anodfd.data.cache import decode_image
 from anodfd.data.dataset import to_chw
 from anodfd.data.layouts import fingerprint, read_split
+from anodfd.inference import predict_probs, resize_probs
 from anodfd.scoring import Protocol, score_checkpoint
-from anodfd.train.loop import fit, load_checkpoint, model_from_checkpoint, predict_probs, resize_probs
+from anodfd.train.loop import fit, load_checkpoint, model_from_checkpoint
 
 # The session's server is shared with other test files, which may register models too: use our own dataset name.
 DATASET = f"OLreg{uuid.uuid4().hex[:6]}"
@@ -200,7 +201,7 @@ def test_champion_under_another_protocol_is_rescored_before_the_comparison(mlflo
                  f"| 0.5 (paper) | {real.metrics['f1']:.4f} |", f"template differencing test F1 {real.floor_f1:.4f}",
                  f"{real.threshold:.4f} (calibrated, served)",
                  "train {train}, val {val}, test {test} pairs".format(**real.split_sizes),
-                 "{name} depth {depth}, ".format(**cfg["model"]) + f"{cfg['data']['image_size']} px",
+                 "{name} depth {depth}, ".format(**cfg["model"]) + f"pairs resized to {cfg['data']['resize']}x",
                  "/#/experiments/", f"runs/{search_run})", "aliases: challenger",
                  "gate decision: ", "card/overlays.jpg"):
         assert text in shown, text
@@ -232,7 +233,7 @@ def test_pyfunc_model_matches_checkpoint(history, mlflow_server, weights, synth_
     # The champion's checkpoint directly, through the files-on-disk path that `anodfd predict` uses.
     ckpt = load_checkpoint(weights[aliases(mlflow_server)["champion"] - 1])
     model, config = model_from_checkpoint(ckpt)
-    size = config.data.image_size
+    size = config.data.resize
     for i, (h, c) in enumerate(zip(hists, curs)):
         cv2.imwrite(str(tmp_path / f"h{i}.png"), h[..., ::-1])
         cv2.imwrite(str(tmp_path / f"c{i}.png"), c[..., ::-1])

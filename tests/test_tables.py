@@ -38,7 +38,7 @@ def read_csv(path: Path) -> dict[str, dict]:
 
 def hand_template_f1(data: Path, threshold: float) -> float:
     """|current - history| in grey, 3x3 opening, threshold: F1 over the test split, in plain numpy."""
-    config = Config().with_flat({"data.data": str(data), "data.image_size": 64})
+    config = Config().with_flat({"data.data": str(data), "data.resize": 64})
     dataset = make_dataset(config.data, "test")
     tp = fp = fn = 0
     for i in range(len(dataset)):

@@ -11,7 +11,7 @@ from conftest import same_state
 
 import anodfd
 from anodfd.cli import main as cli
-from anodfd.config import PRESETS, Config, ConfigError
+from anodfd.config import PRESETS, Config, ConfigError, with_window
 from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import read_split
 from anodfd.train.loop import (
@@ -31,8 +31,7 @@ def smoke(data, **overrides) -> Config:
 
 
 def val_f1(model, config: Config) -> float:
-    loader = make_loader(make_dataset(config.data, "val"), 8, shuffle=False)
-    pixels, images = evaluate(model, loader, torch.device("cpu"))
+    pixels, images, _ = evaluate(model, make_dataset(config.data, "val"), torch.device("cpu"), config.data.window)
     return epoch_metrics(pixels, images, 0.5)
 
 
@@ -52,7 +51,7 @@ def test_learning_happens(synth_ol, tmp_path):
 
 def test_ranks_draw_their_own_augmentation_with_loader_workers(synth_ol):
     """DDP ranks with DataLoader workers: each rank's augmentation stream is its own, and a rerun repeats it."""
-    config = smoke(synth_ol, **{"data.image_size": 32, "model.image_size": 32, "data.augment": "strong"})
+    config = smoke(synth_ol, **{"data.resize": 32, "model.image_size": 32, "data.augment": "strong"})
 
     def stream(rank: int) -> torch.Tensor:
         dataset = make_dataset(config.data, "train", train=True, seed=7919 * rank)  # as train/worker.py seeds it
@@ -120,13 +119,33 @@ def test_models_of_any_size_are_scored_on_the_masks_own_pixels(synth_ol):
 
     masks = [read_mask(p.mask) for p in read_split(synth_ol, "test")]
     counted = []
-    for size in (64, 96):
-        config = smoke(synth_ol, **{"data.image_size": size, "model.image_size": size})
+    views = [{"data.resize": 64}, {"data.resize": 96}, {"data.resize": 0, "data.scale": 0.5, "data.crop": 32}]
+    for view in views:  # squashed to 64 or 96, or scaled to 64x64 and seen through 32 px tiles
+        config = with_window(smoke(synth_ol), view)
         pixels, _, defects, _ = score_native(build_model(config.model).eval(), config.data, "test", progress=False)
         counted.append((int(pixels.pos.sum()), int(pixels.neg.sum()), defects.counts["defects"]))
     n_defects = sum(cv2.connectedComponents(m, connectivity=8)[0] - 1 for m in masks)
     expected = (sum(int(m.sum()) for m in masks), sum(m.size - int(m.sum()) for m in masks), n_defects)
-    assert counted == [expected, expected]
+    assert counted == [expected] * len(views)
+
+
+def test_training_on_native_crops_learns_and_logs_defect_metrics(synth_ol, tmp_path):
+    """`--resize 0 --crop 64`: 64 px crops of the 128 px pairs, half of them on an anomaly; validation slides 64 px
+    tiles over whole pairs and counts native pixels. Validation F1 rises, and every epoch has defect metrics."""
+    config = with_window(smoke(synth_ol, **{"train.epochs": 10}),
+                         {"data.resize": 0, "data.crop": 64, "data.crop_pos_fraction": 0.5})
+    assert config.model.image_size == 64
+    torch.manual_seed(0)
+    before = val_f1(anodfd.build_model(config.model), config)
+    result = fit(config, tmp_path / "run", log=lambda s: None)
+    model, saved = model_from_checkpoint(load_checkpoint(result["best"]))
+    assert saved.data == config.data  # the view travels with the checkpoint
+    after = val_f1(model, saved)
+    assert before["calibrated_f1"] < 0.1
+    assert after["calibrated_f1"] > before["calibrated_f1"] + 0.3 and after["auc"] > 0.9
+    keys = {"defect_precision", "defect_recall", "defect_f", "false_alarms_per_image", "all_found"}
+    assert all(keys <= set(h) for h in result["history"])
+    assert max(h["defect_recall"] for h in result["history"]) > 0.5
 
 
 def test_checkpoint_is_self_describing_and_weights_only(synth_ol, tmp_path):
@@ -146,8 +165,9 @@ def test_checkpoint_is_self_describing_and_weights_only(synth_ol, tmp_path):
 def test_resume_is_bit_identical_to_a_straight_run_and_refuses_another_model(synth_ol, tmp_path):
     """3 epochs straight against 2 epochs, a stop, and a resume: the same weights, optimizer state and best score,
     with every random stream in use (strong augmentation, misregistration, dropout, shuffling)."""
-    config = smoke(synth_ol, **{"train.epochs": 3, "train.max_steps_per_epoch": 3, "data.image_size": 64,
-                                "data.augment": "strong", "data.misregister": 0.03})
+    config = smoke(synth_ol, **{"train.epochs": 3, "train.max_steps_per_epoch": 3, "data.resize": 64,
+                                "data.crop": 48, "data.crop_pos_fraction": 0.5, "data.augment": "strong",
+                                "data.misregister": 0.03})
     fit(config, tmp_path / "straight", log=lambda s: None)
     out = tmp_path / "run"
     fit(config.with_flat({"train.epochs": 2}), out, log=lambda s: None)
@@ -251,8 +271,12 @@ BAD_TRAIN_FLAGS = [
     (["--lr", "0"], "--lr 0.0 (train.lr)"),
     (["--batch-size", "0"], "--batch-size 0 (train.batch_size): must be 1 or more"),
     (["--epochs", "0"], "--epochs 0 (train.epochs): must be 1 or more"),
-    (["--image-size", "7"], "--image-size 7 (data.image_size): must be a whole number of pixels, at least 32"),
-    (["--image-size", "100"], "--image-size 100 (model.image_size): model paper needs a size divisible by its stride 16"),
+    (["--resize", "7"], "--resize 7 (data.resize): must be a whole number of pixels, at least 32, or 0 to keep"),
+    (["--resize", "100"], "--resize 100 (data.resize): model paper sees 100x100 windows, which must be divisible"),
+    (["--resize", "0"], "--crop 0 (data.crop): --resize 0 keeps each image's own size, which cannot be batched whole"),
+    (["--resize", "0", "--crop", "72"], "--crop 72 (data.crop): model paper sees 72x72 windows"),
+    (["--scale", "0.5"], "--scale 0.5 (data.scale): applies only with --resize 0"),
+    (["--crop", "64", "--crop-pos-fraction", "1.5"], "--crop-pos-fraction 1.5 (data.crop_pos_fraction): must be in"),
     (["--bce-weight", "0", "--dice-weight", "0"], "the BCE, Dice and focal weights are all 0"),
     (["--dice-weight", "-0.5"], "--dice-weight -0.5 (train.dice_weight): must be 0 or more"),
     (["--focal-weight", "nan"], "--focal-weight nan (train.focal_weight)"),
@@ -274,6 +298,17 @@ def test_bad_numbers_fail_in_one_line_before_anything_runs(synth_ol, tmp_path, m
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
     assert list(tmp_path.iterdir()) == [], "nothing is written for a run that cannot start"
+
+
+def test_checkpoints_written_before_views_existed_still_load():
+    """Checkpoints and registry versions store `data.image_size`; it is read as today's `data.resize`."""
+    old = Config().to_dict()
+    old["data"]["image_size"] = old["data"].pop("resize")
+    for key in ("scale", "crop", "crop_pos_fraction"):
+        del old["data"][key]
+    old["data"]["image_size"] = 128
+    loaded = Config.from_dict(old)
+    assert loaded.data.resize == 128 and loaded.data.crop == 0 and loaded.data.window == 128
 
 
 @pytest.mark.parametrize("key, value", [("train.threshold", 0.0), ("train.threshold", 1.0), ("data.val_fraction", 0.0),

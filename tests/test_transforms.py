@@ -206,6 +206,51 @@ def test_build_transform():
     assert isinstance(t, PairTransform) and t.augment == "none" and t.misregister == 0.02
     t = build_transform(DataConfig(augment="paper"), train=True, seed=0)
     assert isinstance(t, PairTransform) and t.augment == "paper"
+    assert build_transform(DataConfig(augment="none", crop=64), train=True, seed=0) is not None  # crops alone
+    assert build_transform(DataConfig(augment="none", crop=64), train=False) is None  # validation is tiled whole
+
+
+def _coordinates(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """History and current whose pixels spell their own (row, column); a mask that is a function of them."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([yy, xx, (yy + xx) % 256], axis=2).astype(np.uint8)
+    return img.copy(), img.copy(), ((yy // 7 + xx // 5) % 2).astype(np.uint8)
+
+
+def test_crops_cut_the_same_window_from_history_current_and_mask():
+    hist, cur, mask = _coordinates(100, 140)
+    t = PairTransform("paper", crop=48, seed=0)
+    corners = set()
+    for _ in range(30):
+        h, c, m = t(hist, cur, mask)
+        assert h.shape == c.shape == (48, 48, 3) and m.shape == (48, 48)
+        assert np.array_equal(h, c)
+        # Undo the shared flip through the coordinates the pixels carry, then the mask must match them.
+        rows, cols = h[..., 0].astype(int), h[..., 1].astype(int)
+        assert np.array_equal(m, mask[rows, cols])
+        corners.add((rows.min(), cols.min()))
+    assert len(corners) > 20  # windows are drawn anywhere, not one fixed place
+
+
+def test_crops_are_placed_on_anomalies_as_often_as_asked():
+    hist, cur, _ = _coordinates(200, 200)
+    mask = np.zeros((200, 200), np.uint8)
+    mask[150:153, 20:23] = 1  # one 3x3 defect: an unbiased 32 px crop holds it about 3% of the time
+    hit = {}
+    for fraction in (0.0, 0.5, 1.0):
+        t = PairTransform("none", crop=32, crop_pos_fraction=fraction, seed=1)
+        hit[fraction] = np.mean([t(hist, cur, mask)[2].any() for _ in range(200)])
+    assert hit[0.0] < 0.1 and 0.35 < hit[0.5] < 0.65 and hit[1.0] == 1.0, hit
+    normal = np.zeros_like(mask)  # a pair without anomalies still gets crops
+    assert PairTransform("none", crop=32, crop_pos_fraction=1.0, seed=1)(hist, cur, normal)[0].shape == (32, 32, 3)
+
+
+def test_views_smaller_than_the_crop_are_padded_by_reflection():
+    hist, cur, mask = _coordinates(40, 30)
+    h, _c, m = PairTransform("none", crop=64, seed=0)(hist, cur, mask)
+    assert h.shape == (64, 64, 3) and m.shape == (64, 64)
+    rows, cols = h[..., 0].astype(int), h[..., 1].astype(int)
+    assert rows.max() < 40 and cols.max() < 30 and np.array_equal(m, mask[rows, cols])
 
 
 def test_bad_arguments_are_rejected():

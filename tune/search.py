@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `space` lives beside
 from space import PAPER_POINT, SPACE
 
 from anodfd import tracking
-from anodfd.config import MODEL_NAMES, PRESETS, Config, ConfigError
+from anodfd.config import MODEL_NAMES, PRESETS, Config, ConfigError, with_window
 from anodfd.data.layouts import DatasetError, load_split, resolve_data_dir
 from anodfd.preflight import check_cluster
 from anodfd.registry import RegistryError
@@ -65,6 +65,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(SEARCH_PRESETS), default="paper")
     p.add_argument("--model", choices=MODEL_NAMES, default=None,
                    help="network to search (default: the preset's); baselines ignore the depth dimension")
+    p.add_argument("--resize", type=int, default=None,
+                   help="squash every pair to N x N (default: the preset's); 0 keeps the aspect ratio (needs --crop)")
+    p.add_argument("--scale", type=float, default=None, help="with --resize 0: scale both sides by S (default 1)")
+    p.add_argument("--crop", type=int, default=None,
+                   help="train on random N x N crops; validation and promotion slide N x N tiles")
+    p.add_argument("--crop-pos-fraction", type=float, default=None, help="share of crops placed on an anomaly")
     p.add_argument("--num-samples", type=int, default=None, help="trials (default: the preset's)")
     p.add_argument("--max-epochs", type=int, default=None, help="epochs of a trial ASHA lets finish")
     p.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers of each trial")
@@ -145,8 +151,11 @@ def search(args: argparse.Namespace) -> int:
     max_epochs = args.max_epochs or preset["max_epochs"]
     data_dir = resolve_data_dir(dataset=args.dataset, data=args.data, data_root=args.data_root)
     dataset = data_dir.name  # the folder's name: `--dataset ol` registers into anodfdnet-OL
-    base = Config().with_flat({**preset["config"], "data.data": str(data_dir), "train.epochs": max_epochs,
-                               "train.seed": args.seed, **({"model.name": args.model} if args.model else {})})
+    view = {f"data.{k}": getattr(args, k) for k in ("resize", "scale", "crop", "crop_pos_fraction")
+            if getattr(args, k) is not None}
+    base = with_window(Config().with_flat(preset["config"]), {
+        "data.data": str(data_dir), "train.epochs": max_epochs, "train.seed": args.seed, **view,
+        **({"model.name": args.model} if args.model else {})})
 
     # Everything checkable is checked before Ray starts: data (all splits, promotion needs test), tracking.
     uri = tracking.resolve_tracking_uri(args.mlflow_uri)

@@ -1,12 +1,13 @@
-"""Decode a pair once, at the training size, and keep it: in memory and on disk.
+"""Decode a pair once, at the network's view of it, and keep it: in memory and on disk.
 
 Every path that feeds the network (training, eval, `predict`, the pyfunc, scoring) goes through `preprocess`:
-the full image decoded, then area-resized. A faster decode at reduced size (libjpeg's IMREAD_REDUCED_*) was
-dropped on purpose: a served model is handed decoded arrays, which it cannot decode the same way, and the gap
-(1.6 grey levels on average, up to 8) is a train/serve skew. The cost is paid once per pair: the resulting uint8
-pair (hist RGB, cur RGB, mask {0,1}) is stored as one ``.npy`` keyed by the three files' identity (path, size,
-mtime) and the target size. Later epochs, runs and processes read that instead of decoding. Writes are atomic
-(temp file + rename), so concurrent workers can share one cache.
+the full image decoded, then brought to its `View` (area-resized to the paper's square, or scaled keeping the
+aspect ratio). A faster decode at reduced size (libjpeg's IMREAD_REDUCED_*) was dropped on purpose: a served model
+is handed decoded arrays, which it cannot decode the same way, and the gap (1.6 grey levels on average, up to 8)
+is a train/serve skew. The cost is paid once per pair: the resulting uint8 pair (hist RGB, cur RGB, mask {0,1})
+is stored as one ``.npy`` keyed by the three files' identity (path, size, mtime) and the view. Later epochs, runs
+and processes read that instead of decoding. Writes are atomic (temp file + rename), so concurrent workers can
+share one cache.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from anodfd.config import DataConfig
 from anodfd.data.layouts import DatasetError, Pair
 
-_VERSION = "v3"  # bump when the decoding below changes, so stale entries are not reused
+_VERSION = "v4"  # bump when the decoding below changes, so stale entries are not reused
 cv2.setNumThreads(1)  # DataLoader workers already run in parallel; nested OpenCV threads only contend
 
 
@@ -45,28 +48,63 @@ def read_rgb(path: Path) -> np.ndarray:
     return cv2.cvtColor(read_bgr(path), cv2.COLOR_BGR2RGB)
 
 
-def preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
-    """The network's view of an RGB uint8 image at any size: area-resized to ``size`` x ``size``."""
-    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+@dataclass(frozen=True)
+class View:
+    """How the network sees an image: squashed to ``resize`` x ``resize`` (the paper), or, with ``resize`` 0,
+    scaled by ``scale`` keeping its aspect ratio (1 = native pixels)."""
+
+    resize: int = 256
+    scale: float = 1.0
+
+    @classmethod
+    def of(cls, data: DataConfig) -> View:
+        return cls(data.resize, data.scale)
+
+    def size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of an image of that size in this view."""
+        if self.resize:
+            return self.resize, self.resize
+        return max(1, round(height * self.scale)), max(1, round(width * self.scale))
+
+    def __str__(self) -> str:
+        return f"resized to {self.resize}x{self.resize}" if self.resize else f"scaled by {self.scale:g}, aspect kept"
 
 
-def decode_image(path: Path, size: int) -> np.ndarray:
+def as_view(view: View | int) -> View:
+    """A `View`; a plain int is the paper's square resize to that side."""
+    return view if isinstance(view, View) else View(int(view))
+
+
+def preprocess(rgb: np.ndarray, view: View | int) -> np.ndarray:
+    """The network's view of an image of any size: area-resized, or bilinear when a scale above 1 enlarges it."""
+    view = as_view(view)
+    h, w = view.size(*rgb.shape[:2])
+    if (h, w) == rgb.shape[:2]:
+        return rgb
+    enlarge = not view.resize and view.scale > 1
+    return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR if enlarge else cv2.INTER_AREA)
+
+
+def decode_image(path: Path, view: View | int) -> np.ndarray:
     """`preprocess` of an image file: what training, eval and `predict` all feed the network.
 
     Resized before the BGR -> RGB swap, which is exact (the resize treats channels alike) and spares the
     swap of a full-size image.
     """
-    return cv2.cvtColor(preprocess(read_bgr(path), size), cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(preprocess(read_bgr(path), view), cv2.COLOR_BGR2RGB)
 
 
-def decode_mask(path: Path, size: int) -> np.ndarray:
-    """A {0,1} uint8 mask of ``size`` x ``size`` from any convention `binarize_mask` reads, PNG or JPG.
+def decode_mask(path: Path, view: View | int) -> np.ndarray:
+    """A {0,1} uint8 mask in ``view`` from any convention `binarize_mask` reads, PNG or JPG.
 
-    Area-resizing then thresholding at half coverage keeps the labels hard (no fake soft labels) and keeps
-    the anomalous area about the same.
+    Resizing the coverage then thresholding at half keeps the labels hard (no fake soft labels) and keeps the
+    anomalous area about the same.
     """
     binary = read_mask(path)
-    small = cv2.resize(binary.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    h, w = as_view(view).size(*binary.shape)
+    if (h, w) == binary.shape:
+        return binary
+    small = preprocess(binary.astype(np.float32), view)
     return (small >= 0.5).astype(np.uint8)
 
 
@@ -96,7 +134,7 @@ def binarize_mask(m: np.ndarray) -> np.ndarray:
 
 
 class PairCache:
-    """Decoded, resized pairs as one HxWx7 uint8 array: hist RGB, cur RGB, mask.
+    """Decoded pairs in their view as one HxWx7 uint8 array: hist RGB, cur RGB, mask.
 
     ``memory_bytes`` caps the in-process cache (each DataLoader worker has its own); the disk cache is shared.
     ``stats`` counts decodes, disk hits and memory hits, so tests and benchmarks can see what happened.
@@ -111,15 +149,17 @@ class PairCache:
         self._lock = threading.Lock()
         self.stats = {"decoded": 0, "disk_hits": 0, "memory_hits": 0}
 
-    def key(self, pair: Pair, size: int) -> str:
-        parts = [_VERSION, str(size)]
+    def key(self, pair: Pair, view: View | int) -> str:
+        view = as_view(view)
+        parts = [_VERSION, str(view.resize), repr(float(view.scale))]
         for f in (pair.hist, pair.cur, pair.mask):
             st = f.stat()
             parts += [str(f.resolve()), str(st.st_size), str(st.st_mtime_ns)]
         return hashlib.sha1("|".join(parts).encode()).hexdigest()
 
-    def get(self, pair: Pair, size: int) -> np.ndarray:
-        key = self.key(pair, size)
+    def get(self, pair: Pair, view: View | int) -> np.ndarray:
+        """The pair in ``view`` as one HxWx7 uint8 array (hist RGB, cur RGB, mask), decoded at most once."""
+        key = self.key(pair, view)
         arr = self._memory.get(key)
         if arr is not None:
             self.stats["memory_hits"] += 1
@@ -130,7 +170,7 @@ class PairCache:
             self.stats["disk_hits"] += 1
         else:
             arr = np.concatenate(
-                [decode_image(pair.hist, size), decode_image(pair.cur, size), decode_mask(pair.mask, size)[..., None]],
+                [decode_image(pair.hist, view), decode_image(pair.cur, view), decode_mask(pair.mask, view)[..., None]],
                 axis=2,
             )
             self.stats["decoded"] += 1

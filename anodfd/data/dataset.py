@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from anodfd.config import DataConfig
-from anodfd.data.cache import PairCache
+from anodfd.data.cache import PairCache, View, as_view, read_mask
 from anodfd.data.layouts import Pair, load_split
 
 if TYPE_CHECKING:
@@ -22,12 +22,14 @@ if TYPE_CHECKING:
 
 
 class PairDataset(Dataset):
+    """Pairs in their `View` (``view``; an int is the paper's square resize), through ``transform`` if given."""
+
     def __init__(
-        self, pairs: list[Pair], image_size: int, cache: PairCache | None = None,
+        self, pairs: list[Pair], view: View | int, cache: PairCache | None = None,
         transform: PairTransform | None = None,
     ):
         self.pairs = pairs
-        self.image_size = image_size
+        self.view = as_view(view)
         self.cache = cache if cache is not None else PairCache()
         self.transform = transform
 
@@ -35,7 +37,7 @@ class PairDataset(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        arr = self.cache.get(self.pairs[index], self.image_size)
+        arr = self.cache.get(self.pairs[index], self.view)
         hist, cur, mask = arr[..., :3], arr[..., 3:6], arr[..., 6]
         if self.transform is not None:
             hist, cur, mask = self.transform(hist, cur, mask)
@@ -43,8 +45,12 @@ class PairDataset(Dataset):
 
     def arrays(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The un-augmented uint8 pair (HxWx3, HxWx3, HxW), for overlays and reports."""
-        arr = self.cache.get(self.pairs[index], self.image_size)
+        arr = self.cache.get(self.pairs[index], self.view)
         return arr[..., :3], arr[..., 3:6], arr[..., 6]
+
+    def native_mask(self, index: int) -> np.ndarray:
+        """The pair's mask at its own resolution, {0,1} uint8: the pixels every metric counts."""
+        return read_mask(self.pairs[index].mask)
 
 
 def to_chw(img: np.ndarray) -> torch.Tensor:
@@ -62,7 +68,7 @@ def make_dataset(config: DataConfig, split: str, train: bool = False, seed: int 
 
     pairs = load_split(Path(config.data), split, config.layout, config.val_fraction, check=check)
     cache = PairCache(config.cache_dir or None)
-    return PairDataset(pairs, config.image_size, cache, build_transform(config, train=train, seed=seed))
+    return PairDataset(pairs, View.of(config), cache, build_transform(config, train=train, seed=seed))
 
 
 def worker_init_fn(worker_id: int) -> None:

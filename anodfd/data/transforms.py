@@ -2,8 +2,9 @@
 
 A training sample goes through up to three albumentations pipelines, in this order:
 
-1. shared geometry: the same flip / rotation (and, for "strong", scale and shift) hits history, current
-   and mask, so the anomaly mask stays aligned with the current image and the pair stays registered;
+1. shared geometry: the same crop window (``crop > 0``), flip / rotation (and, for "strong", scale and shift)
+   hits history, current and mask, so the anomaly mask stays aligned with the current image and the pair
+   stays registered;
 2. history only (``misregister > 0``): a small independent affine of the history image, so the model
    learns that a slight viewpoint change is not an anomaly;
 3. photometry ("strong" only): brightness, contrast, gamma, noise and blur drawn separately for each
@@ -87,7 +88,7 @@ class PairTransform:
     """Callable: (hist, cur, mask) -> (hist, cur, mask), same dtypes/shapes.
 
     ``hist`` and ``cur`` are uint8 HxWx3 RGB images of the same size, ``mask`` a uint8 HxW {0,1} map in
-    current-image coordinates. ``paper_ops`` restricts the paper's candidate flips (tests force one with
+    current-image coordinates; with ``crop`` the outputs are ``crop`` x ``crop`` windows of them. ``paper_ops`` restricts the paper's candidate flips (tests force one with
     it); ``photometric=False`` switches off the per-image photometry of "strong".
     """
 
@@ -99,6 +100,8 @@ class PairTransform:
         *,
         paper_ops: Sequence[str] = tuple(PAPER_OPS),
         photometric: bool = True,
+        crop: int = 0,
+        crop_pos_fraction: float = 0.0,
     ):
         if augment not in AUGMENTS:
             raise ValueError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
@@ -108,6 +111,8 @@ class PairTransform:
         self.misregister = misregister
 
         shared: list[A.BasicTransform] = []
+        if crop:
+            shared += crop_transforms(crop, crop_pos_fraction)
         if augment in ("paper", "strong"):
             shared.append(PaperFlips(paper_ops))
         if augment == "strong":
@@ -187,11 +192,26 @@ class PairTransform:
         return np.ascontiguousarray(hist), np.ascontiguousarray(cur), np.ascontiguousarray(mask)
 
 
+def crop_transforms(crop: int, pos_fraction: float) -> list[A.BasicTransform]:
+    """A random ``crop`` x ``crop`` window; a ``pos_fraction`` share of them placed to contain an anomalous pixel.
+
+    Anomalies often cover under 1% of an image, so unbiased crops rarely see one. Views smaller than the window
+    are padded by reflection first, as the borders of the augmentations are.
+    """
+    choices = []
+    if pos_fraction > 0:  # on a normal pair it falls back to a uniform crop
+        choices.append(A.CropNonEmptyMaskIfExists(crop, crop, p=pos_fraction))
+    if pos_fraction < 1:
+        choices.append(A.RandomCrop(crop, crop, p=1 - pos_fraction))
+    return [A.PadIfNeeded(crop, crop, border_mode=_BORDER, p=1.0), A.OneOf(choices, p=1.0)]
+
+
 def build_transform(config: DataConfig, train: bool, seed: int | None = None) -> PairTransform | None:
     """The training augmentation the config asks for; None for evaluation or when nothing would change."""
-    if not train or (config.augment == "none" and config.misregister == 0):
+    if not train or (config.augment == "none" and config.misregister == 0 and not config.crop):
         return None
-    return PairTransform(config.augment, config.misregister, seed)
+    return PairTransform(config.augment, config.misregister, seed, crop=config.crop,
+                         crop_pos_fraction=config.crop_pos_fraction)
 
 
 def _compose(

@@ -16,14 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from tqdm import tqdm
 
 from anodfd.config import Config, ConfigError, DataConfig
 from anodfd.data.dataset import PairDataset, make_dataset, normalize, worker_init_fn
+from anodfd.inference import TILE_BATCH, autocast, resize_probs, sliding_probs
 from anodfd.losses import CombinedLoss
-from anodfd.metrics import ImageScores, PixelHistogram
+from anodfd.metrics import DefectCounts, ImageScores, PixelHistogram, image_scores
 from anodfd.model import build_model
 
 CHECKPOINT_VERSION = 1
@@ -35,11 +36,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
     return torch.device(name)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on GPU (no loss scaling needed, unlike fp16); full precision on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def make_loader(
@@ -125,30 +121,40 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, loader: DataLoader, device: torch.device, bins: int = 1000
-) -> tuple[PixelHistogram, ImageScores]:
-    """Histograms of pixel probabilities and per-pair scores over a split.
+    model: nn.Module, dataset: PairDataset, device: torch.device, window: int, threshold: float = 0.5,
+    indices: range | list[int] | None = None, bins: int = 1000, batch: int = TILE_BATCH, progress: str | None = None,
+) -> tuple[PixelHistogram, ImageScores, DefectCounts]:
+    """Pixel histogram, pair scores and defect counts (maps cut at ``threshold``) over ``dataset``, or the pairs
+    ``indices`` of it, counted on each mask's own pixels.
 
-    Under DDP each rank sees its own shard (see `val_shard`) and the integer counts are summed over ranks,
-    so the metrics are exactly those of one process seeing the whole split.
+    Each pair is seen in the dataset's view through ``window`` x ``window`` tiles (`sliding_probs`), and its map is
+    resized to its mask's native size before counting: a 64 px model and a 640 px one are scored on the same
+    pixels. Under DDP each rank passes its own shard (see `val_shard`) and the integer counts are summed over
+    ranks, so the metrics are exactly those of one process seeing the whole split. ``progress`` names a
+    progress bar.
     """
-    model.eval()
-    pixels, images = PixelHistogram(bins, device=device), ImageScores(device=device)
-    for batch in loader:
-        hist, cur, mask = _to_device(batch, device, device.type == "cuda")
-        with autocast(device):
-            probs = torch.sigmoid(model(hist, cur).float())
-        pixels.update(probs, mask)
-        images.update(probs, mask)
+    pixels, images, defects = PixelHistogram(bins), ImageScores(), DefectCounts()
+    order = range(len(dataset)) if indices is None else indices
+    for i in tqdm(order, desc=progress, unit="pair", disable=progress is None, leave=False):
+        hist, cur, _ = dataset.arrays(i)
+        mask = dataset.native_mask(i)
+        probs = sliding_probs(model, hist, cur, window, device, batch)[None, None]
+        full = resize_probs(probs, *mask.shape)
+        truth = torch.from_numpy(mask)[None, None]
+        pixels.update(full, truth)
+        images.add(image_scores(probs), torch.tensor([bool(mask.any())]))
+        defects.update((full[0, 0].numpy() >= threshold).astype(np.uint8), mask)
     if _distributed():
+        device = torch.device(device)
         pixels = PixelHistogram.from_state(all_reduce_sum(pixels.state().to(device)).cpu())
         images = ImageScores.from_state(all_reduce_sum(images.state().to(device)).cpu())
-    return pixels, images
+        defects = DefectCounts.from_state(all_reduce_sum(defects.state().to(device)).cpu())
+    return pixels, images, defects
 
 
-def val_shard(dataset: PairDataset, rank: int, world: int):
+def val_shard(dataset: PairDataset, rank: int, world: int) -> range:
     """Every `world`-th pair from `rank`: each pair evaluated exactly once (DistributedSampler pads instead)."""
-    return dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
+    return range(rank, len(dataset), world)
 
 
 def seed_epoch(dataset: PairDataset, seed: int, epoch: int, rank: int) -> None:
@@ -187,24 +193,15 @@ def run_epoch(
                             log if rank == 0 else lambda s: None)
     if not math.isfinite(stats.loss):
         raise RuntimeError(f"epoch {epoch}: training loss is {stats.loss}; lower --lr or check the data")
-    val_loader = make_loader(val_shard(val_ds, rank, world), t.batch_size, shuffle=False, num_workers=workers,
-                             pin_memory=pin)
-    pixels, images = evaluate(model, val_loader, device)
+    pixels, images, defects = evaluate(model, val_ds, device, config.data.window, t.threshold,
+                                       val_shard(val_ds, rank, world))
     metrics = epoch_metrics(pixels, images, t.threshold)
+    metrics.update(defects.compute())  # at the fixed threshold, like F1
     metrics.update(train_loss=stats.loss, pairs_per_s=stats.pairs_per_s,
                    data_wait=stats.data_seconds / max(stats.seconds, 1e-9), epoch=epoch)
     if device.type == "cuda":
         metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return metrics, pixels
-
-
-@torch.inference_mode()
-def predict_probs(model: nn.Module, hist: torch.Tensor, cur: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 Bx3xHxW pairs at the model's size -> Bx1xHxW probabilities on the CPU."""
-    model.eval()
-    h, c, _ = _to_device((hist, cur, torch.zeros(0)), device, device.type == "cuda")
-    with autocast(device):
-        return torch.sigmoid(model(h, c).float()).cpu()
 
 
 def epoch_metrics(pixels: PixelHistogram, images: ImageScores, threshold: float) -> dict[str, float]:
@@ -298,11 +295,10 @@ def restore(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> t
 
 
 def evaluate_split(
-    model: nn.Module, data: DataConfig, split: str, device: torch.device | str = "cpu", batch_size: int = 8,
-) -> tuple[PixelHistogram, ImageScores]:
+    model: nn.Module, data: DataConfig, split: str, device: torch.device | str = "cpu",
+) -> tuple[PixelHistogram, ImageScores, DefectCounts]:
     """`evaluate` over one whole split of ``data``, un-augmented: how a trained model is scored after training."""
-    loader = make_loader(make_dataset(data, split), batch_size, shuffle=False)
-    return evaluate(model, loader, torch.device(device))
+    return evaluate(model, make_dataset(data, split), torch.device(device), data.window)
 
 
 def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
@@ -366,13 +362,10 @@ def epoch_line(metrics: dict[str, float], epochs: int) -> str:
 
 def check_resumable(ckpt: dict, config: Config, path: Path) -> None:
     before = Config.from_dict(ckpt["config"])
-    if before.model != config.model or before.data.image_size != config.data.image_size:
+    view = ("resize", "scale", "crop")
+    if before.model != config.model or any(getattr(before.data, k) != getattr(config.data, k) for k in view):
+        seen = ", ".join(f"{k} {getattr(before.data, k)}" for k in view)
         raise ConfigError(
-            f"{path} was trained with a different model ({before.model}, image size {before.data.image_size}); "
+            f"{path} was trained with a different model or view ({before.model}; {seen}); "
             "resume with the same settings, or pass a new --out so the earlier run is kept"
         )
-
-
-def resize_probs(probs: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """A Bx1xhxw probability map at another resolution (bilinear: probabilities stay in [0, 1])."""
-    return F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)

@@ -1,0 +1,119 @@
+"""Anomaly maps of pairs of any size: the network's window slid over the pair's view, tiles blended, map resized back.
+
+A model trained on ``window`` x ``window`` crops sees a 2048x1536 image as overlapping windows of that size. Each
+tile's probabilities are weighted by a Gaussian bump that is highest at the tile's centre, where the network saw
+the most context, and tiny (never zero) at its border, where zero padding distorts it; the blended map therefore
+has no seams at tile borders. Tiles go through the network ``batch`` at a time, so memory stays flat as images
+grow: only the uint8 pair and two float maps scale with the image. A view exactly one window large is one tile,
+which is plain untiled inference (the paper's resized pairs are this case).
+
+Training validation, `anodfd eval`, `anodfd predict`, the pyfunc and the registry's scoring all call
+`sliding_probs` (through `pair_map` for decoded files), so they cannot drift apart. Plain torch and numpy.
+
+MONAI's `sliding_window_inference` does the same; it was not used because importing it adds about 9 s to every
+process (the CLI, each Ray worker, the served model) and it needs the whole image as a float tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anodfd.config import ConfigError, DataConfig
+from anodfd.data.cache import View, preprocess
+from anodfd.data.dataset import normalize, to_chw
+from anodfd.metrics import image_scores
+
+OVERLAP = 0.25  # the least share of a window that neighbouring tiles share
+TILE_BATCH = 8  # tiles per forward pass: bounds memory whatever the image size
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU (no loss scaling needed, unlike fp16); full precision on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.inference_mode()
+def predict_probs(model: nn.Module, hist: torch.Tensor, cur: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 Bx3xHxW pairs -> Bx1xHxW probabilities on the CPU, in one forward pass."""
+    model.eval()
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    h, c = (normalize(x.to(device, non_blocking=True)).contiguous(memory_format=fmt) for x in (hist, cur))
+    with autocast(device):
+        return torch.sigmoid(model(h, c).float()).cpu()
+
+
+def resize_probs(probs: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A Bx1xhxw probability map at another resolution (bilinear: probabilities stay in [0, 1])."""
+    if probs.shape[-2:] == (height, width):
+        return probs
+    return F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def tile_starts(length: int, window: int, overlap: float = OVERLAP) -> list[int]:
+    """Offsets of the windows covering ``[0, length)``: the first at 0, the last flush with the end, evenly spread
+    so that neighbours share at least ``overlap`` of a window."""
+    if length <= window:
+        return [0]
+    n = math.ceil((length - window) / (window * (1 - overlap))) + 1
+    return [round(i * (length - window) / (n - 1)) for i in range(n)]
+
+
+@functools.lru_cache(maxsize=8)
+def blend_weights(window: int) -> torch.Tensor:
+    """A tile's weight per pixel: a Gaussian of sigma window/8 about its centre, floored at 1e-4 so that a border
+    pixel only one tile covers keeps that tile's value."""
+    x = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
+    g = torch.exp(-0.5 * (x / (window / 8)) ** 2)
+    return torch.outer(g, g).div(g.max() ** 2).clamp_min(1e-4).float()
+
+
+@torch.inference_mode()
+def sliding_probs(
+    model: nn.Module, hist: np.ndarray, cur: np.ndarray, window: int, device: torch.device | str = "cpu",
+    batch: int = TILE_BATCH,
+) -> torch.Tensor:
+    """An HxWx3 uint8 RGB pair in the network's view -> HxW float32 probabilities (CPU), from blended windows."""
+    device = torch.device(device)
+    h, w = cur.shape[:2]
+    if hist.shape != cur.shape:
+        raise ValueError(f"history {hist.shape} and current {cur.shape} differ in size")
+    if h < window or w < window:  # smaller than one window: reflected, as training crops are padded
+        pad = ((0, max(0, window - h)), (0, max(0, window - w)), (0, 0))
+        hist, cur = np.pad(hist, pad, mode="reflect"), np.pad(cur, pad, mode="reflect")
+    height, width = cur.shape[:2]
+    corners = [(y, x) for y in tile_starts(height, window) for x in tile_starts(width, window)]
+    weights = blend_weights(window)
+    total, weight = torch.zeros(height, width), torch.zeros(height, width)
+    for start in range(0, len(corners), batch):
+        chunk = corners[start:start + batch]
+        probs = predict_probs(model, torch.stack([to_chw(hist[y:y + window, x:x + window]) for y, x in chunk]),
+                              torch.stack([to_chw(cur[y:y + window, x:x + window]) for y, x in chunk]), device)
+        for (y, x), p in zip(chunk, probs[:, 0]):
+            total[y:y + window, x:x + window] += p * weights
+            weight[y:y + window, x:x + window] += weights
+    return (total / weight)[:h, :w]
+
+
+def pair_map(
+    model: nn.Module, data: DataConfig, hist_rgb: np.ndarray, cur_rgb: np.ndarray,
+    device: torch.device | str = "cpu", batch: int = TILE_BATCH,
+) -> tuple[np.ndarray, float]:
+    """One decoded RGB pair of any size -> (HxW float32 probability map at the current image's size, pair score).
+
+    The pair is brought to the config's view exactly as training saw it (`preprocess`), then slid over.
+    """
+    view = View.of(data)
+    hist, cur = preprocess(hist_rgb, view), preprocess(cur_rgb, view)
+    if hist.shape != cur.shape:
+        raise ConfigError(f"history is {hist_rgb.shape[1]}x{hist_rgb.shape[0]} but current is {cur_rgb.shape[1]}x"
+                          f"{cur_rgb.shape[0]}: a model that keeps the aspect ratio (resize 0) needs the two images "
+                          "of a pair at the same size")
+    probs = sliding_probs(model, hist, cur, data.window, device, batch)
+    full = resize_probs(probs[None, None], *cur_rgb.shape[:2])[0, 0].numpy()
+    return full, float(image_scores(probs[None, None])[0])

@@ -1,0 +1,225 @@
+"""Squashed pairs against native crops with tiled inference, scored on the masks' own pixels.
+
+    python benchmarks/resolution.py --data ../shared/data/deeppcb --epochs 6
+    anodfd synth OL --out data/OL-2048 --pairs 60 --size 2048x1536 --seed 1
+    python benchmarks/resolution.py --data data/OL-2048 --epochs 8
+    python benchmarks/resolution.py --timing        # tiled inference speed and memory only
+
+Rows for one dataset, all scored on its validation split (`val`) at the masks' native resolution:
+- template differencing at native size (grey |current - history|, 3x3 opening), threshold fitted on train;
+- AnoDFDNet `--resize 256`: every pair squashed to 256x256, the paper's way;
+- AnoDFDNet `--resize 0 --scale 1 --crop 256 --crop-pos-fraction 0.5`: native pixels, 256 px training crops
+  (half placed on an anomaly), validation and scoring through blended 256 px tiles.
+Both networks get the same budget: the same epochs, steps and batch of 256x256 samples, the same seed. Each is
+scored with its last epoch's weights (no selection on the split it is scored on) at the paper's threshold 0.5.
+Columns: pixel F1 and AUC, defect F and recall (a defect is found when a predicted region of at least
+`MIN_REGION_AREA` px overlaps it), and the recall of small defects (largest side under 1% and under 3% of the
+image's longer side). `--timing` measures tiled inference at 2048x1536 (pairs/s for `tiny` and `paper`) and the
+peak memory of a process scoring one 2048x1536 pair against one 4096x3072 pair.
+Results land in `--out` as JSON; reruns reuse finished trainings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from anodfd.config import PRESETS, Config, with_window
+from anodfd.data.dataset import make_dataset
+from anodfd.inference import resize_probs, sliding_probs
+from anodfd.metrics import MIN_REGION_AREA, DefectCounts, PixelHistogram, detections
+from anodfd.scoring import difference_map, template_difference
+from anodfd.train.loop import fit, load_checkpoint, model_from_checkpoint
+
+VIEWS = {
+    "AnoDFDNet --resize 256 (squashed)": {"data.resize": 256},
+    "AnoDFDNet --scale 1 --crop 256, tiled": {"data.resize": 0, "data.scale": 1.0, "data.crop": 256,
+                                              "data.crop_pos_fraction": 0.5},
+}
+SMALL = (0.01, 0.03)  # small-defect bins: largest side under this share of the image's longer side
+
+
+class Tally:
+    """Pixel histogram, defect counts and small-defect recall over (map, mask) pairs at native size."""
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        self.pixels, self.defects, self.threshold = PixelHistogram(), DefectCounts(), threshold
+        self.small = {s: [0, 0] for s in SMALL}  # share -> [found, total]
+
+    def add(self, probs: np.ndarray, mask: np.ndarray) -> None:
+        self.pixels.update(torch.from_numpy(probs)[None, None], torch.from_numpy(mask)[None, None])
+        binary = (probs >= self.threshold).astype(np.uint8)
+        self.defects.update(binary, mask)
+        labels, _, kept = detections(binary, MIN_REGION_AREA)
+        detected = np.isin(labels, kept)
+        n, truth, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        side = max(mask.shape)
+        for i in range(1, n):
+            largest = max(stats[i, cv2.CC_STAT_WIDTH], stats[i, cv2.CC_STAT_HEIGHT])
+            found = bool(detected[truth == i].any())
+            for share, counts in self.small.items():
+                if largest < share * side:
+                    counts[0] += found
+                    counts[1] += 1
+
+    def row(self) -> dict:
+        m, d = self.pixels.compute(self.threshold), self.defects.compute()
+        out = {"pixel_f1": m["f1"], "auc": m["auc"], "defect_f": d["defect_f"], "defect_recall": d["defect_recall"],
+               "false_alarms_per_image": d["false_alarms_per_image"]}
+        for share, (found, total) in self.small.items():
+            out[f"recall_under_{share:g}"] = found / total if total else None
+            out[f"defects_under_{share:g}"] = total
+        return out
+
+
+def config_for(data: str, view: dict, args: argparse.Namespace) -> Config:
+    base = Config().with_flat({**PRESETS["smoke"], "data.data": data, "model.name": args.model,
+                               "train.epochs": args.epochs, "train.max_steps_per_epoch": args.steps,
+                               "train.batch_size": args.batch_size, "train.seed": args.seed,
+                               "data.augment": "paper"})
+    return with_window(base, view)
+
+
+def score_model(checkpoint: Path, split: str) -> dict:
+    model, config = model_from_checkpoint(load_checkpoint(checkpoint))
+    dataset, tally = make_dataset(config.data, split), Tally()
+    start = time.perf_counter()
+    for i in range(len(dataset)):
+        hist, cur, _ = dataset.arrays(i)
+        mask = dataset.native_mask(i)
+        probs = sliding_probs(model, hist, cur, config.data.window)
+        tally.add(resize_probs(probs[None, None], *mask.shape)[0, 0].numpy(), mask)
+    return {**tally.row(), "score_s_per_pair": (time.perf_counter() - start) / len(dataset)}
+
+
+def score_template(data: str, split: str) -> dict:
+    config = Config().with_flat({"data.data": data})
+    _, threshold = template_difference(config.data, split, native=True)  # fitted on train
+    dataset = make_dataset(config.data, split)
+    tally = Tally(threshold)
+    for i, pair in enumerate(dataset.pairs):
+        history, current = (cv2.imread(str(f), cv2.IMREAD_GRAYSCALE) for f in (pair.hist, pair.cur))
+        mask = dataset.native_mask(i)
+        if history.shape != mask.shape:
+            history, current = (cv2.resize(x, mask.shape[::-1], interpolation=cv2.INTER_AREA) for x in (history, current))
+        tally.add(difference_map(history, current), mask)
+    return {**tally.row(), "threshold": threshold}
+
+
+def run_dataset(args: argparse.Namespace) -> list[dict]:
+    data = str(Path(args.data).resolve())
+    out = Path(args.out) / Path(data).name
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{"method": "template differencing, native", **score_template(data, args.split)}]
+    print(rows[-1], flush=True)
+    for method, view in VIEWS.items():
+        config = config_for(data, view, args)
+        run = out / ("crop" if config.data.crop else "resize")
+        start = time.time()
+        fit(config, run)
+        rows.append({"method": method, "train_minutes": (time.time() - start) / 60,
+                     **score_model(run / "last.pt", args.split)})
+        print(rows[-1], flush=True)
+    (out / "resolution.json").write_text(json.dumps({"budget": budget(args), "rows": rows}, indent=2))
+    return rows
+
+
+def budget(args: argparse.Namespace) -> str:
+    steps = f"{args.steps} steps" if args.steps else "whole epochs"
+    return (f"{args.model}, {args.epochs} epochs of {steps}, batch {args.batch_size} of 256x256 samples, seed "
+            f"{args.seed}, {torch.get_num_threads()} CPU threads")
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    print(f"\n{title}\n")
+    print("| method | pixel F1 | AUC | defect F | defect recall | recall, defects < 1% of side | < 3% of side |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        def small(share: float, r=r) -> str:
+            value = r[f"recall_under_{share:g}"]
+            return "none" if value is None else f"{value:.3f} ({r[f'defects_under_{share:g}']})"
+
+        print(f"| {r['method']} | {r['pixel_f1']:.4f} | {r['auc']:.4f} | {r['defect_f']:.4f} | "
+              f"{r['defect_recall']:.4f} | {small(0.01)} | {small(0.03)} |")
+
+
+def time_one(model_name: str, width: int, height: int, window: int, repeats: int) -> dict:
+    """Pairs/s and memory of tiled inference on one random pair (run in its own process for a clean peak)."""
+    config = with_window(Config().with_flat({"model.name": model_name}), {"data.resize": 0, "data.crop": window})
+    from anodfd.model import build_model
+
+    model = build_model(config.model).eval()
+    rng = np.random.default_rng(0)
+    hist = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    cur = hist.copy()
+    sliding_probs(model, hist[:window, :window], cur[:window, :window], window)  # warm-up
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sliding_probs(model, hist, cur, window)
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"model": model_name, "size": f"{width}x{height}", "seconds_per_pair": float(np.median(times)),
+            "pairs_per_s": 1 / float(np.median(times)), "peak_mb": peak, "before_mb": before}
+
+
+def run_timing(args: argparse.Namespace) -> list[dict]:
+    cases = [("tiny", 2048, 1536, args.repeats), ("paper", 2048, 1536, args.repeats),
+             ("tiny", 4096, 3072, 1), ("paper", 4096, 3072, 1)]
+    results = []
+    for name, w, h, repeats in cases:
+        cmd = [sys.executable, __file__, "--_time", name, str(w), str(h), str(repeats), "--threads", str(args.threads)]
+        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        results.append(json.loads(line))
+        print(results[-1], flush=True)
+    print(f"\ntiled inference, 256 px tiles, batch 8, {args.threads} threads\n")
+    print("| model | image | s per pair | pairs/s | peak memory (MB) | of which before scoring |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['model']} | {r['size']} | {r['seconds_per_pair']:.2f} | {r['pairs_per_s']:.3f} | "
+              f"{r['peak_mb']:.0f} | {r['before_mb']:.0f} |")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "timing.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None, help="a dataset folder with train and val splits")
+    p.add_argument("--split", default="val")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--steps", type=int, default=0, help="max steps per epoch (0 = whole epochs)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--timing", action="store_true", help="measure tiled inference speed and memory")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="runs/resolution")
+    p.add_argument("--_time", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args._time:
+        name, w, h, repeats = args._time
+        print(json.dumps(time_one(name, int(w), int(h), 256, int(repeats))))
+        return
+    if args.data:
+        print_table(run_dataset(args), f"{Path(args.data).name}, {args.split} split, native masks; {budget(args)}")
+    if args.timing:
+        run_timing(args)
+    if not (args.data or args.timing):
+        p.error("pass --data DIR and/or --timing")
+
+
+if __name__ == "__main__":
+    main()
