@@ -30,10 +30,10 @@ from anodfd.data.cache import PairCache, View, read_mask
 from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import Pair, fingerprint, load_split
 from anodfd.inference import resize_probs, sliding_probs
-from anodfd.metrics import MIN_REGION_AREA, DefectCounts, ImageScores, PixelHistogram, plot_roc
+from anodfd.metrics import DEFECT_GAP, MIN_REGION_AREA, DefectCounts, ImageScores, PixelHistogram, plot_roc
 from anodfd.train.loop import evaluate, model_from_checkpoint
 
-PROTOCOL_VERSION = 2  # 2: defect-level scores
+PROTOCOL_VERSION = 3  # 2: defect-level scores; 3: mask fragments grouped into defects, specks ignored
 MIN_AUC = 0.6  # pixel AUC a version needs to take champion: 0.5 is a coin toss, 0.6 is clearly more
 GRID_PAIRS = 4  # test pairs in the model card's overlay grid
 _KERNEL = cv2.getStructuringElement(cv2.MORPH_RECT, (3, 3))
@@ -48,9 +48,10 @@ class Protocol:
     resolution: str = "native: each probability map bilinearly resized to its mask's size, as anodfd predict"
     thresholds: str = "test_* at 0.5 (the paper's); test_*_calibrated at the checkpoint's validation-calibrated one"
     floor: str = "template differencing at native size, 3x3 opening, threshold fitted on the train split"
-    defects: str = (f"at the served threshold: each 8-connected mask region is a defect, each predicted region of at "
-                    f"least {MIN_REGION_AREA} px (as anodfd predict) a detection; a defect is found when a detection "
-                    "overlaps it")
+    defects: str = (f"at the served threshold: mask pixels grouped across gaps of up to {DEFECT_GAP} px, groups of at "
+                    f"least {MIN_REGION_AREA} px, are defects (smaller ones are ignored specks); each predicted region "
+                    f"of at least {MIN_REGION_AREA} px (as anodfd predict) is a detection; a defect is found when a "
+                    "detection overlaps it; a detection on no defect and no speck is a false alarm")
     version: int = PROTOCOL_VERSION
 
     @property

@@ -245,17 +245,22 @@ def test_format_row():
 
 def _defect_cases() -> list[tuple[np.ndarray, np.ndarray]]:
     """(thresholded map, mask) pairs whose defect counts are written out by hand below."""
-    # Pair 1: three defects. One is found by a region overlapping it; the small one is hit only by a 3x3 speck,
-    # which the 16-pixel rule drops; the third is missed. One region overlaps nothing: a false alarm.
+    # Pair 1: two defects and two specks (4 px mask regions, under the 16 px rule). One defect is found by a region
+    # overlapping it; the other is missed. A 9 px predicted speck is dropped; a region on a mask speck alone is
+    # neither a hit nor a false alarm; a region on nothing is a false alarm.
     mask, pred = np.zeros((40, 40), np.uint8), np.zeros((40, 40), np.uint8)
-    mask[2:6, 2:6] = mask[20:22, 20:22] = mask[30:34, 2:6] = 1
+    mask[2:6, 2:6] = mask[30:34, 2:6] = 1  # defects, 16 px each
+    mask[20:22, 20:22] = mask[10:12, 30:32] = 1  # specks
     pred[4:10, 4:10] = 1  # 36 px, overlaps the first defect
-    pred[20:23, 20:23] = 1  # 9 px speck on the small defect
-    pred[30:36, 30:36] = 1  # 36 px on nothing
-    # Pair 2: two defects, both found by one region that spans them.
+    pred[20:23, 20:23] = 1  # 9 px speck, dropped
+    pred[8:13, 28:33] = 1  # 25 px on the second speck only: not counted
+    pred[30:36, 30:36] = 1  # 36 px on nothing: a false alarm
+    # Pair 2: fragments 2 px apart are one defect; two more 8 px apart are two. Three regions find all three.
     mask2, pred2 = np.zeros((40, 40), np.uint8), np.zeros((40, 40), np.uint8)
     mask2[0:4, 0:4] = mask2[0:4, 6:10] = 1
-    pred2[0:5, 0:10] = 1
+    mask2[20:24, 0:4] = mask2[20:24, 12:16] = 1
+    pred2[0:5, 0:5] = pred2[20:25, 0:5] = 1
+    pred2[20:24, 12:17] = 1
     # Pair 3: nothing to find, nothing flagged.
     empty = np.zeros((40, 40), np.uint8)
     return [(pred, mask), (pred2, mask2), (empty, empty)]
@@ -269,15 +274,15 @@ def test_defect_counts_match_hand_counted_cases():
     counts = DefectCounts()
     for pred, mask in cases:
         counts.update(pred, mask)
-    assert counts.counts == {"defects": 5, "found": 3, "detections": 3, "false_alarms": 1, "pairs": 3,
+    assert counts.counts == {"defects": 5, "found": 4, "detections": 5, "false_alarms": 1, "pairs": 3,
                              "pairs_with_defects": 2, "pairs_all_found": 1}
     m = counts.compute()
-    assert m["defect_precision"] == pytest.approx(2 / 3) and m["defect_recall"] == pytest.approx(3 / 5)
-    assert m["defect_f"] == pytest.approx(12 / 19)  # 2 * (2/3) * (3/5) / (2/3 + 3/5)
+    assert m["defect_precision"] == pytest.approx(4 / 5) and m["defect_recall"] == pytest.approx(4 / 5)
+    assert m["defect_f"] == pytest.approx(4 / 5)
     assert m["false_alarms_per_image"] == pytest.approx(1 / 3) and m["all_found"] == pytest.approx(1 / 2)
     # The detections are exactly `anodfd predict`'s boxes.
     pred, _ = cases[0]
-    assert len(regions(pred, pred.astype(np.float32))) == 2
+    assert len(regions(pred, pred.astype(np.float32))) == 3
 
     # Counted per process and summed (as ranks are) gives the same as one pass.
     a, b = DefectCounts(), DefectCounts()

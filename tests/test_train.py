@@ -114,6 +114,7 @@ def test_eval_says_in_words_when_a_metric_is_undefined(synth_ol, tmp_path, capsy
 def test_models_of_any_size_are_scored_on_the_masks_own_pixels(synth_ol):
     """A 64 px model and a 96 px one are counted on the same pixels: every pixel of every test mask, once."""
     from anodfd.data.cache import read_mask
+    from anodfd.metrics import defect_regions
     from anodfd.model import build_model
     from anodfd.scoring import score_native
 
@@ -124,7 +125,7 @@ def test_models_of_any_size_are_scored_on_the_masks_own_pixels(synth_ol):
         config = with_window(smoke(synth_ol), view)
         pixels, _, defects, _ = score_native(build_model(config.model).eval(), config.data, "test", progress=False)
         counted.append((int(pixels.pos.sum()), int(pixels.neg.sum()), defects.counts["defects"]))
-    n_defects = sum(cv2.connectedComponents(m, connectivity=8)[0] - 1 for m in masks)
+    n_defects = sum(len(defect_regions(m)[1]) for m in masks)
     expected = (sum(int(m.sum()) for m in masks), sum(m.size - int(m.sum()) for m in masks), n_defects)
     assert counted == [expected] * len(views)
 
