@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from anodfd.config import DEPTHS, MODEL_NAMES, PRESETS, Config, ConfigError, with_window
+from anodfd.config import ALIGN_METHODS, DEPTHS, MODEL_NAMES, PRESETS, Config, ConfigError, with_window
 from anodfd.data.layouts import LAYOUTS, SPLITS, DatasetError
 
 
@@ -46,7 +46,7 @@ def _data_shift(args: argparse.Namespace) -> int:
 _FLAGS = {
     "model": ["model.name"], "depth": ["model.depth"], "pretrained": ["model.pretrained"],
     "resize": ["data.resize"], "scale": ["data.scale"], "crop": ["data.crop"],
-    "crop_pos_fraction": ["data.crop_pos_fraction"], "layout": ["data.layout"],
+    "crop_pos_fraction": ["data.crop_pos_fraction"], "align": ["data.align"], "layout": ["data.layout"],
     "augment": ["data.augment"], "misregister": ["data.misregister"], "num_workers": ["data.num_workers"],
     "cache_dir": ["data.cache_dir"], "epochs": ["train.epochs"], "batch_size": ["train.batch_size"],
     "lr": ["train.lr"], "bce_weight": ["train.bce_weight"], "dice_weight": ["train.dice_weight"],
@@ -90,6 +90,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="train on random N x N crops; validation and inference slide N x N tiles")
     p.add_argument("--crop-pos-fraction", type=float, default=None,
                    help="share of training crops placed on an anomaly (default 0)")
+    p.add_argument("--align", choices=list(ALIGN_METHODS), default=None,
+                   help="register history onto current before the network: none (default), ecc or features")
     p.add_argument("--augment", choices=["none", "paper", "strong"], default=None)
     p.add_argument("--misregister", type=float, default=None, help="max independent history misalignment (0.03 = 3%%)")
     p.add_argument("--epochs", type=int, default=None)

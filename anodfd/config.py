@@ -21,6 +21,7 @@ ANODFD_NAMES = ("paper", "tiny", "resnet18", "resnet34", "efficientnet_b0", "con
 BASELINE_NAMES = ("unet", "unet-cat", "deeplabv3plus", "deeplabv3plus-cat", "fc-siam-diff")
 MODEL_NAMES = ANODFD_NAMES + BASELINE_NAMES
 DEPTHS = (0, 1, 2, 4, 8)
+ALIGN_METHODS = ("none", "ecc", "features")  # anodfd.data.align
 # The deepest feature map's stride of each AnoDFDNet variant: its input side must be a multiple of it.
 STRIDES = {"paper": 16, "tiny": 16}  # the timm variants: 32; the baselines pad any size themselves
 
@@ -52,6 +53,8 @@ class DataConfig:
     # the whole view and blend the tiles (anodfd.inference). 0 = whole pairs (resize must then be set).
     crop: int = 0
     crop_pos_fraction: float = 0.0  # share of training crops placed to contain an anomalous pixel
+    # Register history onto current before the network (anodfd.data.align): none | ecc | features.
+    align: str = "none"
     augment: str = "paper"  # none | paper (flips, 180 rotation) | strong (+ scale/shift, photometric)
     misregister: float = 0.0  # max independent shift/rotation/scale of history, as a fraction (0.03 = 3%)
     val_fraction: float = 0.2  # used only when a dataset ships no validation list (the paper's 8:2)
@@ -75,6 +78,8 @@ class DataConfig:
                  _number(self.crop_pos_fraction) and 0 <= self.crop_pos_fraction <= 1, "must be in [0, 1]")
         _require("data.crop_pos_fraction", self.crop_pos_fraction, self.crop > 0 or self.crop_pos_fraction == 0,
                  "applies to training crops: pass --crop N as well")
+        _require("data.align", self.align, self.align in ALIGN_METHODS,
+                 f"must be one of {', '.join(ALIGN_METHODS)}: how history is registered onto current")
         _require("data.misregister", self.misregister, _number(self.misregister) and 0 <= self.misregister < 0.5,
                  "must be in [0, 0.5): a fraction of the image side")
         _require("data.val_fraction", self.val_fraction, _number(self.val_fraction) and 0 < self.val_fraction < 1,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anodfd.config import ConfigError, DataConfig
+from anodfd.data.align import Registration, align_pair
 from anodfd.data.cache import View, preprocess
 from anodfd.data.dataset import normalize, to_chw
 from anodfd.metrics import image_scores
@@ -100,13 +102,20 @@ def sliding_probs(
     return (total / weight)[:h, :w]
 
 
+class PairMap(NamedTuple):
+    probs: np.ndarray  # HxW float32 probabilities at the current image's size
+    score: float  # the pair's anomaly score (`image_scores`)
+    registration: Registration  # how history was registered onto current (`--align`); identity for none
+
+
 def pair_map(
     model: nn.Module, data: DataConfig, hist_rgb: np.ndarray, cur_rgb: np.ndarray,
     device: torch.device | str = "cpu", batch: int = TILE_BATCH,
-) -> tuple[np.ndarray, float]:
-    """One decoded RGB pair of any size -> (HxW float32 probability map at the current image's size, pair score).
+) -> PairMap:
+    """One decoded RGB pair of any size -> its probability map at the current image's size, score and registration.
 
-    The pair is brought to the config's view exactly as training saw it (`preprocess`), then slid over.
+    The pair is brought to the config's view exactly as training saw it (`preprocess`, then `align_pair` as the
+    decode cache does), then slid over.
     """
     view = View.of(data)
     hist, cur = preprocess(hist_rgb, view), preprocess(cur_rgb, view)
@@ -114,6 +123,7 @@ def pair_map(
         raise ConfigError(f"history is {hist_rgb.shape[1]}x{hist_rgb.shape[0]} but current is {cur_rgb.shape[1]}x"
                           f"{cur_rgb.shape[0]}: a model that keeps the aspect ratio (resize 0) needs the two images "
                           "of a pair at the same size")
+    hist, registration = align_pair(hist, cur, data.align)
     probs = sliding_probs(model, hist, cur, data.window, device, batch)
     full = resize_probs(probs[None, None], *cur_rgb.shape[:2])[0, 0].numpy()
-    return full, float(image_scores(probs[None, None])[0])
+    return PairMap(full, float(image_scores(probs[None, None])[0]), registration)

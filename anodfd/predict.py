@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def predict_pairs(
     for name, hist_path, cur_path in pairs:
         cur_rgb = read_rgb(cur_path)
         try:
-            full, score = pair_map(model, config.data, read_rgb(hist_path), cur_rgb, device)
+            full, score, registration = pair_map(model, config.data, read_rgb(hist_path), cur_rgb, device)
         except ConfigError as e:
             raise DatasetError(f"{hist_path} and {cur_path}: {e}") from None
         binary = (full >= threshold).astype(np.uint8)
@@ -77,7 +78,11 @@ def predict_pairs(
         json_path.write_text(json.dumps({
             "history": str(hist_path), "current": str(cur_path), "score": score, "threshold": threshold,
             "anomalous_fraction": float(binary.mean()), "boxes": boxes,
+            "align": {"method": config.data.align, "ok": registration.ok, "reason": registration.reason,
+                      "history_from_current": registration.matrix.tolist()},
         }, indent=2))
+        if not registration.ok:
+            print(f"{name}: registration failed ({registration.reason}); scored unregistered", file=sys.stderr)
         results.append(Prediction(name, score, boxes, map_path, overlay_path, json_path))
     return results
 

@@ -29,7 +29,6 @@ from anodfd.config import DataConfig
 from anodfd.data.cache import PairCache, View, read_mask
 from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import Pair, fingerprint, load_split
-from anodfd.inference import resize_probs, sliding_probs
 from anodfd.metrics import DEFECT_GAP, MIN_REGION_AREA, DefectCounts, ImageScores, PixelHistogram, plot_roc
 from anodfd.train.loop import evaluate, model_from_checkpoint
 
@@ -131,16 +130,16 @@ def score_native(
     The network sees each pair as `anodfd predict` feeds it (the checkpoint's view and window). Also returns the
     first ``grid_pairs`` pairs as (history, current, mask, map) at display size, for the overlay grid.
     """
-    device = torch.device(device)
     dataset = make_dataset(data, split)  # checks every file of the split before any compute
-    pixels, images, defects = evaluate(model, dataset, device, data.window, threshold, batch=batch_size,
-                                       progress=f"scoring {split} at native size" if progress else None)
     grid = []
-    for i in range(min(grid_pairs, len(dataset))):
-        hist, cur, _ = dataset.arrays(i)
-        mask = dataset.native_mask(i)
-        probs = resize_probs(sliding_probs(model, hist, cur, data.window, device, batch_size)[None, None], *mask.shape)
-        grid.append(_display(dataset.pairs[i], mask, probs[0, 0].numpy()))
+
+    def keep_for_grid(i: int, probs: np.ndarray, mask: np.ndarray) -> None:
+        if i < grid_pairs:
+            grid.append(_display(dataset.pairs[i], mask, probs))
+
+    pixels, images, defects = evaluate(model, dataset, torch.device(device), data.window, threshold,
+                                       batch=batch_size, on_pair=keep_for_grid,
+                                       progress=f"scoring {split} at native size" if progress else None)
     return pixels, images, defects, grid
 
 

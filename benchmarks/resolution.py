@@ -2,14 +2,15 @@
 
     python benchmarks/resolution.py --data ../shared/data/deeppcb --epochs 6
     anodfd synth OL --out data/OL-2048 --pairs 60 --size 2048x1536 --seed 1
-    python benchmarks/resolution.py --data data/OL-2048 --epochs 8
+    python benchmarks/resolution.py --data data/OL-2048 --epochs 40 --scales 1 0.25
     python benchmarks/resolution.py --timing        # tiled inference speed and memory only
 
 Rows for one dataset, all scored on its validation split (`val`) at the masks' native resolution:
 - template differencing at native size (grey |current - history|, 3x3 opening), threshold fitted on train;
 - AnoDFDNet `--resize 256`: every pair squashed to 256x256, the paper's way;
-- AnoDFDNet `--resize 0 --scale 1 --crop 256 --crop-pos-fraction 0.5`: native pixels, 256 px training crops
-  (half placed on an anomaly), validation and scoring through blended 256 px tiles.
+- AnoDFDNet `--resize 0 --scale S --crop 256 --crop-pos-fraction 0.5` for each S of `--scales` (default 1, native
+  pixels): 256 px training crops of the scaled pair, aspect kept (half placed on an anomaly), validation and scoring
+  through blended 256 px tiles.
 Both networks get the same budget: the same epochs, steps and batch of 256x256 samples, the same seed. Each is
 scored with its last epoch's weights (no selection on the split it is scored on) at the paper's threshold 0.5.
 Columns: pixel F1 and AUC, defect F and recall (`anodfd.metrics.DefectCounts`: a defect is found when a predicted
@@ -35,16 +36,17 @@ import torch
 
 from anodfd.config import PRESETS, Config, with_window
 from anodfd.data.dataset import make_dataset
-from anodfd.inference import resize_probs, sliding_probs
+from anodfd.inference import sliding_probs
 from anodfd.metrics import MIN_REGION_AREA, DefectCounts, PixelHistogram, defect_regions, detections
 from anodfd.scoring import difference_map, template_difference
-from anodfd.train.loop import fit, load_checkpoint, model_from_checkpoint
+from anodfd.train.loop import evaluate, fit, load_checkpoint, model_from_checkpoint
 
-VIEWS = {
-    "AnoDFDNet --resize 256 (squashed)": {"data.resize": 256},
-    "AnoDFDNet --scale 1 --crop 256, tiled": {"data.resize": 0, "data.scale": 1.0, "data.crop": 256,
-                                              "data.crop_pos_fraction": 0.5},
-}
+SQUASHED = {"AnoDFDNet --resize 256 (squashed)": {"data.resize": 256}}
+
+
+def crop_view(scale: float) -> tuple[str, dict]:
+    return (f"AnoDFDNet --scale {scale:g} --crop 256, tiled",
+            {"data.resize": 0, "data.scale": scale, "data.crop": 256, "data.crop_pos_fraction": 0.5})
 SMALL = (0.01, 0.03)  # small-defect bins: largest side under this share of the image's longer side
 
 
@@ -94,11 +96,8 @@ def score_model(checkpoint: Path, split: str) -> dict:
     model, config = model_from_checkpoint(load_checkpoint(checkpoint))
     dataset, tally = make_dataset(config.data, split), Tally()
     start = time.perf_counter()
-    for i in range(len(dataset)):
-        hist, cur, _ = dataset.arrays(i)
-        mask = dataset.native_mask(i)
-        probs = sliding_probs(model, hist, cur, config.data.window)
-        tally.add(resize_probs(probs[None, None], *mask.shape)[0, 0].numpy(), mask)
+    # The histogram and defect counts `evaluate` returns equal the tally's; it is only the scoring loop.
+    evaluate(model, dataset, torch.device("cpu"), config.data.window, on_pair=lambda i, probs, mask: tally.add(probs, mask))
     return {**tally.row(), "score_s_per_pair": (time.perf_counter() - start) / len(dataset)}
 
 
@@ -122,9 +121,11 @@ def run_dataset(args: argparse.Namespace) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"method": "template differencing, native", **score_template(data, args.split)}]
     print(rows[-1], flush=True)
-    for method, view in VIEWS.items():
+    views = {**SQUASHED, **dict(crop_view(s) for s in args.scales)}
+    for method, view in views.items():
         config = config_for(data, view, args)
-        run = out / ("crop" if config.data.crop else "resize")
+        scale = config.data.scale
+        run = out / ("resize" if not config.data.crop else "crop" if scale == 1 else f"crop-scale{scale:g}")
         start = time.time()
         fit(config, run)
         rows.append({"method": method, "train_minutes": (time.time() - start) / 60,
@@ -198,6 +199,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="a dataset folder with train and val splits")
     p.add_argument("--split", default="val")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                   help="one native-crop row per scale (--resize 0 --scale S --crop 256)")
     p.add_argument("--model", default="tiny")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--steps", type=int, default=0, help="max steps per epoch (0 = whole epochs)")

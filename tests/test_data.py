@@ -394,7 +394,7 @@ def test_second_epoch_decodes_nothing(tmp_path):
     # A new process (a fresh cache object) reads the disk cache: still no decoding.
     other = PairCache(tmp_path / "cache")
     third = [PairDataset(pairs, 32, other)[i] for i in range(len(ds))]
-    assert other.stats == {"decoded": 0, "disk_hits": 6, "memory_hits": 0}
+    assert other.stats == {"decoded": 0, "disk_hits": 6, "memory_hits": 0, "aligned": 0}
     assert all(torch.equal(x, y) for a, b in zip(first, third) for x, y in zip(a, b))
 
 

@@ -22,9 +22,10 @@ import cv2
 import numpy as np
 
 from anodfd.config import DataConfig
+from anodfd.data.align import align_pair
 from anodfd.data.layouts import DatasetError, Pair
 
-_VERSION = "v4"  # bump when the decoding below changes, so stale entries are not reused
+_VERSION = "v5"  # bump when the decoding below changes, so stale entries are not reused
 cv2.setNumThreads(1)  # DataLoader workers already run in parallel; nested OpenCV threads only contend
 
 
@@ -51,14 +52,16 @@ def read_rgb(path: Path) -> np.ndarray:
 @dataclass(frozen=True)
 class View:
     """How the network sees an image: squashed to ``resize`` x ``resize`` (the paper), or, with ``resize`` 0,
-    scaled by ``scale`` keeping its aspect ratio (1 = native pixels)."""
+    scaled by ``scale`` keeping its aspect ratio (1 = native pixels); the history then registered onto the
+    current image by ``align`` (`anodfd.data.align`), in that view."""
 
     resize: int = 256
     scale: float = 1.0
+    align: str = "none"
 
     @classmethod
     def of(cls, data: DataConfig) -> View:
-        return cls(data.resize, data.scale)
+        return cls(data.resize, data.scale, data.align)
 
     def size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) of an image of that size in this view."""
@@ -67,7 +70,8 @@ class View:
         return max(1, round(height * self.scale)), max(1, round(width * self.scale))
 
     def __str__(self) -> str:
-        return f"resized to {self.resize}x{self.resize}" if self.resize else f"scaled by {self.scale:g}, aspect kept"
+        text = f"resized to {self.resize}x{self.resize}" if self.resize else f"scaled by {self.scale:g}, aspect kept"
+        return text if self.align == "none" else f"{text}, history registered ({self.align})"
 
 
 def as_view(view: View | int) -> View:
@@ -100,11 +104,7 @@ def decode_mask(path: Path, view: View | int) -> np.ndarray:
     Resizing the coverage then thresholding at half keeps the labels hard (no fake soft labels) and keeps the
     anomalous area about the same.
     """
-    binary = read_mask(path)
-    h, w = as_view(view).size(*binary.shape)
-    if (h, w) == binary.shape:
-        return binary
-    small = preprocess(binary.astype(np.float32), view)
+    small = preprocess(read_mask(path).astype(np.float32), view)
     return (small >= 0.5).astype(np.uint8)
 
 
@@ -147,11 +147,12 @@ class PairCache:
         self._memory: dict[str, np.ndarray] = {}
         self._used = 0
         self._lock = threading.Lock()
-        self.stats = {"decoded": 0, "disk_hits": 0, "memory_hits": 0}
+        self._failed: dict[str, str] = {}  # key -> why its registration fell back to the identity
+        self.stats = {"decoded": 0, "disk_hits": 0, "memory_hits": 0, "aligned": 0}
 
     def key(self, pair: Pair, view: View | int) -> str:
         view = as_view(view)
-        parts = [_VERSION, str(view.resize), repr(float(view.scale))]
+        parts = [_VERSION, str(view.resize), repr(float(view.scale)), view.align]
         for f in (pair.hist, pair.cur, pair.mask):
             st = f.stat()
             parts += [str(f.resolve()), str(st.st_size), str(st.st_mtime_ns)]
@@ -169,15 +170,39 @@ class PairCache:
         if arr is not None:
             self.stats["disk_hits"] += 1
         else:
-            arr = np.concatenate(
-                [decode_image(pair.hist, view), decode_image(pair.cur, view), decode_mask(pair.mask, view)[..., None]],
-                axis=2,
-            )
+            hist, cur = decode_image(pair.hist, view), decode_image(pair.cur, view)
+            if hist.shape != cur.shape:
+                raise DatasetError(f"{pair.hist} and {pair.cur}: history is {hist.shape[1]}x{hist.shape[0]} but "
+                                   f"current is {cur.shape[1]}x{cur.shape[0]} in this view ({view}); give both "
+                                   "images of a pair the same size, or use --resize N")
+            failed = ""
+            if view.align != "none":
+                hist, registration = align_pair(hist, cur, view.align)
+                failed = registration.reason
+                self.stats["aligned"] += 1
+            arr = np.concatenate([hist, cur, decode_mask(pair.mask, view)[..., None]], axis=2)
             self.stats["decoded"] += 1
             if self.disk:
                 self._write(path, arr)
+                if failed:
+                    path.with_suffix(".align-failed").write_text(failed)
+            if failed:
+                self._failed[key] = failed
         self._remember(key, arr)
         return arr
+
+    def align_failure(self, pair: Pair, view: View | int) -> str:
+        """Why registering ``pair`` in ``view`` fell back to the identity ("" when it did not), decoding the pair
+        if it has not been: the failure is recorded beside the cached array, so later processes see it too."""
+        view = as_view(view)
+        if view.align == "none":
+            return ""
+        self.get(pair, view)
+        key = self.key(pair, view)
+        if key in self._failed:
+            return self._failed[key]
+        marker = self.dir / key[:2] / f"{key}.align-failed"
+        return marker.read_text() if self.disk and marker.exists() else ""
 
     def _read(self, path: Path) -> np.ndarray | None:
         try:

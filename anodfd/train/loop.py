@@ -123,6 +123,7 @@ def train_one_epoch(
 def evaluate(
     model: nn.Module, dataset: PairDataset, device: torch.device, window: int, threshold: float = 0.5,
     indices: range | list[int] | None = None, bins: int = 1000, batch: int = TILE_BATCH, progress: str | None = None,
+    on_pair: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
 ) -> tuple[PixelHistogram, ImageScores, DefectCounts]:
     """Pixel histogram, pair scores and defect counts (maps cut at ``threshold``) over ``dataset``, or the pairs
     ``indices`` of it, counted on each mask's own pixels.
@@ -131,7 +132,8 @@ def evaluate(
     resized to its mask's native size before counting: a 64 px model and a 640 px one are scored on the same
     pixels. Under DDP each rank passes its own shard (see `val_shard`) and the integer counts are summed over
     ranks, so the metrics are exactly those of one process seeing the whole split. ``progress`` names a
-    progress bar.
+    progress bar. ``on_pair(i, probs, mask)`` sees each pair's map and mask at native size, for callers that
+    draw or count more (the overlay grid, small-defect recall) without scoring the pair twice.
     """
     pixels, images, defects = PixelHistogram(bins), ImageScores(), DefectCounts()
     order = range(len(dataset)) if indices is None else indices
@@ -144,12 +146,34 @@ def evaluate(
         pixels.update(full, truth)
         images.add(image_scores(probs), torch.tensor([bool(mask.any())]))
         defects.update((full[0, 0].numpy() >= threshold).astype(np.uint8), mask)
+        if on_pair is not None:
+            on_pair(i, full[0, 0].numpy(), mask)
     if _distributed():
         device = torch.device(device)
         pixels = PixelHistogram.from_state(all_reduce_sum(pixels.state().to(device)).cpu())
         images = ImageScores.from_state(all_reduce_sum(images.state().to(device)).cpu())
         defects = DefectCounts.from_state(all_reduce_sum(defects.state().to(device)).cpu())
     return pixels, images, defects
+
+
+def register_pairs(datasets: list[PairDataset], log: Callable[[str], None] = print) -> int | None:
+    """With ``--align``, register every pair of ``datasets`` once, up front, and return how many fell back to the
+    identity (None without ``--align``). The registered pairs land in the decode cache, so loader workers and later
+    epochs only read them; each failure is named in the log, and the count is logged to MLflow as
+    ``align_failed`` with every epoch's metrics."""
+    if all(ds.view.align == "none" for ds in datasets):
+        return None
+    failed = []
+    for ds in datasets:
+        for pair in tqdm(ds.pairs, desc=f"registering pairs ({ds.view.align})", unit="pair", leave=False):
+            reason = ds.cache.align_failure(pair, ds.view)
+            if reason:
+                failed.append(f"{pair.hist} -> {pair.cur}: {reason}")
+    for line in failed[:5]:
+        log(f"registration fell back to the identity: {line}")
+    if len(failed) > 5:
+        log(f"... and {len(failed) - 5} more pairs: {len(failed)} of {sum(len(ds) for ds in datasets)} unregistered")
+    return len(failed)
 
 
 def val_shard(dataset: PairDataset, rank: int, world: int) -> range:
@@ -336,8 +360,11 @@ def fit(config: Config, out: str | Path, log: Callable[[str], None] = print) -> 
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     history = []
+    align_failed = register_pairs([train_ds, val_ds], log)
     for epoch in range(start_epoch, t.epochs + 1):
         metrics, _ = run_epoch(model, optimizer, loss_fn, train_ds, val_ds, config, epoch, device, log=log)
+        if align_failed is not None:
+            metrics["align_failed"] = align_failed
         improved = selection_key(metrics) > best
         best = max(best, selection_key(metrics))
         ckpt = checkpoint_dict(model, optimizer, epoch, config, metrics, best)
@@ -362,7 +389,7 @@ def epoch_line(metrics: dict[str, float], epochs: int) -> str:
 
 def check_resumable(ckpt: dict, config: Config, path: Path) -> None:
     before = Config.from_dict(ckpt["config"])
-    view = ("resize", "scale", "crop")
+    view = ("resize", "scale", "crop", "align")
     if before.model != config.model or any(getattr(before.data, k) != getattr(config.data, k) for k in view):
         seen = ", ".join(f"{k} {getattr(before.data, k)}" for k in view)
         raise ConfigError(

@@ -32,6 +32,7 @@ from anodfd.train.loop import (
     checkpoint_dict,
     epoch_line,
     load_checkpoint,
+    register_pairs,
     restore,
     run_epoch,
     save_checkpoint,
@@ -75,8 +76,11 @@ def train_func_per_worker(loop_config: dict) -> None:
         if rank == 0:
             print(f"restored from the checkpoint of epoch {ckpt['epoch']}; continuing at epoch {start_epoch}")
 
+    align_failed = register_pairs([train_ds, val_ds], print if rank == 0 else lambda s: None)
     for epoch in range(start_epoch, t.epochs + 1):
         metrics, pixels = run_epoch(model, optimizer, loss_fn, train_ds, val_ds, config, epoch, device, rank, world)
+        if align_failed is not None:
+            metrics["align_failed"] = align_failed
         metrics["param_spread"] = param_spread(model)  # 0.0 when DDP kept every rank's weights identical
         metrics["workers"] = world
         metrics["threads"] = torch.get_num_threads()  # each worker's share of its node's cores

@@ -1,0 +1,170 @@
+"""Register the history image onto the current one before the network sees the pair (``--align``).
+
+Two passes over the same place never line up exactly: the camera moved, the train ran a little off-centre. A
+network trained on aligned pairs flags every edge of a misaligned one. Registration first removes the viewpoint
+change, so the network (or differencing) only sees what changed.
+
+- ``ecc``: OpenCV's ECC maximisation of a homography on blurred grey images, coarse to fine over an image pyramid
+  (up to `WORK_SIDE` px on the longer side; the found homography is scaled back to the image's size).
+- ``features``: ORB keypoints, Lowe's ratio test and a robust (MAGSAC++) homography: faster than ECC and not
+  limited to small shifts, but less precise on repetitive patterns (PCB tracks), where ``ecc`` is the choice.
+
+A registration that fails (ECC does not converge, too few keypoint inliers) or is implausible (a corner moved
+more than `MAX_CORNER_SHIFT` of the side, a scale or shear beyond `MAX_SCALE`, a weak correlation after the
+warp) falls back to the identity and is reported as failed: an unregistered pair is better than a folded one.
+
+History pixels the warp brings in from outside the frame have no content. They are filled from the current
+image, so they read as "no change" there; a black wedge would be flagged as an anomaly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from anodfd.config import ALIGN_METHODS
+
+WORK_SIDE = 640  # registration runs on at most this many pixels along the longer side
+MAX_CORNER_SHIFT = 0.15  # of the image side; `anodfd data shift` stress-tests up to 0.04
+MAX_SCALE = 1.25  # largest area scale (and smallest 1/x) and anisotropy accepted
+MIN_CORRELATION = 0.5  # ECC's correlation of the grey images after the warp
+MIN_INLIERS = 20  # keypoint matches that agree with the RANSAC homography
+
+
+@dataclass(frozen=True)
+class Registration:
+    """``matrix`` maps current-image pixel coordinates to history-image ones (3x3); identity when not ``ok``."""
+
+    matrix: np.ndarray
+    ok: bool
+    reason: str = ""
+    seconds: float = 0.0
+
+
+def register(history: np.ndarray, current: np.ndarray, method: str) -> Registration:
+    """The homography from ``current`` to ``history`` (uint8 RGB or grey, same size), or the identity if it failed."""
+    if method not in ALIGN_METHODS:
+        raise ValueError(f"align method {method!r}: use one of {', '.join(ALIGN_METHODS)}")
+    if history.shape[:2] != current.shape[:2]:
+        raise ValueError(f"history {history.shape[:2]} and current {current.shape[:2]} differ in size")
+    start = time.perf_counter()
+    if method == "none":
+        return Registration(np.eye(3), True)
+    h, w = current.shape[:2]
+    factor = min(1.0, WORK_SIDE / max(h, w))
+    hist, cur = (_grey(x, factor) for x in (history, current))
+    try:
+        matrix = _ecc(hist, cur) if method == "ecc" else _features(hist, cur)
+        # Back from working pixels to the image's: S M S^-1, S scaling each axis.
+        scale = np.diag([w / hist.shape[1], h / hist.shape[0], 1.0])
+        matrix = scale @ matrix @ np.linalg.inv(scale)
+        matrix /= matrix[2, 2]
+        problem = implausible(matrix, w, h)
+    except _Failed as e:
+        problem = str(e)
+    seconds = time.perf_counter() - start
+    if problem:
+        return Registration(np.eye(3), False, problem, seconds)
+    return Registration(matrix, True, "", seconds)
+
+
+def align_pair(history: np.ndarray, current: np.ndarray, method: str) -> tuple[np.ndarray, Registration]:
+    """``history`` warped onto ``current`` (same size and dtype), and the registration that did it."""
+    result = register(history, current, method)
+    if not result.ok or np.allclose(result.matrix, np.eye(3)):
+        return history, result
+    return warp_onto(history, current, result.matrix), result
+
+
+def warp_onto(history: np.ndarray, current: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """``history`` resampled at ``matrix`` (current -> history coordinates); pixels from outside its frame, and
+    the one-pixel rim where interpolation blends in the border, are taken from ``current``."""
+    h, w = current.shape[:2]
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    warped = cv2.warpPerspective(history, matrix, (w, h), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    inside = cv2.warpPerspective(np.ones(history.shape[:2], np.float32), matrix, (w, h), flags=flags,
+                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    outside = inside < 0.999
+    warped[outside] = current[outside]
+    return warped
+
+
+def implausible(matrix: np.ndarray, width: int, height: int) -> str:
+    """Why ``matrix`` is not a viewpoint change we believe (empty when it is)."""
+    if not np.isfinite(matrix).all():
+        return "non-finite homography"
+    corners = np.float64([[0, 0, 1], [width, 0, 1], [width, height, 1], [0, height, 1]])
+    mapped = corners @ matrix.T
+    if (mapped[:, 2] <= 0).any():
+        return "homography folds the image"
+    moved = np.abs(mapped[:, :2] / mapped[:, 2:] - corners[:, :2]) / np.float64([width, height])
+    if moved.max() > MAX_CORNER_SHIFT:
+        return f"a corner moved {moved.max():.0%} of the side (limit {MAX_CORNER_SHIFT:.0%})"
+    singular = np.linalg.svd(matrix[:2, :2] / matrix[2, 2], compute_uv=False)
+    if singular.max() > MAX_SCALE or singular.min() < 1 / MAX_SCALE:
+        return f"scale or shear out of range (singular values {singular.min():.2f}, {singular.max():.2f})"
+    return ""
+
+
+class _Failed(Exception):
+    pass
+
+
+def _grey(image: np.ndarray, factor: float) -> np.ndarray:
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
+    if factor < 1:
+        grey = cv2.resize(grey, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
+    return grey
+
+
+def _ecc(hist: np.ndarray, cur: np.ndarray, levels: int = 3) -> np.ndarray:
+    """ECC homography (current -> history coordinates) over a pyramid of ``levels``, coarsest first."""
+    pyramid = [(cur.astype(np.float32), hist.astype(np.float32))]
+    for _ in range(levels - 1):
+        c, h = pyramid[-1]
+        if min(c.shape) < 128:  # a level under 64 px has too little structure for 8 homography parameters
+            break
+        pyramid.append((cv2.pyrDown(c), cv2.pyrDown(h)))
+    # A translation from phase correlation starts ECC near the answer: from the identity, a shift of a few percent
+    # can pull a coarse level into a wrong optimum.
+    c, h = pyramid[-1]
+    window = cv2.createHanningWindow(c.shape[::-1], cv2.CV_32F)
+    (dx, dy), _ = cv2.phaseCorrelate(c, h, window)
+    matrix = np.float32([[1, 0, dx], [0, 1, dy], [0, 0, 1]])
+    previous = None
+    for level, (c, h) in enumerate(reversed(pyramid)):
+        if previous is not None:
+            s = np.diag([c.shape[1] / previous[1], c.shape[0] / previous[0], 1.0]).astype(np.float32)
+            matrix = s @ matrix @ np.linalg.inv(s)
+        iterations = 60 if level == 0 else 25
+        criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, iterations, 1e-5)
+        try:
+            rho, matrix = cv2.findTransformECC(c, h, matrix, cv2.MOTION_HOMOGRAPHY, criteria, None, 5)
+        except cv2.error as e:
+            raise _Failed("ECC did not converge") from e
+        previous = c.shape
+    if rho < MIN_CORRELATION:
+        raise _Failed(f"ECC correlation {rho:.2f} after the warp (needs {MIN_CORRELATION})")
+    return matrix.astype(np.float64)
+
+
+def _features(hist: np.ndarray, cur: np.ndarray) -> np.ndarray:
+    """ORB + ratio test + MAGSAC++ homography (current -> history coordinates)."""
+    orb = cv2.ORB_create(nfeatures=3000)
+    kc, dc = orb.detectAndCompute(cur, None)
+    kh, dh = orb.detectAndCompute(hist, None)
+    if dc is None or dh is None or len(kc) < MIN_INLIERS or len(kh) < MIN_INLIERS:
+        raise _Failed("too few keypoints")
+    good = [m[0] for m in cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(dc, dh, k=2)
+            if len(m) == 2 and m[0].distance < 0.8 * m[1].distance]
+    if len(good) < MIN_INLIERS:
+        raise _Failed(f"{len(good)} keypoint matches (needs {MIN_INLIERS})")
+    src = np.float32([kc[m.queryIdx].pt for m in good])
+    dst = np.float32([kh[m.trainIdx].pt for m in good])
+    matrix, inliers = cv2.findHomography(src, dst, cv2.USAC_MAGSAC, 3.0)
+    if matrix is None or int(inliers.sum()) < MIN_INLIERS:
+        raise _Failed(f"{0 if inliers is None else int(inliers.sum())} RANSAC inliers (needs {MIN_INLIERS})")
+    return matrix

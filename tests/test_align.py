@@ -1,0 +1,226 @@
+"""Registration of history onto current (`--align`): recovered homographies, fallbacks, out-of-frame pixels, the
+cache, and the same registration in training data, eval, predict and the pyfunc."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from anodfd.config import Config, ConfigError
+from anodfd.data.align import align_pair, implausible, warp_onto
+from anodfd.data.shift import random_homography, shift_image
+
+METHODS = ("ecc", "features")
+
+
+def scene(h: int = 240, w: int = 320, seed: int = 0) -> np.ndarray:
+    """A textured RGB image, rich enough in corners and gradients for either registration."""
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w, 3), 120, np.uint8)
+    for _ in range(80):
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        if rng.random() < 0.5:
+            cv2.circle(img, (x, y), int(rng.integers(4, 25)), colour, -1)
+        else:
+            cv2.rectangle(img, (x, y), (x + int(rng.integers(5, 40)), y + int(rng.integers(5, 40))), colour, -1)
+    return cv2.GaussianBlur(img, (3, 3), 0)
+
+
+def corner_error(found: np.ndarray, true: np.ndarray, w: int, h: int) -> float:
+    corners = np.float64([[0, 0, 1], [w, 0, 1], [w, h, 1], [0, h, 1]])
+
+    def mapped(m: np.ndarray) -> np.ndarray:
+        p = corners @ m.T
+        return p[:, :2] / p[:, 2:]
+
+    return float(np.abs(mapped(found) - mapped(true)).max())
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_known_homography_is_recovered_within_a_pixel(method, seed):
+    """History = current warped by a random homography (corners moved up to 2% of the side, as `anodfd data
+    shift` does): the registration finds it to within a pixel at every corner, and the registered history matches
+    the current image away from the border."""
+    current = scene(seed=seed)
+    h, w = current.shape[:2]
+    true = random_homography(w, h, 0.02, np.random.default_rng(seed))
+    history = shift_image(current, true)
+    aligned, result = align_pair(history, current, method)
+    assert result.ok, result.reason
+    # ECC is sub-pixel; ORB keypoints sit on a pixel grid and carry about a pixel of error at the corners.
+    assert corner_error(result.matrix, true, w, h) < (1.0 if method == "ecc" else 1.5)
+    inner = (slice(12, h - 12), slice(12, w - 12))
+    before = np.abs(history.astype(int) - current)[inner].mean()
+    after = np.abs(aligned.astype(int) - current)[inner].mean()
+    assert after < min(1.5, before / 5), (before, after)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_identical_images_give_the_identity(method):
+    image = scene(seed=5)
+    aligned, result = align_pair(image, image, method)
+    assert result.ok
+    assert np.abs(result.matrix - np.eye(3)).max() < 1e-3
+    assert np.abs(aligned.astype(int) - image).max() <= 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_pure_noise_pair_falls_back_to_the_identity(method):
+    rng = np.random.default_rng(0)
+    history, current = (rng.integers(0, 256, (200, 260, 3), dtype=np.uint8) for _ in range(2))
+    aligned, result = align_pair(history, current, method)
+    assert not result.ok and result.reason
+    assert np.array_equal(result.matrix, np.eye(3))
+    assert aligned is history  # scored unregistered, not warped by a guess
+
+
+def test_implausible_homographies_are_refused():
+    assert implausible(np.eye(3), 640, 480) == ""
+    centre = np.float64([[1, 0, 320], [0, 1, 240], [0, 0, 1]])
+    zoom = centre @ np.diag([1.28, 1.28, 1.0]) @ np.linalg.inv(centre)  # corners move 14%, within the limit
+    assert "scale" in implausible(zoom, 640, 480)
+    assert "corner" in implausible(np.float64([[1, 0, 200], [0, 1, 0], [0, 0, 1]]), 640, 480)
+    assert "folds" in implausible(np.float64([[1, 0, 0], [0, 1, 0], [-0.01, 0, 1]]), 640, 480)
+
+
+def test_pixels_from_outside_the_frame_are_taken_from_current():
+    """History seen 12 px further right: registered, its first 12 columns have no history content. They are
+    filled from the current image, so template differencing (the scoring of any change) finds nothing there;
+    filling them with black, as a plain warp does, would flag the whole strip."""
+    from anodfd.scoring import difference_map
+
+    current = scene(seed=3)
+    h, w = current.shape[:2]
+    history = cv2.warpAffine(current, np.float64([[1, 0, 12], [0, 1, 0]]), (w, h), flags=cv2.WARP_INVERSE_MAP,
+                             borderMode=cv2.BORDER_REFLECT)  # history(x) = current(x + 12)
+    shift = np.float64([[1, 0, -12], [0, 1, 0], [0, 0, 1]])  # so current pixel x sits at x - 12 in history
+    aligned = warp_onto(history, current, shift)
+    assert np.array_equal(aligned[:, 12:], current[:, 12:])
+    strip = (slice(None), slice(0, 12))
+    assert np.array_equal(aligned[strip], current[strip])
+    assert difference_map(aligned, current).max() < 0.1
+    black = cv2.warpPerspective(history, shift, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+    assert difference_map(black, current)[strip].mean() > 0.2  # the failure the fill prevents
+
+
+def write_pair(root: Path, name: str, history: np.ndarray, current: np.ndarray) -> None:
+    mask = np.zeros(current.shape[:2], np.uint8)
+    mask[40:60, 50:80] = 255
+    for folder, img in (("A", history), ("B", current), ("label", mask)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / folder / f"{name}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if img.ndim == 3 else img)
+
+
+def test_the_cache_registers_each_pair_once_and_remembers_failures(tmp_path):
+    from anodfd.data.cache import PairCache, View
+    from anodfd.data.layouts import Pair
+
+    current = scene(seed=7)
+    true = random_homography(320, 240, 0.02, np.random.default_rng(7))
+    write_pair(tmp_path / "d", "shifted", shift_image(current, true), current)
+    rng = np.random.default_rng(1)
+    write_pair(tmp_path / "d", "noise", rng.integers(0, 256, (240, 320, 3), dtype=np.uint8),
+               rng.integers(0, 256, (240, 320, 3), dtype=np.uint8))
+    pairs = [Pair(*(tmp_path / "d" / folder / f"{name}.png" for folder in ("A", "B", "label")))
+             for name in ("shifted", "noise")]
+    view = View(0, 1.0, "ecc")
+    cache = PairCache(tmp_path / "cache")
+    assert cache.key(pairs[0], view) != cache.key(pairs[0], View(0, 1.0, "none"))
+    for _ in range(2):
+        arrays = [cache.get(p, view) for p in pairs]
+    assert cache.stats["aligned"] == 2 and cache.stats["decoded"] == 2
+    registered = arrays[0]
+    assert np.abs(registered[20:-20, 20:-20, :3].astype(int) - current[20:-20, 20:-20]).mean() < 2.0
+    # Another process: the registered arrays and the failure come from disk, nothing is registered again.
+    other = PairCache(tmp_path / "cache")
+    failures = {p.hist.stem: other.align_failure(p, view) for p in pairs}
+    assert other.stats["aligned"] == 0 and other.stats["disk_hits"] == 2
+    assert failures["shifted"] == "" and failures["noise"]
+
+
+def test_align_is_part_of_the_config_and_checked():
+    config = Config().with_flat({"data.align": "ecc"})
+    assert Config.from_dict(config.to_dict()).data.align == "ecc"
+    with pytest.raises(ConfigError, match="data.align"):
+        Config().with_flat({"data.align": "sift"})
+
+
+def test_predict_eval_and_pyfunc_register_the_same_way(tmp_path):
+    """A shifted pair through `predict`, the eval dataset (decode cache) and the pyfunc gives one map (1e-5), and
+    with `--align ecc` that map is close to the one the unshifted pair gets: the network sees a registered pair."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from anodfd.config import PRESETS, with_window
+    from anodfd.data.dataset import make_dataset
+    from anodfd.inference import pair_map, resize_probs, sliding_probs
+    from anodfd.predict import predict_pairs
+    from anodfd.serving import AnomalyMapModel
+    from anodfd.train.loop import build_training, checkpoint_dict, save_checkpoint
+
+    current = scene(seed=11)
+    history = shift_image(current, random_homography(320, 240, 0.02, np.random.default_rng(11)))
+    root = tmp_path / "d"
+    write_pair(root, "p", history, current)
+    (root / "list").mkdir()
+    for split in ("train", "val", "test"):
+        (root / "list" / f"{split}.txt").write_text("p\n")
+    config = with_window(Config().with_flat(PRESETS["smoke"]), {
+        "data.data": str(root), "data.resize": 0, "data.crop": 64, "data.align": "ecc",
+        "data.cache_dir": str(tmp_path / "cache")})
+    model, _, _ = build_training(config, torch.device("cpu"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ckpt = tmp_path / "c.pt"
+    save_checkpoint(checkpoint_dict(model, None, 1, config, {"calibrated_threshold": 0.5}, (0.0, 0.0)), ckpt)
+
+    h, c, _ = make_dataset(config.data, "test").arrays(0)
+    evaluated = resize_probs(sliding_probs(model, h, c, 64)[None, None], 240, 320)[0, 0].numpy()
+    served_model = AnomalyMapModel()
+    served_model.load_context(SimpleNamespace(artifacts={"checkpoint": str(ckpt)}))
+    served = served_model.predict(None, {"history": history[None], "current": current[None]})[0]
+    [prediction] = predict_pairs(model, config, [("p", root / "A" / "p.png", root / "B" / "p.png")], tmp_path / "o", 0.5)
+    predicted = cv2.imread(str(prediction.map_path), cv2.IMREAD_GRAYSCALE) / 255.0
+    assert evaluated.std() > 1e-3
+    np.testing.assert_allclose(served, evaluated, atol=1e-5)
+    np.testing.assert_allclose(predicted, evaluated, atol=0.5 / 255 + 1e-5)
+    import json
+
+    assert json.loads(prediction.json_path.read_text())["align"]["ok"] is True
+
+    inner = (slice(16, -16), slice(16, -16))
+    aligned_pair = pair_map(model, config.data, current, current).probs
+    unregistered = pair_map(model, config.with_flat({"data.align": "none"}).data,
+                            history, current).probs
+    assert np.abs(evaluated - aligned_pair)[inner].mean() < 0.25 * np.abs(unregistered - aligned_pair)[inner].mean()
+
+
+def test_training_registers_every_pair_once_and_logs_failures(synth_ol, tmp_path):
+    """`fit --align ecc` on a copy of the OL stand-in whose history images moved (corners up to 2%): every pair
+    registers (align_failed 0 in each epoch's metrics), the registered pairs are cached before the first epoch,
+    and resuming the run without registration is refused (the view changed)."""
+    from anodfd.config import PRESETS
+    from anodfd.data.layouts import load_split
+    from anodfd.data.shift import shift_dataset
+    from anodfd.train.loop import fit
+
+    shifted = tmp_path / "OL-shifted"
+    shift_dataset(synth_ol, shifted, 0.02, progress=False)
+    config = Config().with_flat({**PRESETS["smoke"], "data.data": str(shifted), "data.resize": 64,
+                                 "model.image_size": 64, "data.align": "ecc", "train.epochs": 1,
+                                 "train.max_steps_per_epoch": 2, "data.cache_dir": str(tmp_path / "cache")})
+    lines = []
+    result = fit(config, tmp_path / "run", log=lines.append)
+    assert [h["align_failed"] for h in result["history"]] == [0], lines
+    assert not any("fell back" in line for line in lines)
+    registered = sum(len(load_split(shifted, split)) for split in ("train", "val"))  # the test split untouched
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == registered
+    with pytest.raises(ConfigError, match="align ecc"):
+        fit(config.with_flat({"data.align": "none", "train.epochs": 2}), tmp_path / "run", log=lines.append)
