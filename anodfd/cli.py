@@ -199,11 +199,13 @@ def _load_checkpoint_for(args: argparse.Namespace) -> dict:
     return load_checkpoint(args.checkpoint)
 
 
-def _add_model_source_flags(p: argparse.ArgumentParser) -> None:
+def _add_model_source_flags(p: argparse.ArgumentParser, onnx: bool = False) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--checkpoint", default=None, help="a .pt file written by `anodfd train`")
     g.add_argument("--model", default=None,
                    help="a registered model: models:/anodfdnet-OL@champion or models:/anodfdnet-OL/VERSION")
+    if onnx:
+        g.add_argument("--onnx", default=None, help="a model.onnx written by `anodfd export`, run in ONNX Runtime")
     p.add_argument("--mlflow-uri", default=None,
                    help="registry for --model (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
 
@@ -281,12 +283,37 @@ def _predict(args: argparse.Namespace) -> int:
     if not args.list and not (args.hist and args.cur):
         raise ConfigError("give --hist H --cur C (files or folders), or --list FILE")
     pairs = find_pairs(args.hist, args.cur, args.list)
-    device = resolve_device(args.device)
-    ckpt = _load_checkpoint_for(args)
-    model, config = model_from_checkpoint(ckpt, device)
-    threshold = check_threshold(args.threshold if args.threshold is not None else ckpt.get("threshold", 0.5))
+    if args.onnx:
+        from anodfd.export import OnnxModel
+
+        model = OnnxModel(args.onnx)
+        config, saved, device = model.config, model.threshold, "cpu"
+    else:
+        device = resolve_device(args.device)
+        ckpt = _load_checkpoint_for(args)
+        model, config = model_from_checkpoint(ckpt, device)
+        saved = ckpt.get("threshold", 0.5)
+    threshold = check_threshold(args.threshold if args.threshold is not None else saved)
     for p in predict_pairs(model, config, pairs, args.out, threshold, device):
         print(f"{p.name}: score {p.score:.4f}, {len(p.boxes)} region(s) -> {p.overlay_path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from anodfd.export import export_onnx, parity
+    from anodfd.train.loop import model_from_checkpoint
+
+    ckpt = _load_checkpoint_for(args)
+    model, config = model_from_checkpoint(ckpt, "cpu")
+    print(f"exporting {config.model.name} to ONNX (dynamic batch, height and width) ...", flush=True)
+    path = export_onnx(model, config, float(ckpt.get("threshold", config.train.threshold)), args.out)
+    worst = parity(model, path)
+    print(f"wrote {path}: ONNX Runtime matches PyTorch to {worst:.1e} on the probability maps")
+    if args.model:
+        from anodfd.registry import log_export
+        from anodfd.tracking import resolve_tracking_uri
+
+        print(log_export(resolve_tracking_uri(args.mlflow_uri), args.model, path))
     return 0
 
 
@@ -353,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("predict", help="anomaly maps, overlays and boxes for pairs of any resolution")
-    _add_model_source_flags(p)
+    _add_model_source_flags(p, onnx=True)
     p.add_argument("--hist", default=None, help="history image, or a folder of them")
     p.add_argument("--cur", default=None, help="current image, or a folder (matched to history by file name)")
     p.add_argument("--list", default=None, help="a list file of 'cur,hist[,gt]' lines relative to its folder")
@@ -361,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None, help="default: the checkpoint's calibrated threshold")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("export", help="a trained model as an ONNX graph (dynamic batch, height and width)")
+    _add_model_source_flags(p)
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", required=True, help="folder for model.onnx")
+    p.set_defaults(func=_export)
 
     models = sub.add_parser("models", help="the MLflow Model Registry: anodfdnet-<dataset> versions and aliases")
     models = models.add_subparsers(dest="models_command", required=True)

@@ -43,6 +43,8 @@ def autocast(device: torch.device):
 @torch.inference_mode()
 def predict_probs(model: nn.Module, hist: torch.Tensor, cur: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 Bx3xHxW pairs -> Bx1xHxW probabilities on the CPU, in one forward pass."""
+    if not isinstance(model, nn.Module):  # an exported graph in ONNX Runtime (anodfd.export.OnnxModel)
+        return model.probs(hist, cur)
     model.eval()
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     h, c = (normalize(x.to(device, non_blocking=True)).contiguous(memory_format=fmt) for x in (hist, cur))

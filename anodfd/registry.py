@@ -660,3 +660,19 @@ def load_checkpoint_from_registry(uri: str, model_uri: str) -> dict:
             artifact_uri=f"{location.rstrip('/')}/{CHECKPOINT_ARTIFACT}", dst_path=tmp, tracking_uri=uri,
         )
         return load_checkpoint(path)
+
+
+def log_export(uri: str, model_uri: str, path: Path) -> str:
+    """Attach an exported file (`anodfd export`) to the registered version it came from: logged to the version's
+    run under ``onnx/v<version>/`` and named in the version's tag ``onnx``. Returns a line saying where it went."""
+    name, version = resolve_version(uri, model_uri)
+    c = client(uri)
+    mv = c.get_model_version(name, str(version))
+    if not mv.run_id:
+        raise RegistryError(f"{name} v{version} has no source run to log the export to")
+    # Versions can share a run (one search registers several), so each gets its own folder: nothing is overwritten.
+    folder = f"onnx/v{version}"
+    c.log_artifact(mv.run_id, str(path), folder)
+    location = f"runs:/{mv.run_id}/{folder}/{Path(path).name}"
+    c.set_model_version_tag(name, str(version), "onnx", location)
+    return f"logged to {name} v{version} as {location} (tag onnx)"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from anodfd.data.cache import PairCache, View, read_mask
 from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import Pair, fingerprint, load_split
 from anodfd.metrics import DEFECT_GAP, MIN_REGION_AREA, DefectCounts, ImageScores, PixelHistogram, plot_roc
-from anodfd.train.loop import evaluate, model_from_checkpoint
+from anodfd.train.loop import evaluate, model_from_checkpoint, register_pairs
 
 PROTOCOL_VERSION = 3  # 2: defect-level scores; 3: mask fragments grouped into defects, specks ignored
 MIN_AUC = 0.6  # pixel AUC a version needs to take champion: 0.5 is a coin toss, 0.6 is clearly more
@@ -140,6 +141,7 @@ def score_native(
     pixels, images, defects = evaluate(model, dataset, torch.device(device), data.window, threshold,
                                        batch=batch_size, on_pair=keep_for_grid,
                                        progress=f"scoring {split} at native size" if progress else None)
+    register_pairs([dataset], lambda line: print(line, file=sys.stderr))  # names pairs left unregistered
     return pixels, images, defects, grid
 
 

@@ -9,7 +9,8 @@ way the official code is (two encoder passes, hand-written softmax attention, co
 `torch.no_grad`). Our side runs the shared encoder once on both images (and its linear last layer once,
 on the difference), uses `scaled_dot_product_attention` and channels_last, and for inference
 `optimize_for_inference` (BatchNorm folded, sub-pixel head) under `torch.inference_mode`. Also times the
-`resnet18` variant. Before timing, the reference is loaded with our weights and must give the same
+`resnet18` variant, and the same `paper` weights exported by `anodfd export` in ONNX Runtime (CPU, uint8 pairs in,
+probabilities out: its graph also normalises and applies the sigmoid). Before timing, the reference is loaded with our weights and must give the same
 eval-mode logits, so both sides compute the same function.
 Prints a Markdown table; rounds alternate between the two sides and the best round is reported.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -26,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from anodfd.config import ModelConfig
+from anodfd.config import Config, ModelConfig, with_window
+from anodfd.export import OnnxModel, export_onnx
 from anodfd.model import AnoDFDNet, build_model, optimize_for_inference
 
 # ------------------------------------------------------------------ the official network, official style
@@ -321,8 +324,16 @@ def main() -> None:
         with torch.inference_mode():
             fast(hist, cur)
 
+    # The same weights exported by `anodfd export`, run by ONNX Runtime on uint8 pairs (its graph normalises).
+    config = with_window(Config().with_flat({"model.name": "paper", "model.depth": args.depth}), {"data.resize": s})
+    session = OnnxModel(export_onnx(ours, config, 0.5, tempfile.mkdtemp()), threads=torch.get_num_threads()).session
+    h8, c8 = (((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy() for x in (hist, cur))
+
+    def infer_onnx() -> None:
+        session.run(None, {"history": h8, "current": c8})
+
     rows = []
-    infer = interleaved({"ref": infer_ref, "ours": infer_ours}, args.iters, args.rounds)
+    infer = interleaved({"ref": infer_ref, "ours": infer_ours, "onnx": infer_onnx}, args.iters, args.rounds)
     train = interleaved(
         {
             "ref": train_step_fn(ref, hist, cur, mask, logits=False),
@@ -341,6 +352,8 @@ def main() -> None:
             f"train {train['ref'] / train['ours']:.2f}x, inference {infer['ref'] / infer['ours']:.2f}x",
         )
     )
+    rows.append(("paper", "ONNX Runtime (`anodfd export`)", None, b / infer["onnx"],
+                 f"inference {infer['ours'] / infer['onnx']:.2f}x ours"))
     if not args.skip_resnet18:
         r18 = build_model(ModelConfig(name="resnet18", depth=args.depth, image_size=s))
         r18_fast = optimize_for_inference(r18)
@@ -363,7 +376,7 @@ def main() -> None:
     print("| variant | implementation | train step pairs/s | inference pairs/s | speed-up |")
     print("|---|---|---|---|---|")
     for variant, impl, tr, inf, note in rows:
-        print(f"| {variant} | {impl} | {tr:.2f} | {inf:.2f} | {note} |")
+        print(f"| {variant} | {impl} | {'-' if tr is None else f'{tr:.2f}'} | {inf:.2f} | {note} |")
     if args.anodfd_train:
         in_process = b / train["ours"]
         on_ray = anodfd_train_rate(s, b, args.depth, args.train_epochs)

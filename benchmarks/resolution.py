@@ -88,7 +88,7 @@ def config_for(data: str, view: dict, args: argparse.Namespace) -> Config:
     base = Config().with_flat({**PRESETS["smoke"], "data.data": data, "model.name": args.model,
                                "train.epochs": args.epochs, "train.max_steps_per_epoch": args.steps,
                                "train.batch_size": args.batch_size, "train.seed": args.seed,
-                               "data.augment": "paper"})
+                               "data.augment": "paper", "data.align": args.align})
     return with_window(base, view)
 
 
@@ -122,16 +122,19 @@ def run_dataset(args: argparse.Namespace) -> list[dict]:
     rows = [{"method": "template differencing, native", **score_template(data, args.split)}]
     print(rows[-1], flush=True)
     views = {**SQUASHED, **dict(crop_view(s) for s in args.scales)}
+    aligned = "" if args.align == "none" else f" --align {args.align}"
+    tag = aligned.replace(" --align ", "-align-")  # keeps runs and results of each align setting apart
     for method, view in views.items():
+        method += aligned
         config = config_for(data, view, args)
         scale = config.data.scale
-        run = out / ("resize" if not config.data.crop else "crop" if scale == 1 else f"crop-scale{scale:g}")
+        run = out / (("resize" if not config.data.crop else "crop" if scale == 1 else f"crop-scale{scale:g}") + tag)
         start = time.time()
         fit(config, run)
         rows.append({"method": method, "train_minutes": (time.time() - start) / 60,
                      **score_model(run / "last.pt", args.split)})
         print(rows[-1], flush=True)
-    (out / "resolution.json").write_text(json.dumps({"budget": budget(args), "rows": rows}, indent=2))
+    (out / f"resolution{tag}.json").write_text(json.dumps({"budget": budget(args), "rows": rows}, indent=2))
     return rows
 
 
@@ -199,6 +202,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="a dataset folder with train and val splits")
     p.add_argument("--split", default="val")
+    p.add_argument("--align", choices=["none", "ecc", "features"], default="none",
+                   help="register history onto current in every network row (template differencing stays as is)")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0],
                    help="one native-crop row per scale (--resize 0 --scale S --crop 256)")
     p.add_argument("--model", default="tiny")

@@ -320,3 +320,29 @@ def test_registry_errors_in_cli(history, mlflow_server, checkpoint, tmp_path, ca
     assert main(["models", "list", "--dataset", DATASET, "--mlflow-uri", dead]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"MLflow tracking server {dead} is unreachable" in err
+
+
+def test_export_from_the_registry_lands_on_that_version(history, mlflow_server, weights, tmp_path):
+    """`anodfd export --model models:/NAME@champion` exports the champion's own weights and attaches the file to
+    that version (its run's onnx/v<N>/ folder, tag onnx): downloaded back, it answers as that version does, and not
+    as another version."""
+    import mlflow
+
+    from anodfd.export import OnnxModel
+
+    champion = aliases(mlflow_server)["champion"]
+    assert main(["export", "--model", f"models:/{NAME}@champion", "--mlflow-uri", mlflow_server,
+                 "--out", str(tmp_path / "export")]) == 0
+    mv = tracking.client(mlflow_server).get_model_version(NAME, str(champion))
+    assert mv.tags["onnx"] == f"runs:/{mv.run_id}/onnx/v{champion}/model.onnx"
+    local = mlflow.artifacts.download_artifacts(artifact_uri=mv.tags["onnx"], dst_path=str(tmp_path / "dl"),
+                                                tracking_uri=mlflow_server)
+    exported = OnnxModel(local)
+    rng = np.random.default_rng(0)
+    hist, cur = (torch.from_numpy(rng.integers(0, 256, (2, 3, 96, 96), dtype=np.uint8)) for _ in range(2))
+    got = exported.probs(hist, cur)
+    other = 1 if champion != 1 else 2
+    for version, close in ((champion, True), (other, False)):
+        model, _ = model_from_checkpoint(load_checkpoint(weights[version - 1]))
+        diff = float((predict_probs(model, hist, cur, torch.device("cpu")) - got).abs().max())
+        assert (diff < 1e-4) == close, (version, diff)

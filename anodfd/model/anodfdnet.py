@@ -81,8 +81,10 @@ class AnoDFDNet(nn.Module):
             raise ValueError(f"input size {tuple(hist.shape[-2:])} is not divisible by {self.stride}")
         # channels_last: oneDNN (CPU) and cuDNN (GPU) convolutions run faster on NHWC; same result.
         features = self.encoder(torch.cat([hist, cur]).contiguous(memory_format=torch.channels_last))
-        # f_hist - f_cur per scale; chunk, not f[:b] / f[b:], so the backward is one cat, not two scatters.
-        signed = [torch.sub(*f.chunk(2)) for f in features]
+        # f_hist - f_cur per scale; split, not f[:b] / f[b:], so the backward is one cat, not two scatters. Explicit
+        # sizes rather than chunk(2), whose chunk arithmetic pins the batch size when exported (torch.export, ONNX).
+        b = hist.shape[0]
+        signed = [torch.sub(*f.split([b, b])) for f in features]
         if isinstance(self.encoder, PaperEncoder):
             signed.append(self.encoder.latent(signed[-1]))  # linear: latent(a) - latent(b) = latent(a - b)
         diffs = [d.abs() for d in signed]

@@ -1,0 +1,127 @@
+"""ONNX export of a trained AnoDFDNet, and an ONNX Runtime model that `predict` and tiled inference can use.
+
+The graph takes what a decoder hands any runtime: ``history`` and ``current``, uint8 RGB, B x H x W x 3, with the
+batch, height and width dynamic (H and W multiples of the network's stride, 16 for `paper` and `tiny`). It returns
+``probs``, float32 B x H x W anomaly probabilities. Normalisation to [-1, 1] and the sigmoid are inside the graph, so
+a runtime outside Python needs nothing but the image. The view, window and calibrated threshold a pair must be
+brought to (`anodfd.inference.pair_map`) travel in the file's metadata (``anodfd.config``, ``anodfd.threshold``):
+`OnnxModel` reads them, so ``anodfd predict --onnx model.onnx`` needs no checkpoint.
+
+Exported with PyTorch's `torch.export`-based exporter (``dynamo=True``), which needs ``onnx`` and ``onnxscript``;
+inference needs ``onnxruntime`` only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from anodfd.config import Config, ConfigError
+
+EXPORT_FILE = "model.onnx"
+INPUTS = ("history", "current")
+STRIDE = 16  # AnoDFDNet paper and tiny; the timm variants (32) and baselines are not exported
+MAX_SIDE_STEPS = 512  # height and width up to 512 x stride = 8192 px
+
+
+class _Graph(nn.Module):
+    """uint8 BxHxWx3 RGB pair -> BxHxW probabilities: the network with its input and output ends inside."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, history: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        h, c = (x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0) for x in (history, current))
+        return torch.sigmoid(self.net(h, c))[:, 0]
+
+
+def export_onnx(model: nn.Module, config: Config, threshold: float, out: str | Path) -> Path:
+    """Write ``model`` (eval mode, CPU) to ``out``/model.onnx with dynamic batch, height and width; returns the path."""
+    if config.model.name not in ("paper", "tiny"):
+        raise ConfigError(f"model {config.model.name}: ONNX export covers AnoDFDNet paper and tiny")
+    import onnx  # noqa: F401  (the exporter needs it; fail here with a clear ImportError if absent)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / EXPORT_FILE
+    graph = _Graph(model.cpu().eval()).eval()
+    # The example is neither batch 1 nor the training size: torch.export specialises sizes 0 and 1, and the input
+    # size the position embedding was learned for takes a shortcut (the interpolation is traced instead).
+    # Two distinct tensors: one object passed twice is traced as one input, and the graph would ignore `current`.
+    example = tuple(torch.randint(0, 256, (2, 3 * STRIDE, 5 * STRIDE, 3), dtype=torch.uint8) for _ in INPUTS)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    height = torch.export.Dim("height", min=2, max=MAX_SIDE_STEPS)
+    width = torch.export.Dim("width", min=2, max=MAX_SIDE_STEPS)
+    dims = {0: batch, 1: STRIDE * height, 2: STRIDE * width}
+    program = torch.onnx.export(graph, example, dynamo=True, input_names=list(INPUTS),
+                                output_names=["probs"], dynamic_shapes={"history": dims, "current": dims},
+                                verbose=False)
+    program.save(str(path))
+    _set_metadata(path, {"anodfd.config": json.dumps(config.to_dict()), "anodfd.threshold": repr(float(threshold))})
+    return path
+
+
+def _set_metadata(path: Path, values: dict[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    for key, value in values.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+
+
+class OnnxModel:
+    """An exported graph in ONNX Runtime (CPU), in place of the network for `anodfd.inference` (``sliding_probs``,
+    ``pair_map``) and `predict`: `probs` takes what ``predict_probs`` feeds a network."""
+
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such ONNX file; write one with `anodfd export`")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001  (onnxruntime's error types derive from Exception alone)
+            raise ConfigError(f"{path}: ONNX Runtime cannot load it ({e}); export it again with `anodfd export`") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "anodfd.config" not in meta:
+            raise ConfigError(f"{path}: not an `anodfd export` file (no anodfd.config metadata)")
+        self.config = Config.from_dict(json.loads(meta["anodfd.config"]))
+        self.threshold = float(meta["anodfd.threshold"])
+
+    def probs(self, hist: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+        """uint8 Bx3xHxW pairs -> Bx1xHxW probabilities, as `anodfd.inference.predict_probs` returns them."""
+        feed = {name: np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy()) for name, x in zip(INPUTS, (hist, cur))}
+        return torch.from_numpy(self.session.run(None, feed)[0])[:, None]
+
+
+PARITY_TOLERANCE = 1e-4
+
+
+def parity(model: nn.Module, path: str | Path, sizes: tuple[tuple[int, int, int], ...] = ((1, 256, 256), (2, 96, 160)),
+           seed: int = 0) -> float:
+    """The largest |ONNX Runtime - PyTorch| probability over random pairs of each (batch, height, width) in
+    ``sizes``; raises if it exceeds `PARITY_TOLERANCE`, so a broken export never leaves `anodfd export`."""
+    graph, session = _Graph(model.cpu().eval()).eval(), OnnxModel(path).session
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for b, h, w in sizes:
+        pair = [rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8) for _ in INPUTS]
+        with torch.inference_mode():
+            expected = graph(*(torch.from_numpy(x) for x in pair)).numpy()
+        got = session.run(None, dict(zip(INPUTS, pair)))[0]
+        worst = max(worst, float(np.abs(got - expected).max()))
+    if worst > PARITY_TOLERANCE:
+        raise RuntimeError(f"{path}: ONNX Runtime differs from PyTorch by {worst:.2e} (more than "
+                           f"{PARITY_TOLERANCE:g}); do not use this export")
+    return worst
