@@ -12,7 +12,8 @@ scored on each copy and on the untouched pairs ("aligned"), at the masks' native
 - AnoDFDNet `tiny` trained on the (aligned) train split with `--align none`, `--align none --misregister 0.02`,
   `--align ecc` and `--align ecc --misregister 0.005` (a small residual misregistration), all with the same budget
   (epochs, steps, batch of `--resize 256` pairs, seed), scored with their last epoch's weights at threshold 0.5.
-Also the time per pair of each registration method. The table is printed; the JSON and a plot (F1 against
+`--checkpoints` adds rows for models trained elsewhere (another view or budget). Also the time per pair of each
+registration method. The table is printed; the JSON and a plot (F1 against
 shift) land in `--out`.
 """
 
@@ -115,6 +116,13 @@ def run(args: argparse.Namespace) -> dict:
             row[col] = network_f1(run_dir / "last.pt", folder, args.split)
         rows.append(row)
         print(row, flush=True)
+    for checkpoint in args.checkpoints:  # models trained elsewhere (another view, budget), scored on every column
+        _, config = model_from_checkpoint(load_checkpoint(checkpoint))
+        row = {"method": f"{checkpoint} ({config.data.window} px windows, --align {config.data.align})"}
+        for col, folder in cols.items():
+            row[col] = network_f1(Path(checkpoint), folder, args.split)
+        rows.append(row)
+        print(row, flush=True)
     timing = {m: registration_seconds(cols["2.0%"], args.split, m) for m in ("ecc", "features")}
     budget = (f"tiny, {args.epochs} epochs" + (f" of {args.steps} steps" if args.steps else "") +
               f", batch {args.batch_size} of 256x256 pairs, seed {args.seed}, {torch.get_num_threads()} CPU threads")
@@ -166,6 +174,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/robustness")
+    p.add_argument("--checkpoints", nargs="*", default=[],
+                   help="also score these checkpoints on every column (e.g. native-crop models)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(1)  # registration timed on one core, as the target states
