@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from anodfd.config import Config, ConfigError
+from anodfd.data.dataset import normalize
 
 EXPORT_FILE = "model.onnx"
 INPUTS = ("history", "current")
@@ -36,7 +37,7 @@ class _Graph(nn.Module):
         self.net = net
 
     def forward(self, history: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-        h, c = (x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0) for x in (history, current))
+        h, c = (normalize(x.permute(0, 3, 1, 2)) for x in (history, current))
         return torch.sigmoid(self.net(h, c))[:, 0]
 
 

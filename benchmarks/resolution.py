@@ -61,6 +61,10 @@ class Tally:
         self.pixels.update(torch.from_numpy(probs)[None, None], torch.from_numpy(mask)[None, None])
         binary = (probs >= self.threshold).astype(np.uint8)
         self.defects.update(binary, mask)
+        self.add_small(binary, mask)
+
+    def add_small(self, binary: np.ndarray, mask: np.ndarray) -> None:
+        """Small-defect recall only, for maps whose pixels and defects are counted elsewhere (`loop.evaluate`)."""
         labels, _, kept = detections(binary, MIN_REGION_AREA)
         detected = np.isin(labels, kept)
         truth, defects = defect_regions(mask)
@@ -96,8 +100,10 @@ def score_model(checkpoint: Path, split: str) -> dict:
     model, config = model_from_checkpoint(load_checkpoint(checkpoint))
     dataset, tally = make_dataset(config.data, split), Tally()
     start = time.perf_counter()
-    # The histogram and defect counts `evaluate` returns equal the tally's; it is only the scoring loop.
-    evaluate(model, dataset, torch.device("cpu"), config.data.window, on_pair=lambda i, probs, mask: tally.add(probs, mask))
+    # `evaluate` counts pixels and defects (at the tally's threshold 0.5); the tally adds small-defect recall.
+    tally.pixels, _, tally.defects = evaluate(
+        model, dataset, torch.device("cpu"), config.data.window, threshold=tally.threshold,
+        on_pair=lambda i, probs, mask: tally.add_small((probs >= tally.threshold).astype(np.uint8), mask))
     return {**tally.row(), "score_s_per_pair": (time.perf_counter() - start) / len(dataset)}
 
 

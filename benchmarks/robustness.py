@@ -71,8 +71,7 @@ def differencing(data_dir: Path, split: str, threshold: float, align: str) -> fl
     return pixels.compute(threshold)["f1"]
 
 
-def network_f1(checkpoint: Path, data_dir: Path, split: str) -> float:
-    model, config = model_from_checkpoint(load_checkpoint(checkpoint))
+def network_f1(model: torch.nn.Module, config: Config, data_dir: Path, split: str) -> float:
     data = config.with_flat({"data.data": str(data_dir)}).data
     pixels, _, _ = evaluate(model, make_dataset(data, split), torch.device("cpu"), data.window,
                             progress=f"{data.align} on {data_dir.name}")
@@ -112,15 +111,16 @@ def run(args: argparse.Namespace) -> dict:
         start = time.time()
         fit(config, run_dir)
         row = {"method": name, "train_minutes": (time.time() - start) / 60}
+        model, _ = model_from_checkpoint(load_checkpoint(run_dir / "last.pt"))
         for col, folder in cols.items():
-            row[col] = network_f1(run_dir / "last.pt", folder, args.split)
+            row[col] = network_f1(model, config, folder, args.split)
         rows.append(row)
         print(row, flush=True)
     for checkpoint in args.checkpoints:  # models trained elsewhere (another view, budget), scored on every column
-        _, config = model_from_checkpoint(load_checkpoint(checkpoint))
+        model, config = model_from_checkpoint(load_checkpoint(checkpoint))
         row = {"method": f"{checkpoint} ({config.data.window} px windows, --align {config.data.align})"}
         for col, folder in cols.items():
-            row[col] = network_f1(Path(checkpoint), folder, args.split)
+            row[col] = network_f1(model, config, folder, args.split)
         rows.append(row)
         print(row, flush=True)
     timing = {m: registration_seconds(cols["2.0%"], args.split, m) for m in ("ecc", "features")}
