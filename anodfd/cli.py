@@ -299,6 +299,22 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    from anodfd.batch import ScoreOptions, score_pairs
+    from anodfd.predict import check_threshold, find_pairs
+
+    if not args.list and not (args.hist and args.cur):
+        raise ConfigError("give --hist DIR --cur DIR (folders, matched by file name), or --list FILE")
+    pairs = find_pairs(args.hist, args.cur, args.list)  # every file checked before Ray starts
+    ckpt = _load_checkpoint_for(args)
+    threshold = check_threshold(args.threshold if args.threshold is not None else ckpt.get("threshold", 0.5))
+    opts = ScoreOptions(args.actors, args.cpus_per_actor, args.gpus_per_actor)
+    table = score_pairs(ckpt, args.model or str(Path(args.checkpoint).resolve()), pairs, args.out, threshold,
+                        args.address, opts)
+    print(f"ranked {len(pairs)} pairs by score: {table}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from anodfd.export import export_onnx, parity
     from anodfd.train.loop import model_from_checkpoint
@@ -388,6 +404,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None, help="default: the checkpoint's calibrated threshold")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("score", help="batch scoring on Ray Data: maps, overlays and JSON per pair, plus "
+                                     "scores.parquet ranked for triage; reruns skip pairs already scored")
+    _add_model_source_flags(p)
+    g = p.add_argument_group("pairs")
+    g.add_argument("--hist", default=None, help="folder of history images (matched to --cur by file name)")
+    g.add_argument("--cur", default=None, help="folder of current images")
+    g.add_argument("--list", default=None, help="a split list (cur,hist[,gt] per line) instead of --hist/--cur")
+    p.add_argument("--out", required=True, help="output folder (on a cluster: storage every node can write)")
+    p.add_argument("--threshold", type=float, default=None, help="default: the checkpoint's calibrated threshold")
+    p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else local Ray)")
+    p.add_argument("--actors", type=int, default=None,
+                   help="model actors (default: one per GPU, else the local CPUs shared out)")
+    p.add_argument("--cpus-per-actor", type=float, default=None)
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="default: 1 when the cluster has GPUs")
+    p.set_defaults(func=_score)
 
     p = sub.add_parser("export", help="a trained model as an ONNX graph (dynamic batch, height and width)")
     _add_model_source_flags(p)

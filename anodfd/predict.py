@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from anodfd.config import Config, ConfigError
+from anodfd.config import Config, ConfigError, DataConfig
+from anodfd.data.align import Registration
 from anodfd.data.cache import read_rgb
 from anodfd.data.layouts import IMAGE_EXTS, DatasetError
 from anodfd.inference import pair_map
@@ -57,6 +59,55 @@ def find_pairs(hist: str, cur: str | None = None, list_file: str | None = None) 
     return pairs
 
 
+@dataclass
+class PairResult:
+    """One pair scored: what `predict`, the served model and `anodfd score` all report."""
+
+    probs: np.ndarray  # HxW float32 probabilities at the current image's size
+    score: float
+    binary: np.ndarray  # HxW uint8, probs >= threshold
+    boxes: list[dict]
+    registration: Registration
+
+    @property
+    def anomalous_fraction(self) -> float:
+        return float(self.binary.mean())
+
+
+def analyse(model, data: DataConfig, hist_rgb: np.ndarray, cur_rgb: np.ndarray, threshold: float,
+            device: torch.device | str = "cpu", min_area: int = MIN_REGION_AREA) -> PairResult:
+    """A decoded RGB pair -> its map, score, thresholded regions and registration (`anodfd.inference.pair_map`)."""
+    full, score, registration = pair_map(model, data, hist_rgb, cur_rgb, device)
+    binary = (full >= threshold).astype(np.uint8)
+    return PairResult(full, score, binary, regions(binary, full, min_area), registration)
+
+
+def map_png(probs: np.ndarray) -> bytes:
+    """A probability map as an 8-bit greyscale PNG (255 = probability 1): the file `predict` writes."""
+    ok, buf = cv2.imencode(".png", np.round(probs * 255).astype(np.uint8))
+    assert ok, "OpenCV failed to encode a PNG"
+    return buf.tobytes()
+
+
+def write_outputs(name: str, hist_path: Path, cur_path: Path, cur_rgb: np.ndarray, result: PairResult, out: Path,
+                  threshold: float, align: str) -> Prediction:
+    """``out``/<name>_map.png, <name>_overlay.jpg and <name>.json for one scored pair."""
+    map_path, overlay_path, json_path = out / f"{name}_map.png", out / f"{name}_overlay.jpg", out / f"{name}.json"
+    map_path.write_bytes(map_png(result.probs))
+    cv2.imwrite(str(overlay_path), overlay(cv2.cvtColor(cur_rgb, cv2.COLOR_RGB2BGR), result.binary, result.boxes))
+    reg = result.registration
+    tmp = json_path.with_name(f".{json_path.name}.tmp")  # written last and renamed: a JSON means a finished pair
+    tmp.write_text(json.dumps({
+        "history": str(hist_path), "current": str(cur_path), "score": result.score, "threshold": threshold,
+        "anomalous_fraction": result.anomalous_fraction, "boxes": result.boxes,
+        "align": {"method": align, "ok": reg.ok, "reason": reg.reason, "history_from_current": reg.matrix.tolist()},
+    }, indent=2))
+    os.replace(tmp, json_path)
+    if not reg.ok:
+        print(f"{name}: registration failed ({reg.reason}); scored unregistered", file=sys.stderr)
+    return Prediction(name, result.score, result.boxes, map_path, overlay_path, json_path)
+
+
 def predict_pairs(
     model: nn.Module, config: Config, pairs: list[tuple[str, Path, Path]], out: str | Path,
     threshold: float, device: torch.device | str = "cpu", min_area: int = MIN_REGION_AREA,
@@ -67,23 +118,10 @@ def predict_pairs(
     for name, hist_path, cur_path in pairs:
         cur_rgb = read_rgb(cur_path)
         try:
-            full, score, registration = pair_map(model, config.data, read_rgb(hist_path), cur_rgb, device)
+            result = analyse(model, config.data, read_rgb(hist_path), cur_rgb, threshold, device, min_area)
         except ConfigError as e:
             raise DatasetError(f"{hist_path} and {cur_path}: {e}") from None
-        binary = (full >= threshold).astype(np.uint8)
-        boxes = regions(binary, full, min_area)
-        map_path, overlay_path, json_path = out / f"{name}_map.png", out / f"{name}_overlay.jpg", out / f"{name}.json"
-        cv2.imwrite(str(map_path), np.round(full * 255).astype(np.uint8))
-        cv2.imwrite(str(overlay_path), overlay(cv2.cvtColor(cur_rgb, cv2.COLOR_RGB2BGR), binary, boxes))
-        json_path.write_text(json.dumps({
-            "history": str(hist_path), "current": str(cur_path), "score": score, "threshold": threshold,
-            "anomalous_fraction": float(binary.mean()), "boxes": boxes,
-            "align": {"method": config.data.align, "ok": registration.ok, "reason": registration.reason,
-                      "history_from_current": registration.matrix.tolist()},
-        }, indent=2))
-        if not registration.ok:
-            print(f"{name}: registration failed ({registration.reason}); scored unregistered", file=sys.stderr)
-        results.append(Prediction(name, score, boxes, map_path, overlay_path, json_path))
+        results.append(write_outputs(name, hist_path, cur_path, cur_rgb, result, out, threshold, config.data.align))
     return results
 
 

@@ -451,7 +451,6 @@ def _log_pyfunc(uri: str, ckpt: dict, experiment: str, run_id: str, tags: dict[s
     the run made active (``mlflow.start_run``), which changes the search run's status and the process's URI.
     """
     import mlflow
-    import numpy as np
     import torch
     from mlflow.models import Model
 
@@ -463,12 +462,12 @@ def _log_pyfunc(uri: str, ckpt: dict, experiment: str, run_id: str, tags: dict[s
         with tempfile.TemporaryDirectory() as tmp:
             slim = Path(tmp) / CHECKPOINT_FILE
             torch.save({**ckpt, "optimizer": None}, slim)  # serving needs no optimizer state (2/3 of the bytes)
-            example = np.linspace(0, 255, 48 * 64 * 3).astype(np.uint8).reshape(1, 48, 64, 3)
+            threshold = float(ckpt.get("threshold", 0.5))
             mlflow.pyfunc.save_model(
                 Path(tmp) / "model", python_model=str(SERVING_CODE), artifacts={CHECKPOINT_KEY: str(slim)},
-                signature=signature(), input_example={"history": example, "current": example[:, ::-1].copy()},
+                signature=signature(threshold), input_example=input_example(),
                 pip_requirements=[_pinned(p) for p in REQUIREMENTS],
-                metadata={"threshold": float(ckpt.get("threshold", 0.5)),
+                metadata={"threshold": threshold,
                           "view": view_text(ckpt["config"]["data"])},
                 mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id, model_id=logged.model_id,
                                    model_uuid=logged.model_id),
@@ -484,18 +483,25 @@ def _log_pyfunc(uri: str, ckpt: dict, experiment: str, run_id: str, tags: dict[s
     return logged.model_id
 
 
-def signature():
-    """Named uint8 RGB inputs of any size (a batch of N), float32 probability maps out."""
-    import numpy as np
+def signature(threshold: float):
+    """Only the ``threshold`` param (default: the calibrated one): the model takes either a dict of uint8 arrays or
+    a DataFrame of encoded images (`anodfd.serving`), which no single MLflow input schema allows, so the model
+    checks its input itself."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
+    from mlflow.types.schema import ParamSchema, ParamSpec
 
-    image = (-1, -1, -1, 3)
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), image, "history"),
-                       TensorSpec(np.dtype(np.uint8), image, "current")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1), "anomaly_map")]),
-    )
+    return ModelSignature(inputs=None, outputs=None, params=ParamSchema([ParamSpec("threshold", "double", threshold)]))
+
+
+def input_example():
+    """A 64x48 PNG pair as a DataFrame: MLflow saves it as ``serving_input_example.json``, a ready request body."""
+    import cv2
+    import numpy as np
+    import pandas as pd
+
+    image = np.linspace(0, 255, 48 * 64 * 3).astype(np.uint8).reshape(48, 64, 3)
+    files = [cv2.imencode(".png", x)[1].tobytes() for x in (image, image[::-1].copy())]
+    return pd.DataFrame({"history": [files[0]], "current": [files[1]]})
 
 
 def _pinned(package: str) -> str:

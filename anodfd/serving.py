@@ -1,4 +1,17 @@
-"""The MLflow pyfunc model: (history, current) RGB images in, anomaly probability map out.
+"""The MLflow pyfunc model: a (history, current) pair in, its anomaly map out; for Python callers and over HTTP.
+
+Two inputs, told apart by type:
+- a dict of uint8 RGB arrays ``{"history": NxHxWx3, "current": NxHxWx3}`` (Python callers) -> the float32 maps;
+- a DataFrame with columns ``history`` and ``current`` holding encoded JPEG or PNG files (bytes, or base64 text as
+  ``mlflow models serve`` receives them in JSON) -> a DataFrame with ``score``, ``anomalous_fraction``, ``boxes`` and
+  ``map_png`` (the map as an 8-bit PNG), exactly what `anodfd predict` writes for the same files. A 2048x1536 pair
+  is then two JPEGs of a few hundred kB, not 19 million numbers of JSON. The ``threshold`` param (default: the
+  calibrated one) cuts the boxes.
+
+The logged signature declares only that param: MLflow signatures are either tensor- or column-based and would
+refuse one of the two inputs, so `predict` checks its input itself. A bad request raises an `MlflowException` with
+INVALID_PARAMETER_VALUE, which the scoring server answers with HTTP 400 and the message (which column, which row,
+what to send instead).
 
 This file is logged as MLflow "models from code" (see `anodfd.registry`): MLflow copies it into the model and runs
 it at load time, so nothing is pickled. The weights, config and calibrated threshold come from the checkpoint
@@ -7,23 +20,31 @@ artifact, read with ``torch.load(weights_only=True)``. Loading needs only `anodf
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any
 
+import cv2
 import mlflow
 import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from anodfd.config import ConfigError
+from anodfd.data.layouts import DatasetError
 from anodfd.inference import pair_map
+from anodfd.predict import analyse, check_threshold, map_png
 from anodfd.train.loop import load_checkpoint, model_from_checkpoint, resolve_device
 
 CHECKPOINT_KEY = "checkpoint"  # the name of the checkpoint in the model's `artifacts`
+INPUTS = ("history", "current")
+ENCODED_OUTPUTS = ("score", "anomalous_fraction", "boxes", "map_png")
 
 
 def as_image_list(x: Any, name: str) -> list[np.ndarray]:
     """An NxHxWx3 batch, or a length-N object array of HxWx3 images -> a list of images.
 
-    Through MLflow (`mlflow.pyfunc.load_model(...).predict`) the logged signature requires the batch axis: send one
-    pair as ``image[None]``. Called directly, a single HxWx3 image is accepted too.
+    One pair may come as a batch of one (``image[None]``) or as a bare HxWx3 image.
     """
     x = np.asarray(x)
     if x.dtype == object:  # a "ragged" batch: images of different sizes
@@ -38,6 +59,24 @@ def as_image_list(x: Any, name: str) -> list[np.ndarray]:
         if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
             raise ConfigError(f"{name}: expected HxWx3 uint8 RGB images, got {im.dtype} {im.shape}")
     return images
+
+
+def decode_image(value: Any, where: str) -> np.ndarray:
+    """A JPEG or PNG file's bytes, or their base64 text (JSON), -> HxWx3 uint8 RGB, decoded as `anodfd predict`
+    decodes files (OpenCV, then BGR to RGB)."""
+    if isinstance(value, str):
+        try:
+            value = base64.b64decode(value)  # tolerant of the line breaks base64.encodebytes writes
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{where}: not valid base64; send the image file's bytes base64-encoded") from None
+    if not isinstance(value, (bytes, bytearray)) or not value:
+        raise ConfigError(f"{where}: expected a JPEG or PNG file (bytes, or base64 text in JSON), got "
+                          f"{type(value).__name__ if value is not None else 'nothing'}")
+    bgr = cv2.imdecode(np.frombuffer(value, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ConfigError(f"{where}: {len(value)} bytes that OpenCV cannot decode as an image; send a JPEG or PNG "
+                          "file's bytes, base64-encoded")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 class AnomalyMapModel(mlflow.pyfunc.PythonModel):
@@ -55,12 +94,41 @@ class AnomalyMapModel(mlflow.pyfunc.PythonModel):
         self.threshold = float(ckpt.get("threshold", config.train.threshold))
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        """A DataFrame of encoded images -> a DataFrame of results; a dict of arrays -> maps (see the module doc)."""
+        try:
+            if isinstance(model_input, pd.DataFrame):
+                return self.predict_encoded(model_input, (params or {}).get("threshold"))
+            return self.predict_arrays(model_input)
+        except (ConfigError, DatasetError) as e:
+            raise MlflowException.invalid_parameter_value(str(e)) from None
+
+    def predict_encoded(self, frame: pd.DataFrame, threshold: float | None = None) -> pd.DataFrame:
+        """Columns ``history`` and ``current`` of JPEG/PNG files -> one row per pair: ``score``,
+        ``anomalous_fraction``, ``boxes`` (regions above ``threshold``, in current-image pixels) and ``map_png``."""
+        missing = [c for c in INPUTS if c not in frame.columns]
+        if missing:
+            raise ConfigError(f"missing column {', '.join(map(repr, missing))}: send columns 'history' and 'current' "
+                              f"holding JPEG or PNG files, base64-encoded in JSON (got columns {list(frame.columns)})")
+        threshold = check_threshold(float(self.threshold if threshold is None else threshold))
+        rows = []
+        for i, (hist, cur) in enumerate(zip(frame["history"], frame["current"])):
+            h, c = decode_image(hist, f"row {i}, column 'history'"), decode_image(cur, f"row {i}, column 'current'")
+            if h.shape != c.shape:
+                raise ConfigError(f"row {i}: history is {h.shape[1]}x{h.shape[0]} but current is {c.shape[1]}x"
+                                  f"{c.shape[0]}; send the two images of a pair at the same size")
+            result = analyse(self.model, self.data, h, c, threshold, self.device)
+            rows.append({"score": result.score, "anomalous_fraction": result.anomalous_fraction,
+                         "boxes": result.boxes, "map_png": map_png(result.probs)})
+        return pd.DataFrame(rows, columns=list(ENCODED_OUTPUTS))
+
+    def predict_arrays(self, model_input: Any):
         """``{"history": NxHxWx3, "current": NxHxWx3}`` uint8 RGB -> NxHxW float32 maps (an object array of HxW maps
-        for a ragged batch). One pair is a batch of one: ``{"history": h[None], "current": c[None]}``."""
+        for a ragged batch; one HxW map for one bare HxWx3 pair)."""
         try:
             hist, cur = model_input["history"], model_input["current"]
         except (KeyError, TypeError, IndexError):
-            raise ConfigError("input must be a dict with arrays 'history' and 'current'") from None
+            raise ConfigError("input must be a dict with arrays 'history' and 'current', or a DataFrame with columns "
+                              "'history' and 'current' of JPEG or PNG files") from None
         hists, curs = as_image_list(hist, "history"), as_image_list(cur, "current")
         if len(hists) != len(curs):
             raise ConfigError(f"{len(hists)} history images but {len(curs)} current images")

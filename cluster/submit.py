@@ -1,4 +1,4 @@
-"""Submit the search (`tune/search.py`) to a Ray cluster as a Ray Job.
+"""Submit the search (`tune/search.py`), or with `--score` batch scoring (`anodfd score`), to a Ray cluster as a Ray Job.
 
     export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=...    # the cluster's token (`ray get-auth-token` on the head)
     python cluster/submit.py --address http://HEAD:8265 --check -- --dataset OL --gpus-per-worker 1
@@ -12,6 +12,13 @@ directory, and the runtime environment comes from `cluster/runtime_env.yaml`; `-
 streamed until it ends, and the exit status is the job's: 0 if it SUCCEEDED, 1 otherwise. `--check` runs the
 search's preflight on every node (versions, code, GPUs and drivers, storage, data, MLflow) as a job of its
 own, prints one row per node and starts no trial. A connection or submission failure exits 2 with one line.
+
+    python cluster/submit.py --address http://HEAD:8265 --score --wait -- \
+        --model models:/anodfdnet-OL@champion --hist /mnt/anodfd/night/hist --cur /mnt/anodfd/night/cur \
+        --out /mnt/anodfd/scores/night
+
+With `--score`, the flags after `--` are `anodfd score`'s, checked with its own parser; the folders must be absolute
+paths every node mounts, and `--model` needs a tracking server the job can reach.
 """
 
 from __future__ import annotations
@@ -54,18 +61,63 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--wait", action="store_true", help="stream the job's output until it ends; exit with its status")
     p.add_argument("--check", action="store_true",
                    help="run the preflight on every node as a job (no trial starts), print it, exit with its status")
+    p.add_argument("--score", action="store_true",
+                   help="submit `anodfd score` (batch scoring) instead of the search; its flags follow `--`")
     p.add_argument("--submission-id", default=None, help="the job's id (default: one Ray makes up)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the job API to answer")
     args, unknown = p.parse_known_args(mine)
     return args, unknown + search
 
 
-def build_runtime_env(path: Path, search: argparse.Namespace) -> dict:
-    """The runtime env file with the URIs the search will use filled in, checked for cluster use."""
+def _load_runtime_env(path: Path) -> tuple[dict, dict[str, str]]:
     if not path.is_file():
         raise SubmitError(f"runtime environment {path} not found; pass --runtime-env FILE")
     env = yaml.safe_load(path.read_text()) or {}
-    env_vars = {k: str(v) for k, v in (env.get("env_vars") or {}).items()}
+    return env, {k: str(v) for k, v in (env.get("env_vars") or {}).items()}
+
+
+def _with_working_dir(env: dict, env_vars: dict[str, str]) -> dict:
+    working_dir = env.get("working_dir", ".")
+    if "://" not in working_dir:  # a folder relative to the project root; a URI (s3://...zip) is used as is
+        working_dir = str((ROOT / working_dir).resolve())
+    return {**env, "working_dir": working_dir, "env_vars": env_vars}
+
+
+def _refuse_address(argv: list[str], what: str) -> None:
+    if any(a == "--address" or a.startswith("--address=") for a in argv):
+        raise SubmitError(f"--address among the {what}'s flags: the job joins its own cluster; give the cluster's "
+                          "address before `--` (submit.py --address http://HEAD:8265 -- ...)")
+
+
+def check_score_args(argv: list[str]) -> argparse.Namespace:
+    """Parse `anodfd score`'s flags with its own parser and check that its paths mean something on the cluster."""
+    from anodfd.cli import build_parser
+
+    _refuse_address(argv, "scoring job")
+    ns = build_parser().parse_args(["score", *argv])
+    for flag in ("hist", "cur", "list", "out", "checkpoint"):
+        value = getattr(ns, flag)
+        if value and "://" not in value and not Path(value).is_absolute():
+            raise SubmitError(f"--{flag} {value}: the job runs on the head node and its actors on any node; give an "
+                              "absolute path that every node mounts")
+    return ns
+
+
+def build_score_runtime_env(path: Path, score: argparse.Namespace) -> dict:
+    """The runtime env file for a scoring job: a registry URI the job can reach when the model comes from it."""
+    env, env_vars = _load_runtime_env(path)
+    uri = score.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or env_vars.get("MLFLOW_TRACKING_URI")
+    if score.model:
+        if not uri or not uri.startswith(("http://", "https://", "databricks")):
+            raise SubmitError(f"MLflow URI {uri!r}: --model is read from the registry on the cluster; pass "
+                              "--mlflow-uri http://HOST:5000 (a SQLite file lives on one node's disk)")
+        env_vars["MLFLOW_TRACKING_URI"] = uri
+    return _with_working_dir(env, env_vars)
+
+
+def build_runtime_env(path: Path, search: argparse.Namespace) -> dict:
+    """The runtime env file with the URIs the search will use filled in, checked for cluster use."""
+    env, env_vars = _load_runtime_env(path)
     storage = search.storage_flag or os.environ.get("ANODFD_STORAGE") or env_vars.get("ANODFD_STORAGE")
     uri = search.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or env_vars.get("MLFLOW_TRACKING_URI")
     if not uri or not uri.startswith(("http://", "https://", "databricks")):
@@ -82,10 +134,7 @@ def build_runtime_env(path: Path, search: argparse.Namespace) -> dict:
     if search.dataset and not (search.data_root or env_vars.get("ANODFD_DATA_ROOT")):
         raise SubmitError(f"--dataset {search.dataset}: set ANODFD_DATA_ROOT in {path} or pass --data-root")
     env_vars.update(MLFLOW_TRACKING_URI=uri, ANODFD_STORAGE=storage)
-    working_dir = env.get("working_dir", ".")
-    if "://" not in working_dir:  # a folder relative to the project root; a URI (s3://...zip) is used as is
-        working_dir = str((ROOT / working_dir).resolve())
-    return {**env, "working_dir": working_dir, "env_vars": env_vars}
+    return _with_working_dir(env, env_vars)
 
 
 def check_search_args(argv: list[str]) -> argparse.Namespace:
@@ -93,9 +142,7 @@ def check_search_args(argv: list[str]) -> argparse.Namespace:
     sys.path.insert(0, str(ROOT / "tune"))
     from search import parse_args as search_parse_args
 
-    if any(a == "--address" or a.startswith("--address=") for a in argv):
-        raise SubmitError("--address among the search's flags: the job joins its own cluster; give the cluster's "
-                          "address before `--` (submit.py --address http://HEAD:8265 -- ...)")
+    _refuse_address(argv, "search")
     ns = search_parse_args(argv)
     # The search's own default ($ANODFD_STORAGE or ./runs) is taken on the cluster, not here.
     ns.storage_flag = _flag_value(argv, "--storage")
@@ -194,8 +241,28 @@ def follow(client, job_id: str) -> str:
     return str(status.value)
 
 
+def submit_score(args: argparse.Namespace, argv: list[str]) -> int:
+    """`--score`: `anodfd score ARGV` as a job; with --wait, its output until it ends and its status."""
+    try:
+        score = check_score_args(argv)
+        runtime_env = build_score_runtime_env(args.runtime_env, score)
+        client = connect(args.address, args.timeout)
+        entrypoint = f"python -m anodfd score {shlex.join(argv)}"
+        job_id = submit(client, args.address, entrypoint, runtime_env, {"anodfd.job": "score"}, args.submission_id)
+    except SubmitError as e:
+        print(f"submit: error: {e}", file=sys.stderr)
+        return 2
+    a = shlex.quote(args.address)
+    print(f"submitted {job_id}: {entrypoint}\n  results:   {score.out}/scores.parquet (ranked), maps, overlays, "
+          f"JSON\n  follow:    ray job logs --address {a} --follow {job_id}\n"
+          f"  stop:      ray job stop --address {a} {job_id} (a rerun skips the pairs already scored)", flush=True)
+    return _follow_to_end(client, args, job_id) if args.wait else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, search_argv = parse_args(argv)
+    if args.score:
+        return submit_score(args, search_argv)
     if args.check and "--check" not in search_argv:
         search_argv.append("--check")
     try:
@@ -219,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     if not (args.wait or search.check):
         return 0
+    return _follow_to_end(client, args, job_id)
+
+
+def _follow_to_end(client, args: argparse.Namespace, job_id: str) -> int:
+    """Stream the job's output until it ends; 0 if it SUCCEEDED, 1 if not, 2 if the stream was lost."""
+    a = shlex.quote(args.address)
     try:
         status = follow(client, job_id)
     except KeyboardInterrupt:

@@ -382,6 +382,38 @@ def test_wait_streams_the_log_as_the_job_runs(cluster):
     assert t_second - t_first > 4, "the first line was shown while the job was still running"
 
 
+def test_batch_scoring_submitted_to_a_two_node_cluster(cluster, synth_ol, tmp_path):
+    """`submit.py --score` runs `anodfd score` as a job: actors on both nodes (whose Python has no project) write
+    what `anodfd predict` writes here, and a relative path is refused before anything is uploaded."""
+    from anodfd.cli import main as anodfd
+    from anodfd.config import PRESETS, Config
+    from anodfd.train.loop import fit
+
+    config = Config().with_flat({**PRESETS["smoke"], "data.data": str(synth_ol), "train.epochs": 1,
+                                 "train.max_steps_per_epoch": 2})
+    ckpt = fit(config, tmp_path / "run", log=lambda s: None)["best"]
+    listing, out = str(synth_ol / "test.txt"), tmp_path / "shared-scores"
+    assert anodfd(["predict", "--checkpoint", str(ckpt), "--list", listing, "--out", str(tmp_path / "here")]) == 0
+
+    relative = subprocess.run([sys.executable, str(SUBMIT), "--address", cluster.address, "--score", "--",
+                               "--checkpoint", str(ckpt), "--list", listing, "--out", "scores"],
+                              env=cluster.env, text=True, capture_output=True, check=False)
+    assert relative.returncode == 2 and "--out scores: the job runs on the head node" in relative.stderr
+
+    # Two actors of 0.7 CPU cannot share a 1-CPU node: one scores on each.
+    proc = cluster.submit("--checkpoint", str(ckpt), "--list", listing, "--out", str(out), "--cpus-per-actor", "0.7",
+                          options=("--score",), timeout=600)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "SUCCEEDED" in text, text[-5000:]
+    assert "scoring with 2 actor(s) of 0.7 CPU" in text
+    actors = cluster.api("/api/v0/actors?limit=1000&detail=false")["data"]["result"]["result"]
+    scorers = [a for a in actors if "_Scorer" in a["class_name"]]
+    assert len({a["node_id"] for a in scorers}) == 2, scorers
+    for here in (tmp_path / "here").glob("*.json"):
+        assert json.loads((out / here.name).read_text()) == json.loads(here.read_text()), here.name
+    assert (out / "scores.parquet").is_file()
+
+
 # --- GPU preflight: two nodes that advertise a GPU they cannot use (keep these last: they stay joined) --------
 
 

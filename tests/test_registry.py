@@ -213,7 +213,11 @@ def test_pyfunc_model_matches_checkpoint(history, mlflow_server, weights, synth_
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server)
     pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
-    assert pyfunc.metadata.get_input_schema().input_names() == ["history", "current"]
+    # No input schema (the model takes arrays or encoded images and checks them itself); the threshold param
+    # defaults to the calibrated threshold the version serves with.
+    assert pyfunc.metadata.get_input_schema() is None
+    [param] = pyfunc.metadata.get_params_schema().params
+    assert (param.name, param.default) == ("threshold", pytest.approx(float(pyfunc.metadata.metadata["threshold"])))
 
     # Real pairs at sizes unlike the model's (and unlike each other), as RGB arrays and as lossless PNG files.
     pairs = read_split(synth_ol, "test")[:2]
@@ -221,14 +225,15 @@ def test_pyfunc_model_matches_checkpoint(history, mlflow_server, weights, synth_
     curs = [cv2.resize(cv2.imread(str(p.cur))[..., ::-1], (61, 83)) for p in pairs]
     batch = pyfunc.predict({"history": np.stack(hists), "current": np.stack(curs)})
     assert batch.shape == (2, 83, 61) and batch.dtype == np.float32
-    # The documented call for one pair: a batch of one. A bare HxWx3 array is refused by the signature, by shape.
+    # One pair: a batch of one, or a bare HxWx3 pair. Anything but uint8 RGB is refused, naming the input.
     one = pyfunc.predict({"history": hists[0][None], "current": curs[0][None]})
     assert one.shape == (1, 83, 61)
     np.testing.assert_allclose(one[0], batch[0], atol=1e-6)
+    np.testing.assert_allclose(pyfunc.predict({"history": hists[0], "current": curs[0]}), batch[0], atol=1e-6)
     from mlflow.exceptions import MlflowException
 
-    with pytest.raises(MlflowException, match="shape"):
-        pyfunc.predict({"history": hists[0], "current": curs[0]})
+    with pytest.raises(MlflowException, match="current: expected HxWx3 uint8 RGB"):
+        pyfunc.predict({"history": hists[0], "current": curs[0].astype(np.float32)})
 
     # The champion's checkpoint directly, through the files-on-disk path that `anodfd predict` uses.
     ckpt = load_checkpoint(weights[aliases(mlflow_server)["champion"] - 1])
@@ -346,3 +351,101 @@ def test_export_from_the_registry_lands_on_that_version(history, mlflow_server, 
         model, _ = model_from_checkpoint(load_checkpoint(weights[version - 1]))
         diff = float((predict_probs(model, hist, cur, torch.device("cpu")) - got).abs().max())
         assert (diff < 1e-4) == close, (version, diff)
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+def test_champion_served_over_http_with_encoded_images(history, mlflow_server, synth_ol, tmp_path):
+    """`mlflow models serve -m models:/NAME@champion` on 127.0.0.1: a real pair posted as base64 JPEG files in JSON
+    gets the map, score and boxes `anodfd predict` writes for the same files; the threshold param cuts the boxes;
+    a bad request gets a 400 that says what is wrong and where."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    pair = read_split(synth_ol, "test")[0]
+    assert main(["predict", "--model", f"models:/{NAME}@champion", "--mlflow-uri", mlflow_server, "--hist",
+                 str(pair.hist), "--cur", str(pair.cur), "--out", str(tmp_path / "predict")]) == 0
+    expected_map = cv2.imread(str(tmp_path / "predict/cur_map.png"), cv2.IMREAD_GRAYSCALE)
+    expected = json.loads((tmp_path / "predict/cur.json").read_text())
+
+    port = free_port()
+    # `mlflow models serve` starts uvicorn through the shell: the venv's bin must be on PATH.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_REGISTRY_URI": mlflow_server,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - open for the server's whole life
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
+                             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def post(body: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(f"{url}/invocations", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the model server did not answer /ping within 180 s"
+            time.sleep(1)
+
+        hist, cur = _b64(pair.hist.read_bytes()), _b64(pair.cur.read_bytes())
+        status, answer = post({"dataframe_split": {"columns": ["history", "current"], "data": [[hist, cur]]}})
+        assert status == 200, answer
+        [row] = answer["predictions"]
+        import base64
+
+        served_map = cv2.imdecode(np.frombuffer(base64.b64decode(row["map_png"]), np.uint8), cv2.IMREAD_GRAYSCALE)
+        # The same weights, decoder and tiles: the same 8-bit map (float sums may round one level apart with
+        # another thread count).
+        assert served_map.shape == expected_map.shape
+        assert np.abs(served_map.astype(int) - expected_map).max() <= 1
+        assert row["score"] == pytest.approx(expected["score"], abs=1e-5)
+        assert row["anomalous_fraction"] == pytest.approx(expected["anomalous_fraction"], abs=1e-3)
+        assert [b["area"] for b in row["boxes"]] == [b["area"] for b in expected["boxes"]]
+
+        # Records orient and the threshold param: a lower threshold flags at least as much.
+        status, low = post({"dataframe_records": [{"history": hist, "current": cur}], "params": {"threshold": 0.05}})
+        assert status == 200 and low["predictions"][0]["anomalous_fraction"] >= row["anomalous_fraction"]
+
+        other_size = _b64(cv2.imencode(".png", cv2.resize(cv2.imread(str(pair.cur)), (100, 90)))[1].tobytes())
+        bad = {
+            "missing column 'current'": {"dataframe_split": {"columns": ["history"], "data": [[hist]]}},
+            "row 0, column 'current': 12 bytes that OpenCV cannot decode": {
+                "dataframe_split": {"columns": ["history", "current"], "data": [[hist, _b64(b"not an image")]]}},
+            "row 1: history is 128x128 but current is 100x90": {
+                "dataframe_split": {"columns": ["history", "current"], "data": [[hist, cur], [hist, other_size]]}},
+            "threshold 1.5 must lie strictly between 0 and 1": {
+                "dataframe_records": [{"history": hist, "current": cur}], "params": {"threshold": 1.5}},
+        }
+        for message, body in bad.items():
+            status, answer = post(body)
+            assert status == 400 and message in answer["message"], (status, answer)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the CLI and its uvicorn worker, by PID
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
