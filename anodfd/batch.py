@@ -35,11 +35,18 @@ PAIRS_PER_BLOCK = 4  # one Ray task per pair costs more than decoding a 640x640 
 # for 200 DeepPCB pairs); a few pairs per block still keeps every actor fed
 
 
+DECODE_MODES = ("auto", "tasks", "actors")
+
+
 @dataclass
 class ScoreOptions:
     actors: int | None = None  # default: one per GPU on a cluster with GPUs, else the CPUs shared out locally
     cpus_per_actor: float | None = None
     gpus_per_actor: float = 0.0
+    # Where images are decoded. Tasks keep GPU actors fed while CPUs decode; CPU actors decode their own pairs,
+    # since handing decoded arrays over costs more than it saves: on 2 cores, 200 pairs at 2048x1536 took 24 s in
+    # the pipeline with decoding tasks against 18 s without (19 MB per pair through the object store).
+    decode: str = "auto"  # auto: tasks when the actors have GPUs, else in the actors
 
 
 def weights_digest(ckpt: dict) -> str:
@@ -72,10 +79,12 @@ def pending(pairs: list[tuple[str, Path, Path]], out: Path) -> list[tuple[str, P
     return [p for p in pairs if not (out / f"{p[0]}.json").is_file()]
 
 
-def _decode(row: dict) -> dict:
-    """One pair's files -> RGB arrays (a Ray Data task). Imports here: this runs in a Ray worker."""
-    from anodfd.data.cache import read_rgb
+def _decode(row: dict, many: bool = False) -> dict:
+    """One pair's files (or, with ``many``, lists of them) -> RGB arrays, as `anodfd predict` decodes them."""
+    from anodfd.data.cache import read_rgb  # here: this runs in a Ray worker
 
+    if many:
+        return {f"{k}_rgb": [read_rgb(Path(f)) for f in row[k]] for k in ("history", "current")}
     return {**row, "history_rgb": read_rgb(Path(row["history"])), "current_rgb": read_rgb(Path(row["current"]))}
 
 
@@ -95,6 +104,8 @@ class _Scorer:
         from anodfd.data.layouts import DatasetError
         from anodfd.predict import analyse, write_outputs
 
+        if "history_rgb" not in batch:  # decoded here (CPU actors), not by tasks
+            batch = {**batch, **_decode({"history": batch["history"], "current": batch["current"]}, many=True)}
         names = []
         for name, hist, cur, hist_rgb, cur_rgb in zip(batch["name"], batch["history"], batch["current"],
                                                       batch["history_rgb"], batch["current_rgb"]):
@@ -108,15 +119,18 @@ class _Scorer:
         return {"name": names}
 
 
-def size_actors(opts: ScoreOptions, joined: bool) -> tuple[int, float, float]:
-    """(actors, CPUs each, GPUs each) for the Ray instance in use: one actor per GPU when there are GPUs; else, on
-    this machine, its CPUs shared out (less the decode tasks' share), and on a cluster, one CPU each."""
+def size_actors(opts: ScoreOptions, joined: bool) -> tuple[int, float, float, bool]:
+    """(actors, CPUs each, GPUs each, decode in tasks) for the Ray instance in use: one actor per GPU when there are
+    GPUs; else, on this machine, its CPUs shared out (less the decode tasks' share), and on a cluster, one CPU each."""
     import ray
 
     res = ray.cluster_resources()
     cpus_total, gpus_total = res.get("CPU", 0), res.get("GPU", 0)
-    spare = max(0.1, cpus_total - 2 * DECODE_CPUS)  # the decode tasks keep moving beside the actors
     gpus = opts.gpus_per_actor or (1.0 if gpus_total >= 1 else 0.0)
+    if opts.decode not in DECODE_MODES:
+        raise ConfigError(f"--decode {opts.decode!r}: choose one of {', '.join(DECODE_MODES)}")
+    in_tasks = opts.decode == "tasks" or (opts.decode == "auto" and gpus > 0)
+    spare = max(0.1, cpus_total - (2 * DECODE_CPUS if in_tasks else 0))  # decode tasks keep moving beside actors
     if gpus:
         cpus = opts.cpus_per_actor or 1.0
         actors = opts.actors or max(1, int(gpus_total // gpus))
@@ -137,7 +151,7 @@ def size_actors(opts: ScoreOptions, joined: bool) -> tuple[int, float, float]:
     if actors * cpus > cpus_total + 1e-9 or actors * gpus > gpus_total + 1e-9:
         raise ConfigError(f"{actors} actors of {cpus:g} CPUs and {gpus:g} GPUs need more than the Ray instance has "
                           f"({cpus_total:g} CPUs, {gpus_total:g} GPUs); lower --actors or --cpus-per-actor")
-    return actors, cpus, gpus
+    return actors, cpus, gpus, in_tasks
 
 
 def score_pairs(ckpt: dict, source: str, pairs: list[tuple[str, Path, Path]], out: str | Path, threshold: float,
@@ -159,17 +173,19 @@ def score_pairs(ckpt: dict, source: str, pairs: list[tuple[str, Path, Path]], ou
         import ray
 
         joined = init_ray(address, dashboard=False)  # Ray Data needs no dashboard; it costs 5 s to start
-        actors, cpus, gpus = size_actors(opts, joined)
-        print(f"scoring with {actors} actor(s) of {cpus:g} CPU and {gpus:g} GPU", flush=True)
+        actors, cpus, gpus, decode_in_tasks = size_actors(opts, joined)
+        print(f"scoring with {actors} actor(s) of {cpus:g} CPU and {gpus:g} GPU, decoding in "
+              f"{'parallel tasks' if decode_in_tasks else 'the actors'}", flush=True)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # one bar below, counting pairs, instead of one per operator
         ctx.execution_options.preserve_order = False
         slim = {**ckpt, "optimizer": None}
         rows = [{"name": n, "history": str(h.resolve()), "current": str(c.resolve())} for n, h, c in todo]
         blocks = -(-len(rows) // PAIRS_PER_BLOCK)
-        ds = (ray.data.from_items(rows, override_num_blocks=blocks)  # Ray: blocks of pairs, decoded in parallel
-              .map(_decode, num_cpus=DECODE_CPUS)
-              .map_batches(_Scorer, batch_size=PAIRS_PER_BLOCK, compute=ray.data.ActorPoolStrategy(size=actors),
+        ds = ray.data.from_items(rows, override_num_blocks=blocks)  # Ray: blocks of a few pairs
+        if decode_in_tasks:
+            ds = ds.map(_decode, num_cpus=DECODE_CPUS)  # Ray: parallel tasks, beside the actors
+        ds = (ds.map_batches(_Scorer, batch_size=PAIRS_PER_BLOCK, compute=ray.data.ActorPoolStrategy(size=actors),
                            num_cpus=cpus, num_gpus=gpus,
                            fn_constructor_kwargs={"ckpt": slim, "threshold": threshold, "out": str(out.resolve()),
                                                   "threads": threads_for(cpus)}))

@@ -308,7 +308,7 @@ def _score(args: argparse.Namespace) -> int:
     pairs = find_pairs(args.hist, args.cur, args.list)  # every file checked before Ray starts
     ckpt = _load_checkpoint_for(args)
     threshold = check_threshold(args.threshold if args.threshold is not None else ckpt.get("threshold", 0.5))
-    opts = ScoreOptions(args.actors, args.cpus_per_actor, args.gpus_per_actor)
+    opts = ScoreOptions(args.actors, args.cpus_per_actor, args.gpus_per_actor, args.decode)
     table = score_pairs(ckpt, args.model or str(Path(args.checkpoint).resolve()), pairs, args.out, threshold,
                         args.address, opts)
     print(f"ranked {len(pairs)} pairs by score: {table}")
@@ -419,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model actors (default: one per GPU, else the local CPUs shared out)")
     p.add_argument("--cpus-per-actor", type=float, default=None)
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="default: 1 when the cluster has GPUs")
+    p.add_argument("--decode", choices=["auto", "tasks", "actors"], default="auto",
+                   help="decode images in parallel tasks or in the model actors (auto: tasks for GPU actors)")
     p.set_defaults(func=_score)
 
     p = sub.add_parser("export", help="a trained model as an ONNX graph (dynamic batch, height and width)")

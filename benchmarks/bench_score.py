@@ -30,7 +30,7 @@ def run(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--hist", help="folder of history images")
@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="runs/bench_score.json")
     args = p.parse_args(argv)
+    if not args.data and not (args.hist and args.cur):
+        p.error("give --hist and --cur, or --data")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     if args.data:  # pair folders -> (name, history, current)
         found = [(d.name + c.suffix, next(d.glob("hist.*")), c) for d in sorted(Path(args.data).iterdir())

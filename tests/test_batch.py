@@ -31,17 +31,22 @@ def test_score_writes_what_predict_writes_ranks_and_resumes(ray_local, synth_ol,
     listing = str(synth_ol / "test.txt")
     assert main(["predict", "--checkpoint", str(checkpoints[0]), "--list", listing, "--out", str(tmp_path / "p")]) == 0
     assert main(["score", "--checkpoint", str(checkpoints[0]), "--list", listing, "--out", str(tmp_path / "s")]) == 0
+    # Decoding in parallel tasks (the default for GPU actors) hands the actors the same pixels.
+    assert main(["score", "--checkpoint", str(checkpoints[0]), "--list", listing, "--out", str(tmp_path / "t"),
+                 "--decode", "tasks"]) == 0
+    assert "decoding in parallel tasks" in capsys.readouterr().out
     predicted = sorted(f.name for f in (tmp_path / "p").iterdir())
     n = len(read_split(synth_ol, "test"))
     assert n >= 4 and len(predicted) == 3 * n
     assert {f.name for f in (tmp_path / "s").iterdir()} == {*predicted, "scores.parquet", "score-run.json"}
 
     for name in (f[:-5] for f in predicted if f.endswith(".json")):
-        p, s = (json.loads((tmp_path / d / f"{name}.json").read_text()) for d in ("p", "s"))
+        p, s, t = (json.loads((tmp_path / d / f"{name}.json").read_text()) for d in ("p", "s", "t"))
         # Actors run torch with one thread here too: the same numbers, not just close ones.
-        assert s == p, name
-        maps = [cv2.imread(str(tmp_path / d / f"{name}_map.png"), cv2.IMREAD_GRAYSCALE) for d in ("p", "s")]
-        np.testing.assert_array_equal(*maps)
+        assert s == p and t == p, name
+        maps = [cv2.imread(str(tmp_path / d / f"{name}_map.png"), cv2.IMREAD_GRAYSCALE) for d in ("p", "s", "t")]
+        np.testing.assert_array_equal(maps[0], maps[1])
+        np.testing.assert_array_equal(maps[0], maps[2])
 
     table = pd.read_parquet(tmp_path / "s" / "scores.parquet")
     assert len(table) == n and list(table["score"]) == sorted(table["score"], reverse=True)

@@ -37,6 +37,7 @@ SKIP = {
     "docker": "needs a Docker daemon and a registry",
     "mlflow": "starts an MLflow server or UI (a service)",
     "curl": "talks to a running server",
+    "printf": "writes a request body for the curl call after it",
     "pip": "talks to a package index",
     "git": "acts on the repository, not on anodfd",
     "sed": "prepares cluster files (the AWS IAM policies)",
@@ -177,8 +178,9 @@ def check_search(args: list[str], cmd: Command) -> None:
 
 def check_submit(args: list[str], cmd: Command) -> None:
     submit = load(ROOT / "cluster" / "submit.py", "anodfd_readme_submit")
-    _, search_flags = parse_or_fail(submit.parse_args, args, cmd)
-    parse_or_fail(submit.check_search_args, search_flags, cmd)  # what submit.py does before it uploads anything
+    options, job_flags = parse_or_fail(submit.parse_args, args, cmd)
+    # What submit.py does before it uploads anything: the job's flags through the job's own parser.
+    parse_or_fail(submit.check_score_args if options.score else submit.check_search_args, job_flags, cmd)
 
 
 def check_benchmark(script: Path, args: list[str], cmd: Command, monkeypatch) -> None:
