@@ -218,6 +218,8 @@ def test_pyfunc_model_matches_checkpoint(history, mlflow_server, weights, synth_
     assert pyfunc.metadata.get_input_schema() is None
     [param] = pyfunc.metadata.get_params_schema().params
     assert (param.name, param.default) == ("threshold", pytest.approx(float(pyfunc.metadata.metadata["threshold"])))
+    # A ready request body for `mlflow models serve` travels with every version.
+    assert pyfunc.metadata.saved_input_example_info["serving_input_path"] == "serving_input_example.json"
 
     # Real pairs at sizes unlike the model's (and unlike each other), as RGB arrays and as lossless PNG files.
     pairs = read_split(synth_ol, "test")[:2]
