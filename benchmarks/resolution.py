@@ -4,6 +4,8 @@
     anodfd synth OL --out data/OL-2048 --pairs 60 --size 2048x1536 --seed 1
     python benchmarks/resolution.py --data data/OL-2048 --epochs 40 --scales 1 0.25
     python benchmarks/resolution.py --timing        # tiled inference speed and memory only
+    python benchmarks/resolution.py --misses runs/resolution10/deeppcb/crop-align-ecc/last.pt \
+        --data ../shared/data/deeppcb                # why a model's defects were missed
 
 Rows for one dataset, all scored on its validation split (`val`) at the masks' native resolution:
 - template differencing at native size (grey |current - history|, 3x3 opening), threshold fitted on train;
@@ -204,6 +206,40 @@ def run_timing(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def explain_misses(checkpoint: Path, data: str, split: str, threshold: float = 0.5) -> dict:
+    """Sort the defects a checkpoint misses at ``threshold``: slivers at most 2 px wide (on derived masks, often edge
+    noise inside a defect box), misses with pixels above the threshold that form no detection (a region under
+    `MIN_REGION_AREA` px), and misses that never reach probability 0.2."""
+    model, config = model_from_checkpoint(load_checkpoint(checkpoint))
+    config.data.data = str(Path(data).resolve())
+    c = dict.fromkeys(("defects", "found", "slivers", "slivers_found", "missed_region_too_small",
+                       "missed_below_0.2"), 0)
+
+    def on_pair(i: int, probs: np.ndarray, mask: np.ndarray) -> None:
+        binary = (probs >= threshold).astype(np.uint8)
+        labels, _, kept = detections(binary)
+        detected = np.isin(labels, kept)
+        truth, defects = defect_regions(mask)
+        for d in defects:
+            ys, xs = np.nonzero(truth == d)
+            sliver = bool(min(xs.max() - xs.min(), ys.max() - ys.min()) + 1 <= 2)
+            found = bool(detected[ys, xs].any())
+            c["defects"] += 1
+            c["found"] += found
+            c["slivers"] += sliver
+            c["slivers_found"] += sliver and found
+            if not found:
+                c["missed_region_too_small"] += bool(binary[ys, xs].any())
+                c["missed_below_0.2"] += bool(probs[ys, xs].max() < 0.2)
+
+    evaluate(model, make_dataset(config.data, split), torch.device("cpu"), config.data.window, threshold,
+             on_pair=on_pair)
+    kept = c["defects"] - c["slivers"]
+    c["recall"] = c["found"] / c["defects"]
+    c["recall_without_slivers"] = (c["found"] - c["slivers_found"]) / kept if kept else None
+    return c
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="a dataset folder with train and val splits")
@@ -221,12 +257,19 @@ def main() -> None:
     p.add_argument("--timing", action="store_true", help="measure tiled inference speed and memory")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="runs/resolution")
+    p.add_argument("--misses", type=Path, default=None, metavar="CHECKPOINT",
+                   help="with --data: sort the defects this checkpoint misses on --split, instead of training")
     p.add_argument("--_time", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args._time:
         name, w, h, repeats = args._time
         print(json.dumps(time_one(name, int(w), int(h), 256, int(repeats))))
+        return
+    if args.misses:
+        if not args.data:
+            p.error("--misses needs --data")
+        print(json.dumps(explain_misses(args.misses, args.data, args.split), indent=2))
         return
     if args.data:
         print_table(run_dataset(args), f"{Path(args.data).name}, {args.split} split, native masks; {budget(args)}")
