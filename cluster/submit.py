@@ -262,6 +262,9 @@ def submit_score(args: argparse.Namespace, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args, search_argv = parse_args(argv)
     if args.score:
+        if args.check:
+            print("submit: error: --check runs the search's preflight; it does not go with --score", file=sys.stderr)
+            return 2
         return submit_score(args, search_argv)
     if args.check and "--check" not in search_argv:
         search_argv.append("--check")

@@ -75,6 +75,21 @@ def test_submit_rejects_bad_input_before_connecting(extra, expected, capsys, tmp
     assert rc == 2 and expected in err
 
 
+@pytest.mark.parametrize("extra,expected", [
+    (["--out", "scores"], "--out scores: the job runs on the head node"),
+    (["--out", "/mnt/s", "--mlflow-uri", "sqlite:///mlflow.db"], "--model is read from the registry on the cluster"),
+    (["--out", "/mnt/s", "--address", "http://10.0.0.1:8265"], "--address among the scoring job's flags"),
+])
+def test_submit_score_rejects_bad_input_before_connecting(extra, expected, capsys):
+    argv = ["--address", "http://127.0.0.1:9", "--score", "--", "--model", "models:/anodfdnet-OL@champion",
+            "--hist", "/mnt/h", "--cur", "/mnt/c", *extra]
+    rc, err = run_submit(argv, capsys)
+    assert rc == 2 and expected in err
+    rc, err = run_submit(["--address", "http://127.0.0.1:9", "--score", "--check", "--", "--checkpoint", "/x.pt",
+                          "--hist", "/h", "--cur", "/c", "--out", "/o"], capsys)
+    assert rc == 2 and "does not go with --score" in err
+
+
 def test_submit_takes_no_abbreviations_and_splits_at_double_dash_anywhere():
     submit = load_submit()
     # `--run X` is not --runtime-env: it goes to the search (whose parser then rejects it).
