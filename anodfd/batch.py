@@ -48,6 +48,10 @@ class ScoreOptions:
     # the pipeline with decoding tasks against 18 s without (19 MB per pair through the object store).
     decode: str = "auto"  # auto: tasks when the actors have GPUs, else in the actors
 
+    def __post_init__(self) -> None:
+        if self.decode not in DECODE_MODES:
+            raise ConfigError(f"--decode {self.decode!r}: choose one of {', '.join(DECODE_MODES)}")
+
 
 def weights_digest(ckpt: dict) -> str:
     """sha256 of the weights (names, shapes and values), independent of how the checkpoint file was written."""
@@ -100,23 +104,15 @@ class _Scorer:
         self.threshold, self.out = threshold, Path(out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from anodfd.config import ConfigError
-        from anodfd.data.layouts import DatasetError
-        from anodfd.predict import analyse, write_outputs
+        from anodfd.predict import predict_pair
 
         if "history_rgb" not in batch:  # decoded here (CPU actors), not by tasks
             batch = {**batch, **_decode({"history": batch["history"], "current": batch["current"]}, many=True)}
-        names = []
         for name, hist, cur, hist_rgb, cur_rgb in zip(batch["name"], batch["history"], batch["current"],
                                                       batch["history_rgb"], batch["current_rgb"]):
-            try:
-                result = analyse(self.model, self.config.data, hist_rgb, cur_rgb, self.threshold, self.device)
-            except ConfigError as e:
-                raise DatasetError(f"{hist} and {cur}: {e}") from None
-            write_outputs(str(name), Path(hist), Path(cur), cur_rgb, result, self.out, self.threshold,
-                          self.config.data.align)
-            names.append(str(name))
-        return {"name": names}
+            predict_pair(self.model, self.config.data, str(name), Path(hist), Path(cur), hist_rgb, cur_rgb, self.out,
+                         self.threshold, self.device)
+        return {"name": [str(n) for n in batch["name"]]}
 
 
 def size_actors(opts: ScoreOptions, joined: bool) -> tuple[int, float, float, bool]:
@@ -127,8 +123,6 @@ def size_actors(opts: ScoreOptions, joined: bool) -> tuple[int, float, float, bo
     res = ray.cluster_resources()
     cpus_total, gpus_total = res.get("CPU", 0), res.get("GPU", 0)
     gpus = opts.gpus_per_actor or (1.0 if gpus_total >= 1 else 0.0)
-    if opts.decode not in DECODE_MODES:
-        raise ConfigError(f"--decode {opts.decode!r}: choose one of {', '.join(DECODE_MODES)}")
     in_tasks = opts.decode == "tasks" or (opts.decode == "auto" and gpus > 0)
     spare = max(0.1, cpus_total - (2 * DECODE_CPUS if in_tasks else 0))  # decode tasks keep moving beside actors
     if gpus:

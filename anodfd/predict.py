@@ -114,15 +114,20 @@ def predict_pairs(
 ) -> list[Prediction]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for name, hist_path, cur_path in pairs:
-        cur_rgb = read_rgb(cur_path)
-        try:
-            result = analyse(model, config.data, read_rgb(hist_path), cur_rgb, threshold, device, min_area)
-        except ConfigError as e:
-            raise DatasetError(f"{hist_path} and {cur_path}: {e}") from None
-        results.append(write_outputs(name, hist_path, cur_path, cur_rgb, result, out, threshold, config.data.align))
-    return results
+    return [predict_pair(model, config.data, name, hist_path, cur_path, read_rgb(hist_path), read_rgb(cur_path), out,
+                         threshold, device, min_area) for name, hist_path, cur_path in pairs]
+
+
+def predict_pair(
+    model, data: DataConfig, name: str, hist_path: Path, cur_path: Path, hist_rgb: np.ndarray, cur_rgb: np.ndarray,
+    out: Path, threshold: float, device: torch.device | str = "cpu", min_area: int = MIN_REGION_AREA,
+) -> Prediction:
+    """One decoded pair scored and its files written: `predict`'s loop body, and each `anodfd score` actor's."""
+    try:
+        result = analyse(model, data, hist_rgb, cur_rgb, threshold, device, min_area)
+    except ConfigError as e:
+        raise DatasetError(f"{hist_path} and {cur_path}: {e}") from None
+    return write_outputs(name, hist_path, cur_path, cur_rgb, result, out, threshold, data.align)
 
 
 def regions(binary: np.ndarray, probs: np.ndarray, min_area: int = MIN_REGION_AREA) -> list[dict]:

@@ -35,6 +35,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -241,55 +242,56 @@ def follow(client, job_id: str) -> str:
     return str(status.value)
 
 
-def submit_score(args: argparse.Namespace, argv: list[str]) -> int:
-    """`--score`: `anodfd score ARGV` as a job; with --wait, its output until it ends and its status."""
-    try:
-        score = check_score_args(argv)
-        runtime_env = build_score_runtime_env(args.runtime_env, score)
-        client = connect(args.address, args.timeout)
-        entrypoint = f"python -m anodfd score {shlex.join(argv)}"
-        job_id = submit(client, args.address, entrypoint, runtime_env, {"anodfd.job": "score"}, args.submission_id)
-    except SubmitError as e:
-        print(f"submit: error: {e}", file=sys.stderr)
-        return 2
-    a = shlex.quote(args.address)
-    print(f"submitted {job_id}: {entrypoint}\n  results:   {score.out}/scores.parquet (ranked), maps, overlays, "
-          f"JSON\n  follow:    ray job logs --address {a} --follow {job_id}\n"
-          f"  stop:      ray job stop --address {a} {job_id} (a rerun skips the pairs already scored)", flush=True)
-    return _follow_to_end(client, args, job_id) if args.wait else 0
+class Job(NamedTuple):
+    entrypoint: str
+    runtime_env: dict
+    metadata: dict
+    about: list[str]  # what the job writes where, printed after submission
+    follow: bool  # stream its output until it ends
+
+
+def search_job(args: argparse.Namespace, argv: list[str]) -> Job:
+    """The search (`tune/search.py ARGV`), checked; with --check, its preflight only (always followed)."""
+    if args.check and "--check" not in argv:
+        argv = [*argv, "--check"]
+    search = check_search_args(argv)
+    runtime_env = build_runtime_env(args.runtime_env, search)
+    uri = runtime_env["env_vars"]["MLFLOW_TRACKING_URI"]
+    return Job(f"python {ENTRYPOINT} {shlex.join(argv)}", runtime_env,
+               {"anodfd.search": search.name or "", "anodfd.dataset": search.dataset or Path(search.data).name},
+               [f"  storage {runtime_env['env_vars']['ANODFD_STORAGE']}, MLflow {uri}",
+                f"  models:    {uri} -> Models -> anodfdnet-<dataset>"],
+               args.wait or search.check)
+
+
+def score_job(args: argparse.Namespace, argv: list[str]) -> Job:
+    """`--score`: `anodfd score ARGV`, checked."""
+    if args.check:
+        raise SubmitError("--check runs the search's preflight; it does not go with --score")
+    score = check_score_args(argv)
+    return Job(f"python -m anodfd score {shlex.join(argv)}", build_score_runtime_env(args.runtime_env, score),
+               {"anodfd.job": "score"},
+               [(f"  results:   {score.out}/scores.parquet (ranked), maps, overlays, JSON; a rerun skips the pairs "
+                "already scored")],
+               args.wait)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, search_argv = parse_args(argv)
-    if args.score:
-        if args.check:
-            print("submit: error: --check runs the search's preflight; it does not go with --score", file=sys.stderr)
-            return 2
-        return submit_score(args, search_argv)
-    if args.check and "--check" not in search_argv:
-        search_argv.append("--check")
+    args, job_argv = parse_args(argv)
     try:
-        search = check_search_args(search_argv)
-        runtime_env = build_runtime_env(args.runtime_env, search)
+        job = (score_job if args.score else search_job)(args, job_argv)
         client = connect(args.address, args.timeout)
-        entrypoint = f"python {ENTRYPOINT} {shlex.join(search_argv)}"
-        metadata = {"anodfd.search": search.name or "", "anodfd.dataset": search.dataset or Path(search.data).name}
-        job_id = submit(client, args.address, entrypoint, runtime_env, metadata, args.submission_id)
+        job_id = submit(client, args.address, job.entrypoint, job.runtime_env, job.metadata, args.submission_id)
     except SubmitError as e:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
     a = shlex.quote(args.address)
-    print(f"submitted {job_id}: {entrypoint}\n"
-          f"  storage {runtime_env['env_vars']['ANODFD_STORAGE']}, MLflow {runtime_env['env_vars']['MLFLOW_TRACKING_URI']}\n"
-          f"  follow:    ray job logs --address {a} --follow {job_id}\n"
-          f"  status:    ray job status --address {a} {job_id}\n"
-          f"  stop:      ray job stop --address {a} {job_id}\n"
-          f"  dashboard: {args.address} (jobs, trials' actors, logs)\n"
-          f"  models:    {runtime_env['env_vars']['MLFLOW_TRACKING_URI']} -> Models -> anodfdnet-<dataset>",
-          flush=True)
-    if not (args.wait or search.check):
-        return 0
-    return _follow_to_end(client, args, job_id)
+    print("\n".join([f"submitted {job_id}: {job.entrypoint}", *job.about,
+                     f"  follow:    ray job logs --address {a} --follow {job_id}",
+                     f"  status:    ray job status --address {a} {job_id}",
+                     f"  stop:      ray job stop --address {a} {job_id}",
+                     f"  dashboard: {args.address} (jobs, actors, logs)"]), flush=True)
+    return _follow_to_end(client, args, job_id) if job.follow else 0
 
 
 def _follow_to_end(client, args: argparse.Namespace, job_id: str) -> int:
