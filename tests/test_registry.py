@@ -412,6 +412,13 @@ def test_champion_served_over_http_with_encoded_images(history, mlflow_server, s
             time.sleep(1)
 
         hist, cur = _b64(pair.hist.read_bytes()), _b64(pair.cur.read_bytes())
+        # The served decoder sees the pixels `predict` reads from the files (a smoke model's map barely changes
+        # when both images' channels are swapped, so the maps below alone would not catch a BGR/RGB slip).
+        from anodfd.data.cache import read_rgb
+        from anodfd.serving import decode_image
+
+        for text, path in ((hist, pair.hist), (cur, pair.cur)):
+            np.testing.assert_array_equal(decode_image(text, path.name), read_rgb(path))
         status, answer = post({"dataframe_split": {"columns": ["history", "current"], "data": [[hist, cur]]}})
         assert status == 200, answer
         [row] = answer["predictions"]
