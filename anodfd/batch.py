@@ -96,11 +96,11 @@ class _Scorer:
     """A Ray Data actor: the model loaded once, then each pair scored and its files written."""
 
     def __init__(self, ckpt: dict, threshold: float, out: str, threads: int) -> None:
-        from anodfd.train.loop import model_from_checkpoint, resolve_device
+        from anodfd.train.loop import inference_model, resolve_device
 
         torch.set_num_threads(threads)
         self.device = resolve_device("auto")
-        self.model, self.config = model_from_checkpoint(ckpt, self.device)
+        self.model, self.config = inference_model(ckpt, self.device)
         self.threshold, self.out = threshold, Path(out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:

@@ -46,7 +46,7 @@ def _data_shift(args: argparse.Namespace) -> int:
 _FLAGS = {
     "model": ["model.name"], "depth": ["model.depth"], "pretrained": ["model.pretrained"],
     "resize": ["data.resize"], "scale": ["data.scale"], "crop": ["data.crop"],
-    "crop_pos_fraction": ["data.crop_pos_fraction"], "align": ["data.align"], "layout": ["data.layout"],
+    "crop_pos_fraction": ["data.crop_pos_fraction"], "align": ["data.align"], "relight": ["data.relight"], "layout": ["data.layout"],
     "augment": ["data.augment"], "misregister": ["data.misregister"], "num_workers": ["data.num_workers"],
     "cache_dir": ["data.cache_dir"], "epochs": ["train.epochs"], "batch_size": ["train.batch_size"],
     "lr": ["train.lr"], "bce_weight": ["train.bce_weight"], "dice_weight": ["train.dice_weight"],
@@ -92,6 +92,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="share of training crops placed on an anomaly (default 0)")
     p.add_argument("--align", choices=list(ALIGN_METHODS), default=None,
                    help="register history onto current before the network: none (default), ecc or features")
+    p.add_argument("--relight", action="store_true", default=None,
+                   help="after --align, match history's local lighting to current's (for tiles of large images)")
     p.add_argument("--augment", choices=["none", "paper", "strong"], default=None)
     p.add_argument("--misregister", type=float, default=None, help="max independent history misalignment (0.03 = 3%%)")
     p.add_argument("--epochs", type=int, default=None)
@@ -141,11 +143,11 @@ def _eval(args: argparse.Namespace) -> int:
     from anodfd.metrics import format_row, plot_roc
     from anodfd.predict import check_threshold
     from anodfd.scoring import score_native
-    from anodfd.train.loop import model_from_checkpoint, resolve_device
+    from anodfd.train.loop import inference_model, resolve_device
 
     device = resolve_device(args.device)
     ckpt = _load_checkpoint_for(args)
-    model, config = model_from_checkpoint(ckpt, device)
+    model, config = inference_model(ckpt, device)
     data_cfg = config.data
     data_cfg.data = str(resolve_data_dir_for(args))
     data_cfg.layout = args.layout or "auto"
@@ -278,7 +280,7 @@ def resolve_data_dir_for(args: argparse.Namespace) -> Path:
 
 def _predict(args: argparse.Namespace) -> int:
     from anodfd.predict import check_threshold, find_pairs, predict_pairs
-    from anodfd.train.loop import model_from_checkpoint, resolve_device
+    from anodfd.train.loop import inference_model, resolve_device
 
     if not args.list and not (args.hist and args.cur):
         raise ConfigError("give --hist H --cur C (files or folders), or --list FILE")
@@ -291,7 +293,7 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         device = resolve_device(args.device)
         ckpt = _load_checkpoint_for(args)
-        model, config = model_from_checkpoint(ckpt, device)
+        model, config = inference_model(ckpt, device)
         saved = ckpt.get("threshold", 0.5)
     threshold = check_threshold(args.threshold if args.threshold is not None else saved)
     for p in predict_pairs(model, config, pairs, args.out, threshold, device):

@@ -55,6 +55,7 @@ class DataConfig:
     crop_pos_fraction: float = 0.0  # share of training crops placed to contain an anomalous pixel
     # Register history onto current before the network (anodfd.data.align): none | ecc | features.
     align: str = "none"
+    relight: bool = False  # then match history's local lighting to current's (anodfd.data.align.match_lighting)
     augment: str = "paper"  # none | paper (flips, 180 rotation) | strong (+ scale/shift, photometric)
     misregister: float = 0.0  # max independent shift/rotation/scale of history, as a fraction (0.03 = 3%)
     val_fraction: float = 0.2  # used only when a dataset ships no validation list (the paper's 8:2)
@@ -80,6 +81,7 @@ class DataConfig:
                  "applies to training crops: pass --crop N as well")
         _require("data.align", self.align, self.align in ALIGN_METHODS,
                  f"must be one of {', '.join(ALIGN_METHODS)}: how history is registered onto current")
+        _require("data.relight", self.relight, isinstance(self.relight, bool), "must be true or false")
         _require("data.misregister", self.misregister, _number(self.misregister) and 0 <= self.misregister < 0.5,
                  "must be in [0, 0.5): a fraction of the image side")
         _require("data.val_fraction", self.val_fraction, _number(self.val_fraction) and 0 < self.val_fraction < 1,

@@ -31,7 +31,7 @@ from anodfd.data.cache import PairCache, View, read_mask
 from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import Pair, fingerprint, load_split
 from anodfd.metrics import DEFECT_GAP, MIN_REGION_AREA, DefectCounts, ImageScores, PixelHistogram, plot_roc
-from anodfd.train.loop import evaluate, model_from_checkpoint, register_pairs
+from anodfd.train.loop import evaluate, inference_model, register_pairs
 
 PROTOCOL_VERSION = 3  # 2: defect-level scores; 3: mask fragments grouped into defects, specks ignored
 MIN_AUC = 0.6  # pixel AUC a version needs to take champion: 0.5 is a coin toss, 0.6 is clearly more
@@ -205,7 +205,7 @@ def score_checkpoint(
     """A checkpoint's `Scorecard` on ``split`` of ``data_dir``; with ``out``, also its ROC curve and overlay grid."""
     from anodfd.predict import overlay_grid
 
-    model, config = model_from_checkpoint(ckpt, device)
+    model, config = inference_model(ckpt, device)
     config.data.data = str(data_dir)
     data = config.data
     protocol = Protocol(fingerprint(Path(data_dir), data.layout), split)

@@ -34,7 +34,7 @@ from anodfd.config import ConfigError
 from anodfd.data.layouts import DatasetError
 from anodfd.inference import pair_map
 from anodfd.predict import analyse, check_threshold, map_png
-from anodfd.train.loop import load_checkpoint, model_from_checkpoint, resolve_device
+from anodfd.train.loop import inference_model, load_checkpoint, resolve_device
 
 CHECKPOINT_KEY = "checkpoint"  # the name of the checkpoint in the model's `artifacts`
 INPUTS = ("history", "current")
@@ -89,7 +89,7 @@ class AnomalyMapModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         ckpt = load_checkpoint(context.artifacts[CHECKPOINT_KEY])
         self.device = resolve_device("auto")
-        self.model, config = model_from_checkpoint(ckpt, self.device)
+        self.model, config = inference_model(ckpt, self.device)
         self.data = config.data  # the view and window training used: `pair_map` feeds the network the same way
         self.threshold = float(ckpt.get("threshold", config.train.threshold))
 

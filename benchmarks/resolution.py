@@ -3,6 +3,7 @@
     python benchmarks/resolution.py --data ../shared/data/deeppcb --epochs 6
     anodfd synth OL --out data/OL-2048 --pairs 60 --size 2048x1536 --seed 1
     python benchmarks/resolution.py --data data/OL-2048 --epochs 40 --scales 1 0.25
+    python benchmarks/resolution.py --data data/OL-2048 --epochs 40 --align ecc --relight --fit-threshold
     python benchmarks/resolution.py --timing        # tiled inference speed and memory only
     python benchmarks/resolution.py --misses runs/resolution10/deeppcb/crop-align-ecc/last.pt \
         --data ../shared/data/deeppcb                # why a model's defects were missed
@@ -10,11 +11,12 @@
 Rows for one dataset, all scored on its validation split (`val`) at the masks' native resolution:
 - template differencing at native size (grey |current - history|, 3x3 opening), threshold fitted on train;
 - AnoDFDNet `--resize 256`: every pair squashed to 256x256, the paper's way;
-- AnoDFDNet `--resize 0 --scale S --crop 256 --crop-pos-fraction 0.5` for each S of `--scales` (default 1, native
-  pixels): 256 px training crops of the scaled pair, aspect kept (half placed on an anomaly), validation and scoring
-  through blended 256 px tiles.
+- AnoDFDNet `--resize 0 --scale S --crop 256 --crop-pos-fraction P` for each S of `--scales` (default 1, native
+  pixels): 256 px training crops of the scaled pair, aspect kept (a share P, default 0.5, placed on an anomaly),
+  validation and scoring through blended 256 px tiles.
 Both networks get the same budget: the same epochs, steps and batch of 256x256 samples, the same seed. Each is
-scored with its last epoch's weights (no selection on the split it is scored on) at the paper's threshold 0.5.
+scored with its last epoch's weights (no selection on the split it is scored on) at the paper's threshold 0.5, and
+with `--fit-threshold` also at its F1-best threshold on the train split, as template differencing is.
 Columns: pixel F1 and AUC, defect F and recall (`anodfd.metrics.DefectCounts`: a defect is found when a predicted
 region of at least 16 px overlaps it), and the recall of small defects (largest side under 1% and under 3% of the
 image's longer side). `--timing` measures tiled inference at 2048x1536 (pairs/s for `tiny` and `paper`) and the
@@ -41,14 +43,14 @@ from anodfd.data.dataset import make_dataset
 from anodfd.inference import sliding_probs
 from anodfd.metrics import MIN_REGION_AREA, DefectCounts, PixelHistogram, defect_regions, detections
 from anodfd.scoring import difference_map, template_difference
-from anodfd.train.loop import evaluate, fit, load_checkpoint, model_from_checkpoint
+from anodfd.train.loop import evaluate, fit, inference_model, load_checkpoint, model_from_checkpoint
 
 SQUASHED = {"AnoDFDNet --resize 256 (squashed)": {"data.resize": 256}}
 
 
-def crop_view(scale: float) -> tuple[str, dict]:
-    return (f"AnoDFDNet --scale {scale:g} --crop 256, tiled",
-            {"data.resize": 0, "data.scale": scale, "data.crop": 256, "data.crop_pos_fraction": 0.5})
+def crop_view(scale: float, pos_fraction: float = 0.5) -> tuple[str, dict]:
+    return (f"AnoDFDNet --scale {scale:g} --crop 256 --crop-pos-fraction {pos_fraction:g}, tiled",
+            {"data.resize": 0, "data.scale": scale, "data.crop": 256, "data.crop_pos_fraction": pos_fraction})
 SMALL = (0.01, 0.03)  # small-defect bins: largest side under this share of the image's longer side
 
 
@@ -94,19 +96,26 @@ def config_for(data: str, view: dict, args: argparse.Namespace) -> Config:
     base = Config().with_flat({**PRESETS["smoke"], "data.data": data, "model.name": args.model,
                                "train.epochs": args.epochs, "train.max_steps_per_epoch": args.steps,
                                "train.batch_size": args.batch_size, "train.seed": args.seed,
-                               "data.augment": "paper", "data.align": args.align})
+                               "data.augment": "paper", "data.align": args.align, "data.relight": args.relight})
     return with_window(base, view)
 
 
-def score_model(checkpoint: Path, split: str) -> dict:
-    model, config = model_from_checkpoint(load_checkpoint(checkpoint))
-    dataset, tally = make_dataset(config.data, split), Tally()
+def score_model(checkpoint: Path, split: str, threshold: float = 0.5) -> dict:
+    model, config = inference_model(load_checkpoint(checkpoint))
+    dataset, tally = make_dataset(config.data, split), Tally(threshold)
     start = time.perf_counter()
     # `evaluate` counts pixels and defects (at the tally's threshold 0.5); the tally adds small-defect recall.
     tally.pixels, _, tally.defects = evaluate(
         model, dataset, torch.device("cpu"), config.data.window, threshold=tally.threshold,
         on_pair=lambda i, probs, mask: tally.add_small((probs >= tally.threshold).astype(np.uint8), mask))
     return {**tally.row(), "score_s_per_pair": (time.perf_counter() - start) / len(dataset)}
+
+
+def train_threshold(checkpoint: Path) -> float:
+    """The F1-best threshold on the train split (no augmentation, whole pairs tiled), as template differencing's."""
+    model, config = inference_model(load_checkpoint(checkpoint))
+    pixels, _, _ = evaluate(model, make_dataset(config.data, "train"), torch.device("cpu"), config.data.window)
+    return pixels.best_f1_threshold()[0]
 
 
 def score_template(data: str, split: str) -> dict:
@@ -129,19 +138,27 @@ def run_dataset(args: argparse.Namespace) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"method": "template differencing, native", **score_template(data, args.split)}]
     print(rows[-1], flush=True)
-    views = {**SQUASHED, **dict(crop_view(s) for s in args.scales)}
-    aligned = "" if args.align == "none" else f" --align {args.align}"
-    tag = aligned.replace(" --align ", "-align-")  # keeps runs and results of each align setting apart
+    views = {**SQUASHED, **dict(crop_view(s, args.crop_pos_fraction) for s in args.scales)}
+    aligned = ("" if args.align == "none" else f" --align {args.align}") + (" --relight" if args.relight else "")
+    # keeps the runs and results of each align and relight setting apart
+    tag = aligned.replace(" --align ", "-align-").replace(" --relight", "-relight")
     for method, view in views.items():
         method += aligned
         config = config_for(data, view, args)
         scale = config.data.scale
-        run = out / (("resize" if not config.data.crop else "crop" if scale == 1 else f"crop-scale{scale:g}") + tag)
+        pos = config.data.crop_pos_fraction
+        run = out / (("resize" if not config.data.crop else "crop" if scale == 1 else f"crop-scale{scale:g}")
+                     + ("" if pos in (0.5, 0.0) or not config.data.crop else f"-pos{pos:g}") + tag)
         start = time.time()
         fit(config, run)
         rows.append({"method": method, "train_minutes": (time.time() - start) / 60,
                      **score_model(run / "last.pt", args.split)})
         print(rows[-1], flush=True)
+        if args.fit_threshold:
+            threshold = train_threshold(run / "last.pt")
+            rows.append({"method": f"{method}, threshold {threshold:.3f} fitted on train",
+                         **score_model(run / "last.pt", args.split, threshold), "threshold": threshold})
+            print(rows[-1], flush=True)
     (out / f"resolution{tag}.json").write_text(json.dumps({"budget": budget(args), "rows": rows}, indent=2))
     return rows
 
@@ -248,6 +265,11 @@ def main() -> None:
                    help="register history onto current in every network row (template differencing stays as is)")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0],
                    help="one native-crop row per scale (--resize 0 --scale S --crop 256)")
+    p.add_argument("--fit-threshold", action="store_true",
+                   help="also score each network at its F1-best threshold on the train split (as template differencing)")
+    p.add_argument("--relight", action="store_true", help="match history's lighting to current's (after --align)")
+    p.add_argument("--crop-pos-fraction", type=float, default=0.5,
+                   help="share of the crop rows' training crops placed on an anomaly")
     p.add_argument("--model", default="tiny")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--steps", type=int, default=0, help="max steps per epoch (0 = whole epochs)")

@@ -143,11 +143,124 @@ def test_the_cache_registers_each_pair_once_and_remembers_failures(tmp_path):
     assert failures["shifted"] == "" and failures["noise"]
 
 
+
+def test_ddp_workers_of_a_node_split_registration_through_the_disk_cache(tmp_path):
+    """`register_pairs(share=(i, n))`, as each of a node's DDP workers calls it before the barrier: every pair is
+    registered by exactly one worker, and the call after the barrier registers nothing, reads every pair from the
+    node's disk cache and still counts the failure another worker met."""
+    from anodfd.data.cache import PairCache, View
+    from anodfd.data.dataset import PairDataset
+    from anodfd.data.layouts import Pair
+    from anodfd.train.loop import register_pairs
+
+    current = scene(seed=3)
+    names = []
+    for i in range(4):
+        true = random_homography(320, 240, 0.02, np.random.default_rng(i))
+        write_pair(tmp_path / "d", f"shifted{i}", shift_image(current, true), current)
+        names.append(f"shifted{i}")
+    rng = np.random.default_rng(1)
+    write_pair(tmp_path / "d", "noise", rng.integers(0, 256, (240, 320, 3), dtype=np.uint8),
+               rng.integers(0, 256, (240, 320, 3), dtype=np.uint8))
+    pairs = [Pair(*(tmp_path / "d" / folder / f"{name}.png" for folder in ("A", "B", "label")))
+             for name in [*names, "noise"]]
+    view = View(0, 1.0, "ecc")
+
+    def worker() -> PairDataset:  # each worker process has its own in-memory cache over the shared folder
+        return PairDataset(pairs, view, PairCache(tmp_path / "cache"))
+
+    shares = [worker(), worker()]
+    for i, ds in enumerate(shares):
+        assert register_pairs([ds], share=(i, 2)) is None
+    assert [ds.cache.stats["aligned"] for ds in shares] == [3, 2]  # 5 pairs, each registered once
+    lines: list[str] = []
+    after = worker()
+    assert register_pairs([after], lines.append) == 1
+    assert after.cache.stats["aligned"] == 0 and after.cache.stats["disk_hits"] == len(pairs)
+    assert len(lines) == 1 and "noise.png" in lines[0]
+
+
+def relit(image: np.ndarray, seed: int) -> np.ndarray:
+    """``image`` under another capture's light: exposure and white balance, a tilt across the frame, a hot spot."""
+    h, w = image.shape[:2]
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    field = 1 + 0.25 * (xx / w - 0.5) + 0.3 * np.exp(-((xx - 0.3 * w) ** 2 + (yy - 0.6 * h) ** 2) / (2 * (0.3 * w) ** 2))
+    gain = rng.uniform(0.8, 1.2) * (1 + rng.uniform(-0.05, 0.05, 3))
+    return np.clip(image * field[..., None] * gain, 0, 255).astype(np.uint8)
+
+
+def test_relighting_cancels_the_capture_light_and_keeps_a_local_change():
+    """`match_lighting`: history lit differently from current (gain, white balance, a tilt, a hot spot) differs from
+    it by 10+ grey levels everywhere; relit, the normal area differs by under a quarter of that, while a 24 px
+    stain on current keeps at least 80% of the difference it makes in a pair lit alike. A pair lit alike is left
+    unchanged."""
+    from anodfd.data.align import match_lighting
+
+    current = scene(seed=5)
+    history = relit(current, seed=5)
+    clean = current.copy()
+    stain = (slice(100, 124), slice(150, 174))
+    current[stain] = (current[stain] * 0.4).astype(np.uint8)
+    normal = np.ones(current.shape[:2], bool)
+    normal[90:134, 140:184] = False  # the stain and a margin, where the local mean is pulled by it
+    before = np.abs(history.astype(int) - current)
+    after = np.abs(match_lighting(history, current).astype(int) - current)
+    assert before[normal].mean() > 10
+    assert after[normal].mean() < 0.25 * before[normal].mean()
+    assert after[stain].mean() > 0.8 * np.abs(clean.astype(int) - current)[stain].mean()
+    assert np.array_equal(match_lighting(current, current), current)
+
+
+def test_relight_reaches_training_and_inference_alike(tmp_path):
+    """With `--relight`, the decode cache (training and eval) and `pair_map` (predict, the pyfunc, score) both relight
+    the history: one map from either path (1e-5), and a different one without `--relight`."""
+    import torch
+
+    from anodfd.config import PRESETS, with_window
+    from anodfd.data.dataset import make_dataset
+    from anodfd.inference import pair_map, resize_probs, sliding_probs
+    from anodfd.train.loop import build_training
+
+    current = scene(seed=12)
+    history = relit(current, seed=12)
+    root = tmp_path / "d"
+    write_pair(root, "p", history, current)
+    (root / "list").mkdir()
+    for split in ("train", "val", "test"):
+        (root / "list" / f"{split}.txt").write_text("p\n")
+    config = with_window(Config().with_flat(PRESETS["smoke"]), {
+        "data.data": str(root), "data.resize": 0, "data.crop": 64, "data.relight": True,
+        "data.cache_dir": str(tmp_path / "cache")})
+    torch.manual_seed(0)
+    model, _, _ = build_training(config, torch.device("cpu"))
+    model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    h, c, _ = make_dataset(config.data, "test").arrays(0)
+    evaluated = resize_probs(sliding_probs(model, h, c, 64)[None, None], 240, 320)[0, 0].numpy()
+    inferred = pair_map(model, config.data, history, current).probs
+    unlit = pair_map(model, config.with_flat({"data.relight": False}).data, history, current).probs
+    np.testing.assert_allclose(inferred, evaluated, atol=1e-5)
+    assert np.abs(unlit - inferred).max() > 1e-3
+
+
 def test_align_is_part_of_the_config_and_checked():
-    config = Config().with_flat({"data.align": "ecc"})
-    assert Config.from_dict(config.to_dict()).data.align == "ecc"
+    from anodfd.data.cache import PairCache, View
+    from anodfd.data.layouts import Pair
+
+    config = Config().with_flat({"data.align": "ecc", "data.relight": True})
+    restored = Config.from_dict(config.to_dict()).data
+    assert (restored.align, restored.relight) == ("ecc", True)
     with pytest.raises(ConfigError, match="data.align"):
         Config().with_flat({"data.align": "sift"})
+    with pytest.raises(ConfigError, match="data.relight"):
+        Config().with_flat({"data.relight": "yes"})
+    # A relit pair is cached apart from the unlit one.
+    pair = Pair(*(Path(__file__) for _ in range(3)))
+    cache = PairCache(Path("unused"))
+    assert cache.key(pair, View.of(restored)) != cache.key(pair, View(0, 1.0, "ecc", False))
 
 
 def test_predict_eval_and_pyfunc_register_the_same_way(tmp_path):

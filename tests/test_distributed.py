@@ -34,7 +34,8 @@ def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def test_two_worker_ddp_run_logs_everything_to_mlflow(synth_ol, tmp_path, mlflow_server):
-    config = smoke(synth_ol, **{"train.epochs": 3})
+    # --align: the two workers split the registration, meet at a barrier, then count failures over every pair.
+    config = smoke(synth_ol, **{"train.epochs": 3, "data.align": "ecc"})
     out = train_on_ray(config, RayOptions(workers=2, storage=str(tmp_path), name="ddp", mlflow_uri=mlflow_server))
 
     assert out.best_metrics["workers"] == 2
@@ -50,6 +51,13 @@ def test_two_worker_ddp_run_logs_everything_to_mlflow(synth_ol, tmp_path, mlflow
         assert [s for s, _ in history(mlflow_server, out.mlflow_run_id, key)] == [1, 2, 3], key
     # Gradients are synchronised: every rank holds the same weights after every epoch.
     assert all(v == 0.0 for _, v in history(mlflow_server, out.mlflow_run_id, "param_spread"))
+    # The failure count every epoch logs is the one a single process finds over both splits.
+    from anodfd.data.dataset import make_dataset
+    from anodfd.train.loop import register_pairs
+
+    one_process = register_pairs([make_dataset(config.data, split, check=False) for split in ("train", "val")],
+                                 lambda line: None)
+    assert [v for _, v in history(mlflow_server, out.mlflow_run_id, "align_failed")] == [one_process] * 3
     # The 2 CPUs of this local instance shared out: one torch thread per worker.
     assert [v for _, v in history(mlflow_server, out.mlflow_run_id, "threads")] == [1.0, 1.0, 1.0]
 

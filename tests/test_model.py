@@ -218,6 +218,26 @@ def test_optimize_for_inference_folds_batchnorm_and_keeps_the_output(name: str) 
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+
+@pytest.mark.parametrize("name", ["tiny", "unet"])
+def test_inference_paths_load_checkpoints_folded(name: str) -> None:
+    """`inference_model`, which eval, predict, the pyfunc and score load checkpoints with: an AnoDFDNet comes back
+    with its BatchNorm folded and the same output as the eval-mode model; a baseline comes back as it was."""
+    from anodfd.config import Config
+    from anodfd.train.loop import inference_model, model_from_checkpoint
+
+    config = Config().with_flat({"model.name": name, "model.depth": 1, "model.image_size": 64})
+    model = build_model(config.model)
+    settle_batchnorm(model)
+    ckpt = {"config": config.to_dict(), "model": model.state_dict()}
+    fast, _ = inference_model(ckpt)
+    plain, _ = model_from_checkpoint(ckpt)
+    folded = not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert folded == (name == "tiny")
+    hist, cur = pair()
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(hist, cur), plain(hist, cur), rtol=1e-4, atol=1e-4)
+
 def _load_benchmark():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"
     spec = importlib.util.spec_from_file_location("bench_model", path)

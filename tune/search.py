@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--crop-pos-fraction", type=float, default=None, help="share of crops placed on an anomaly")
     p.add_argument("--align", choices=list(ALIGN_METHODS), default=None,
                    help="register history onto current before the network (default none)")
+    p.add_argument("--relight", action="store_true", default=None,
+                   help="after --align, match history's local lighting to current's (for tiles of large images)")
     p.add_argument("--num-samples", type=int, default=None, help="trials (default: the preset's)")
     p.add_argument("--max-epochs", type=int, default=None, help="epochs of a trial ASHA lets finish")
     p.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers of each trial")
@@ -153,7 +155,8 @@ def search(args: argparse.Namespace) -> int:
     max_epochs = args.max_epochs or preset["max_epochs"]
     data_dir = resolve_data_dir(dataset=args.dataset, data=args.data, data_root=args.data_root)
     dataset = data_dir.name  # the folder's name: `--dataset ol` registers into anodfdnet-OL
-    view = {f"data.{k}": getattr(args, k) for k in ("resize", "scale", "crop", "crop_pos_fraction", "align")
+    view = {f"data.{k}": getattr(args, k) for k in ("resize", "scale", "crop", "crop_pos_fraction", "align",
+                                                   "relight")
             if getattr(args, k) is not None}
     base = with_window(Config().with_flat(preset["config"]), {
         "data.data": str(data_dir), "train.epochs": max_epochs, "train.seed": args.seed, **view,

@@ -15,6 +15,11 @@ warp) falls back to the identity and is reported as failed: an unregistered pair
 
 History pixels the warp brings in from outside the frame have no content. They are filled from the current
 image, so they read as "no change" there; a black wedge would be flagged as an anomaly.
+
+``--relight`` then matches the history's lighting to the current's (`match_lighting`): two captures differ in
+exposure, white balance, lamp hot spots and shadows. Squashed to 256x256 a network sees the whole image and learns
+that a change spread over all of it is light; a 256 px tile of a 2048x1536 image sees only a uniformly darker
+patch, which looks like a stain.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ MAX_CORNER_SHIFT = 0.15  # of the image side; `anodfd data shift` stress-tests u
 MAX_SCALE = 1.25  # largest area scale (and smallest 1/x) and anisotropy accepted
 MIN_CORRELATION = 0.5  # ECC's correlation of the grey images after the warp
 MIN_INLIERS = 20  # keypoint matches that agree with the RANSAC homography
+LIGHT_SIGMA = 1 / 8  # of the longer side: lighting varies more slowly than anything worth flagging
+LIGHT_SIDE = 64  # the local means are taken on a thumbnail this long: lighting is smooth
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,22 @@ def align_pair(history: np.ndarray, current: np.ndarray, method: str) -> tuple[n
     if not result.ok or np.allclose(result.matrix, np.eye(3)):
         return history, result
     return warp_onto(history, current, result.matrix), result
+
+
+def match_lighting(history: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """``history`` (uint8 HxWx3, registered) relit to ``current``: each channel times the ratio of the two images'
+    local means (a Gaussian of `LIGHT_SIGMA` of the longer side), so exposure, white balance and smooth light
+    fields cancel while anything smaller than the Gaussian still differs."""
+    h, w = current.shape[:2]
+    f = LIGHT_SIDE / max(h, w)
+    thumb = (max(1, round(w * f)), max(1, round(h * f)))
+
+    def local_mean(img: np.ndarray) -> np.ndarray:
+        small = cv2.resize(img.astype(np.float32) + 1, thumb, interpolation=cv2.INTER_AREA)  # +1: no 0/0
+        return cv2.GaussianBlur(small, (0, 0), LIGHT_SIDE * LIGHT_SIGMA, borderType=cv2.BORDER_REFLECT)
+
+    ratio = cv2.resize(local_mean(current) / local_mean(history), (w, h), interpolation=cv2.INTER_LINEAR)
+    return np.clip((history.astype(np.float32) + 1) * ratio.reshape(history.shape) - 1 + 0.5, 0, 255).astype(np.uint8)
 
 
 def warp_onto(history: np.ndarray, current: np.ndarray, matrix: np.ndarray) -> np.ndarray:

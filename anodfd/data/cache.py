@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from anodfd.config import DataConfig
-from anodfd.data.align import align_pair
+from anodfd.data.align import align_pair, match_lighting
 from anodfd.data.layouts import DatasetError, Pair
 
 _VERSION = "v5"  # bump when the decoding below changes, so stale entries are not reused
@@ -53,15 +53,17 @@ def read_rgb(path: Path) -> np.ndarray:
 class View:
     """How the network sees an image: squashed to ``resize`` x ``resize`` (the paper), or, with ``resize`` 0,
     scaled by ``scale`` keeping its aspect ratio (1 = native pixels); the history then registered onto the
-    current image by ``align`` (`anodfd.data.align`), in that view."""
+    current image by ``align`` (`anodfd.data.align`) and, with ``relight``, its lighting matched to the current's,
+    in that view."""
 
     resize: int = 256
     scale: float = 1.0
     align: str = "none"
+    relight: bool = False
 
     @classmethod
     def of(cls, data: DataConfig) -> View:
-        return cls(data.resize, data.scale, data.align)
+        return cls(data.resize, data.scale, data.align, data.relight)
 
     def size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) of an image of that size in this view."""
@@ -71,7 +73,8 @@ class View:
 
     def __str__(self) -> str:
         text = f"resized to {self.resize}x{self.resize}" if self.resize else f"scaled by {self.scale:g}, aspect kept"
-        return text if self.align == "none" else f"{text}, history registered ({self.align})"
+        text = text if self.align == "none" else f"{text}, history registered ({self.align})"
+        return f"{text}, history relit" if self.relight else text
 
 
 def as_view(view: View | int) -> View:
@@ -152,7 +155,7 @@ class PairCache:
 
     def key(self, pair: Pair, view: View | int) -> str:
         view = as_view(view)
-        parts = [_VERSION, str(view.resize), repr(float(view.scale)), view.align]
+        parts = [_VERSION, str(view.resize), repr(float(view.scale)), view.align] + (["relit"] if view.relight else [])
         for f in (pair.hist, pair.cur, pair.mask):
             st = f.stat()
             parts += [str(f.resolve()), str(st.st_size), str(st.st_mtime_ns)]
@@ -180,6 +183,8 @@ class PairCache:
                 hist, registration = align_pair(hist, cur, view.align)
                 failed = registration.reason
                 self.stats["aligned"] += 1
+            if view.relight:
+                hist = match_lighting(hist, cur)
             arr = np.concatenate([hist, cur, decode_mask(pair.mask, view)[..., None]], axis=2)
             self.stats["decoded"] += 1
             if self.disk:

@@ -76,6 +76,11 @@ def train_func_per_worker(loop_config: dict) -> None:
         if rank == 0:
             print(f"restored from the checkpoint of epoch {ckpt['epoch']}; continuing at epoch {start_epoch}")
 
+    if world > 1 and config.data.align != "none":
+        # Registration is the slow part of decoding; the workers of a node share its disk cache, so each
+        # registers a share of the pairs, and after the barrier all of them only read.
+        register_pairs([train_ds, val_ds], share=(ctx.get_local_rank(), ctx.get_local_world_size()))  # Ray
+        dist.barrier()
     align_failed = register_pairs([train_ds, val_ds], print if rank == 0 else lambda s: None)
     for epoch in range(start_epoch, t.epochs + 1):
         metrics, pixels = run_epoch(model, optimizer, loss_fn, train_ds, val_ds, config, epoch, device, rank, world)
