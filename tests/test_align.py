@@ -212,32 +212,38 @@ def test_relighting_cancels_the_capture_light_and_keeps_a_local_change():
     assert np.array_equal(match_lighting(current, current), current)
 
 
-def test_relight_reaches_training_and_inference_alike(tmp_path):
-    """With `--relight`, the decode cache (training and eval) and `pair_map` (predict, the pyfunc, score) both relight
-    the history: one map from either path (1e-5), and a different one without `--relight`."""
+def one_pair_dataset(root: Path, history: np.ndarray, current: np.ndarray, cache: Path, **view):
+    """``history``/``current`` as the only pair of every split, a smoke config over it with ``view`` (256 px -> 64 px
+    tiles at native size), and that config's network with weights nudged off their init (so maps are not flat)."""
     import torch
 
     from anodfd.config import PRESETS, with_window
-    from anodfd.data.dataset import make_dataset
-    from anodfd.inference import pair_map, resize_probs, sliding_probs
     from anodfd.train.loop import build_training
 
-    current = scene(seed=12)
-    history = relit(current, seed=12)
-    root = tmp_path / "d"
     write_pair(root, "p", history, current)
     (root / "list").mkdir()
     for split in ("train", "val", "test"):
         (root / "list" / f"{split}.txt").write_text("p\n")
     config = with_window(Config().with_flat(PRESETS["smoke"]), {
-        "data.data": str(root), "data.resize": 0, "data.crop": 64, "data.relight": True,
-        "data.cache_dir": str(tmp_path / "cache")})
+        "data.data": str(root), "data.resize": 0, "data.crop": 64, "data.cache_dir": str(cache), **view})
     torch.manual_seed(0)
     model, _, _ = build_training(config, torch.device("cpu"))
     model.eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
+    return config, model
+
+
+def test_relight_reaches_training_and_inference_alike(tmp_path):
+    """With `--relight`, the decode cache (training and eval) and `pair_map` (predict, the pyfunc, score) both relight
+    the history: one map from either path (1e-5), and a different one without `--relight`."""
+    from anodfd.data.dataset import make_dataset
+    from anodfd.inference import pair_map, resize_probs, sliding_probs
+
+    current = scene(seed=12)
+    history = relit(current, seed=12)
+    config, model = one_pair_dataset(tmp_path / "d", history, current, tmp_path / "cache", **{"data.relight": True})
     h, c, _ = make_dataset(config.data, "test").arrays(0)
     evaluated = resize_probs(sliding_probs(model, h, c, 64)[None, None], 240, 320)[0, 0].numpy()
     inferred = pair_map(model, config.data, history, current).probs
@@ -268,29 +274,16 @@ def test_predict_eval_and_pyfunc_register_the_same_way(tmp_path):
     with `--align ecc` that map is close to the one the unshifted pair gets: the network sees a registered pair."""
     from types import SimpleNamespace
 
-    import torch
-
-    from anodfd.config import PRESETS, with_window
     from anodfd.data.dataset import make_dataset
     from anodfd.inference import pair_map, resize_probs, sliding_probs
     from anodfd.predict import predict_pairs
     from anodfd.serving import AnomalyMapModel
-    from anodfd.train.loop import build_training, checkpoint_dict, save_checkpoint
+    from anodfd.train.loop import checkpoint_dict, save_checkpoint
 
     current = scene(seed=11)
     history = shift_image(current, random_homography(320, 240, 0.02, np.random.default_rng(11)))
     root = tmp_path / "d"
-    write_pair(root, "p", history, current)
-    (root / "list").mkdir()
-    for split in ("train", "val", "test"):
-        (root / "list" / f"{split}.txt").write_text("p\n")
-    config = with_window(Config().with_flat(PRESETS["smoke"]), {
-        "data.data": str(root), "data.resize": 0, "data.crop": 64, "data.align": "ecc",
-        "data.cache_dir": str(tmp_path / "cache")})
-    model, _, _ = build_training(config, torch.device("cpu"))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    config, model = one_pair_dataset(root, history, current, tmp_path / "cache", **{"data.align": "ecc"})
     ckpt = tmp_path / "c.pt"
     save_checkpoint(checkpoint_dict(model, None, 1, config, {"calibrated_threshold": 0.5}, (0.0, 0.0)), ckpt)
 
