@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anodfd.config import ConfigError, DataConfig
-from anodfd.data.align import Registration, align_pair, match_lighting
+from anodfd.data.align import Registration, prepare_history
 from anodfd.data.cache import View, preprocess
 from anodfd.data.dataset import normalize, to_chw
 from anodfd.metrics import image_scores
@@ -116,8 +116,8 @@ def pair_map(
 ) -> PairMap:
     """One decoded RGB pair of any size -> its probability map at the current image's size, score and registration.
 
-    The pair is brought to the config's view exactly as training saw it (`preprocess`, then `align_pair` and
-    `match_lighting` as the decode cache does), then slid over.
+    The pair is brought to the config's view exactly as training saw it (`preprocess`, then `prepare_history` as
+    the decode cache does), then slid over.
     """
     view = View.of(data)
     hist, cur = preprocess(hist_rgb, view), preprocess(cur_rgb, view)
@@ -125,9 +125,7 @@ def pair_map(
         raise ConfigError(f"history is {hist_rgb.shape[1]}x{hist_rgb.shape[0]} but current is {cur_rgb.shape[1]}x"
                           f"{cur_rgb.shape[0]}: a model that keeps the aspect ratio (resize 0) needs the two images "
                           "of a pair at the same size")
-    hist, registration = align_pair(hist, cur, data.align)
-    if data.relight:
-        hist = match_lighting(hist, cur)
+    hist, registration = prepare_history(hist, cur, data.align, data.relight)
     probs = sliding_probs(model, hist, cur, data.window, device, batch)
     full = resize_probs(probs[None, None], *cur_rgb.shape[:2])[0, 0].numpy()
     return PairMap(full, float(image_scores(probs[None, None])[0]), registration)

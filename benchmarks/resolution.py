@@ -104,7 +104,7 @@ def score_model(checkpoint: Path, split: str, threshold: float = 0.5) -> dict:
     model, config = inference_model(load_checkpoint(checkpoint))
     dataset, tally = make_dataset(config.data, split), Tally(threshold)
     start = time.perf_counter()
-    # `evaluate` counts pixels and defects (at the tally's threshold 0.5); the tally adds small-defect recall.
+    # `evaluate` counts pixels and defects (at the tally's threshold); the tally adds small-defect recall.
     tally.pixels, _, tally.defects = evaluate(
         model, dataset, torch.device("cpu"), config.data.window, threshold=tally.threshold,
         on_pair=lambda i, probs, mask: tally.add_small((probs >= tally.threshold).astype(np.uint8), mask))
@@ -140,15 +140,15 @@ def run_dataset(args: argparse.Namespace) -> list[dict]:
     print(rows[-1], flush=True)
     views = {**SQUASHED, **dict(crop_view(s, args.crop_pos_fraction) for s in args.scales)}
     aligned = ("" if args.align == "none" else f" --align {args.align}") + (" --relight" if args.relight else "")
-    # keeps the runs and results of each align and relight setting apart
+    # keeps the runs and results of each align, relight and crop-pos-fraction setting apart
     tag = aligned.replace(" --align ", "-align-").replace(" --relight", "-relight")
+    pos = "" if args.crop_pos_fraction == 0.5 else f"-pos{args.crop_pos_fraction:g}"
     for method, view in views.items():
         method += aligned
         config = config_for(data, view, args)
         scale = config.data.scale
-        pos = config.data.crop_pos_fraction
-        run = out / (("resize" if not config.data.crop else "crop" if scale == 1 else f"crop-scale{scale:g}")
-                     + ("" if pos in (0.5, 0.0) or not config.data.crop else f"-pos{pos:g}") + tag)
+        run = out / (("resize" if not config.data.crop else ("crop" if scale == 1 else f"crop-scale{scale:g}") + pos)
+                     + tag)
         start = time.time()
         fit(config, run)
         rows.append({"method": method, "train_minutes": (time.time() - start) / 60,
@@ -159,7 +159,7 @@ def run_dataset(args: argparse.Namespace) -> list[dict]:
             rows.append({"method": f"{method}, threshold {threshold:.3f} fitted on train",
                          **score_model(run / "last.pt", args.split, threshold), "threshold": threshold})
             print(rows[-1], flush=True)
-    (out / f"resolution{tag}.json").write_text(json.dumps({"budget": budget(args), "rows": rows}, indent=2))
+    (out / f"resolution{pos}{tag}.json").write_text(json.dumps({"budget": budget(args), "rows": rows}, indent=2))
     return rows
 
 

@@ -218,7 +218,6 @@ def test_optimize_for_inference_folds_batchnorm_and_keeps_the_output(name: str) 
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-
 @pytest.mark.parametrize("name", ["tiny", "unet"])
 def test_inference_paths_load_checkpoints_folded(name: str) -> None:
     """`inference_model`, which eval, predict, the pyfunc and score load checkpoints with: an AnoDFDNet comes back
@@ -237,6 +236,7 @@ def test_inference_paths_load_checkpoints_folded(name: str) -> None:
     hist, cur = pair()
     with torch.inference_mode():
         torch.testing.assert_close(fast(hist, cur), plain(hist, cur), rtol=1e-4, atol=1e-4)
+
 
 def _load_benchmark():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"

@@ -102,6 +102,14 @@ def match_lighting(history: np.ndarray, current: np.ndarray) -> np.ndarray:
     return np.clip((history.astype(np.float32) + 1) * ratio.reshape(history.shape) - 1 + 0.5, 0, 255).astype(np.uint8)
 
 
+def prepare_history(history: np.ndarray, current: np.ndarray, align: str, relight: bool
+                    ) -> tuple[np.ndarray, Registration]:
+    """``history`` as the network sees it beside ``current``: registered by ``align``, then, with ``relight``, relit.
+    The decode cache (training, eval) and `anodfd.inference.pair_map` (predict, pyfunc, score) both call it."""
+    history, registration = align_pair(history, current, align)
+    return (match_lighting(history, current) if relight else history), registration
+
+
 def warp_onto(history: np.ndarray, current: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """``history`` resampled at ``matrix`` (current -> history coordinates); pixels from outside its frame, and
     the one-pixel rim where interpolation blends in the border, are taken from ``current``."""

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from anodfd.config import DataConfig
-from anodfd.data.align import align_pair, match_lighting
+from anodfd.data.align import prepare_history
 from anodfd.data.layouts import DatasetError, Pair
 
 _VERSION = "v5"  # bump when the decoding below changes, so stale entries are not reused
@@ -178,13 +178,9 @@ class PairCache:
                 raise DatasetError(f"{pair.hist} and {pair.cur}: history is {hist.shape[1]}x{hist.shape[0]} but "
                                    f"current is {cur.shape[1]}x{cur.shape[0]} in this view ({view}); give both "
                                    "images of a pair the same size, or use --resize N")
-            failed = ""
-            if view.align != "none":
-                hist, registration = align_pair(hist, cur, view.align)
-                failed = registration.reason
-                self.stats["aligned"] += 1
-            if view.relight:
-                hist = match_lighting(hist, cur)
+            hist, registration = prepare_history(hist, cur, view.align, view.relight)
+            failed = registration.reason
+            self.stats["aligned"] += view.align != "none"
             arr = np.concatenate([hist, cur, decode_mask(pair.mask, view)[..., None]], axis=2)
             self.stats["decoded"] += 1
             if self.disk:

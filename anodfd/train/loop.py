@@ -169,17 +169,14 @@ def register_pairs(datasets: list[PairDataset], log: Callable[[str], None] = pri
     if all(ds.view.align == "none" for ds in datasets):
         return None
     index, count = share
-    if count > 1:
-        for ds in datasets:
-            for pair in ds.pairs[index::count]:
-                ds.cache.align_failure(pair, ds.view)
-        return None
     failed = []
     for ds in datasets:
-        for pair in tqdm(ds.pairs, desc=f"registering pairs ({ds.view.align})", unit="pair", leave=False):
+        for pair in tqdm(ds.pairs[index::count], desc=f"registering pairs ({ds.view.align})", unit="pair", leave=False):
             reason = ds.cache.align_failure(pair, ds.view)
             if reason:
                 failed.append(f"{pair.hist} -> {pair.cur}: {reason}")
+    if count > 1:
+        return None  # a share's failures are counted, over every pair, by the call after the barrier
     for line in failed[:5]:
         log(f"registration fell back to the identity: {line}")
     if len(failed) > 5:
