@@ -39,6 +39,8 @@ MIN_CORRELATION = 0.5  # ECC's correlation of the grey images after the warp
 MIN_INLIERS = 20  # keypoint matches that agree with the RANSAC homography
 LIGHT_SIGMA = 1 / 8  # of the longer side: lighting varies more slowly than anything worth flagging
 LIGHT_SIDE = 64  # the local means are taken on a thumbnail this long: lighting is smooth
+LIGHT_ROUNDS = 3  # fits of the light field, each without the thumbnail pixels that strayed from the last
+LIGHT_STRAY = 0.05  # log-ratio distance from the field (5%) below which a pixel is never called a stray
 
 
 @dataclass(frozen=True)
@@ -87,19 +89,29 @@ def align_pair(history: np.ndarray, current: np.ndarray, method: str) -> tuple[n
 
 
 def match_lighting(history: np.ndarray, current: np.ndarray) -> np.ndarray:
-    """``history`` (uint8 HxWx3, registered) relit to ``current``: each channel times the ratio of the two images'
-    local means (a Gaussian of `LIGHT_SIGMA` of the longer side), so exposure, white balance and smooth light
-    fields cancel while anything smaller than the Gaussian still differs."""
+    """``history`` (uint8 HxWx3, registered) relit to ``current``: each channel times a smooth field, the two images'
+    local log ratio (a Gaussian of `LIGHT_SIGMA` of the longer side), so exposure, white balance and smooth light
+    fields cancel while anything smaller than the Gaussian still differs. The field is fitted again without the
+    thumbnail pixels that stray from it, so that a large stain does not pull the light toward itself and fade."""
     h, w = current.shape[:2]
     f = LIGHT_SIDE / max(h, w)
     thumb = (max(1, round(w * f)), max(1, round(h * f)))
 
-    def local_mean(img: np.ndarray) -> np.ndarray:
-        small = cv2.resize(img.astype(np.float32) + 1, thumb, interpolation=cv2.INTER_AREA)  # +1: no 0/0
-        return cv2.GaussianBlur(small, (0, 0), LIGHT_SIDE * LIGHT_SIGMA, borderType=cv2.BORDER_REFLECT)
+    def log_thumb(img: np.ndarray) -> np.ndarray:
+        return np.log(cv2.resize(img.astype(np.float32) + 1, thumb, interpolation=cv2.INTER_AREA))  # +1: no log 0
 
-    ratio = cv2.resize(local_mean(current) / local_mean(history), (w, h), interpolation=cv2.INTER_LINEAR)
-    return np.clip((history.astype(np.float32) + 1) * ratio.reshape(history.shape) - 1 + 0.5, 0, 255).astype(np.uint8)
+    def blur(x: np.ndarray) -> np.ndarray:
+        return cv2.GaussianBlur(x, (0, 0), LIGHT_SIDE * LIGHT_SIGMA, borderType=cv2.BORDER_REFLECT)
+
+    ratio = (log_thumb(current) - log_thumb(history)).reshape(thumb[1], thumb[0], -1)
+    weight = np.ones(ratio.shape[:2], np.float32)
+    for _ in range(LIGHT_ROUNDS):
+        field = blur(ratio * weight[..., None]).reshape(ratio.shape) / np.maximum(blur(weight), 1e-6)[..., None]
+        stray = np.abs(ratio - field).max(axis=-1)
+        # A pixel strays when it is off by more than 3 robust deviations of the others, and at least LIGHT_STRAY.
+        weight = (stray < max(LIGHT_STRAY, 3 * 1.4826 * float(np.median(stray)))).astype(np.float32)
+    gain = cv2.resize(np.exp(field), (w, h), interpolation=cv2.INTER_LINEAR).reshape(history.shape)
+    return np.clip((history.astype(np.float32) + 1) * gain - 1 + 0.5, 0, 255).astype(np.uint8)
 
 
 def prepare_history(history: np.ndarray, current: np.ndarray, align: str, relight: bool
