@@ -6,7 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from anodfd.config import ALIGN_METHODS, DEPTHS, MODEL_NAMES, PRESETS, Config, ConfigError, with_window
+from anodfd.config import (
+    ALIGN_METHODS,
+    DEPTHS,
+    MODEL_NAMES,
+    PRESETS,
+    SCHEDULES,
+    Config,
+    ConfigError,
+    with_window,
+)
 from anodfd.data.layouts import LAYOUTS, SPLITS, DatasetError
 
 
@@ -49,7 +58,7 @@ _FLAGS = {
     "crop_pos_fraction": ["data.crop_pos_fraction"], "align": ["data.align"], "relight": ["data.relight"], "layout": ["data.layout"],
     "augment": ["data.augment"], "misregister": ["data.misregister"], "num_workers": ["data.num_workers"],
     "cache_dir": ["data.cache_dir"], "epochs": ["train.epochs"], "batch_size": ["train.batch_size"],
-    "lr": ["train.lr"], "bce_weight": ["train.bce_weight"], "dice_weight": ["train.dice_weight"],
+    "lr": ["train.lr"], "schedule": ["train.schedule"], "bce_weight": ["train.bce_weight"], "dice_weight": ["train.dice_weight"],
     "focal_weight": ["train.focal_weight"], "pos_weight": ["train.pos_weight"], "seed": ["train.seed"],
     "device": ["train.device"], "max_steps_per_epoch": ["train.max_steps_per_epoch"],
     "log_every": ["train.log_every"],
@@ -99,6 +108,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--schedule", choices=list(SCHEDULES), default=None,
+                   help="constant learning rate (default, the paper's) or cosine decay to 0 by the last epoch")
     p.add_argument("--bce-weight", type=float, default=None)
     p.add_argument("--dice-weight", type=float, default=None)
     p.add_argument("--focal-weight", type=float, default=None)

@@ -22,6 +22,7 @@ BASELINE_NAMES = ("unet", "unet-cat", "deeplabv3plus", "deeplabv3plus-cat", "fc-
 MODEL_NAMES = ANODFD_NAMES + BASELINE_NAMES
 DEPTHS = (0, 1, 2, 4, 8)
 ALIGN_METHODS = ("none", "ecc", "features")  # anodfd.data.align
+SCHEDULES = ("constant", "cosine")  # anodfd.train.loop.epoch_lr
 # The deepest feature map's stride of each AnoDFDNet variant: its input side must be a multiple of it.
 STRIDES = {"paper": 16, "tiny": 16}  # the timm variants: 32; the baselines pad any size themselves
 
@@ -124,6 +125,7 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 4  # per worker; the global batch is batch_size * workers
     lr: float = 2e-4
+    schedule: str = "constant"  # constant (the paper's) | cosine: lr decays to 0 by the last epoch
     beta1: float = 0.5  # the official code's Adam betas
     beta2: float = 0.999
     weight_decay: float = 0.0
@@ -148,6 +150,7 @@ class TrainConfig:
         whole("max_steps_per_epoch", 0, "must be 0 (whole epochs) or more")
         whole("log_every", 0, "must be 0 (once per epoch) or more")
         _require("train.lr", self.lr, _number(self.lr) and 0 < self.lr <= 1, "must be in (0, 1]")
+        _require("train.schedule", self.schedule, self.schedule in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}")
         for key in ("beta1", "beta2"):
             _require(f"train.{key}", getattr(self, key), _number(getattr(self, key)) and 0 <= getattr(self, key) < 1,
                      "must be in [0, 1)")

@@ -163,15 +163,33 @@ def test_checkpoint_is_self_describing_and_weights_only(synth_ol, tmp_path):
         assert torch.equal(model(x, -x), again(x, -x))
 
 
-def test_resume_is_bit_identical_to_a_straight_run_and_refuses_another_model(synth_ol, tmp_path):
-    """3 epochs straight against 2 epochs, a stop, and a resume: the same weights, optimizer state and best score,
-    with every random stream in use (strong augmentation, misregistration, dropout, shuffling)."""
+class Interrupted(Exception):
+    pass
+
+
+def stop_after(epoch: int):
+    """A `fit` log that interrupts the run once ``epoch``'s checkpoint is written (its line is logged after)."""
+    def log(line: str) -> None:
+        if line.startswith(f"epoch {epoch}/"):
+            raise Interrupted
+    return log
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_is_bit_identical_to_a_straight_run_and_refuses_another_model(synth_ol, tmp_path, schedule):
+    """3 epochs straight against 2 epochs, an interruption, and a resume: the same weights, optimizer state and best
+    score, with every random stream in use (strong augmentation, misregistration, dropout, shuffling) and with
+    either learning-rate schedule (cosine: lr, 3/4 lr, 1/4 lr, by hand)."""
     config = smoke(synth_ol, **{"train.epochs": 3, "train.max_steps_per_epoch": 3, "data.resize": 64,
                                 "data.crop": 48, "data.crop_pos_fraction": 0.5, "data.augment": "strong",
-                                "data.misregister": 0.03})
-    fit(config, tmp_path / "straight", log=lambda s: None)
+                                "data.misregister": 0.03, "train.schedule": schedule})
+    straight_run = fit(config, tmp_path / "straight", log=lambda s: None)
+    lr = config.train.lr
+    expected = [lr] * 3 if schedule == "constant" else [lr, 0.75 * lr, 0.25 * lr]
+    assert [h["lr"] for h in straight_run["history"]] == pytest.approx(expected, rel=1e-9)
     out = tmp_path / "run"
-    fit(config.with_flat({"train.epochs": 2}), out, log=lambda s: None)
+    with pytest.raises(Interrupted):
+        fit(config, out, log=stop_after(2))
     lines = []
     result = fit(config, out, log=lines.append)
     assert "resuming" in lines[0] and "from epoch 2" in lines[0]
@@ -191,7 +209,11 @@ def test_resume_is_bit_identical_to_a_straight_run_and_refuses_another_model(syn
     before = (out / "last.pt").read_bytes()
     with pytest.raises(ConfigError, match="different model"):
         fit(config.with_flat({"model.depth": 0, "train.epochs": 4}), out, log=lambda s: None)
+    with pytest.raises(ConfigError, match="relight False"):
+        fit(config.with_flat({"data.relight": True, "train.epochs": 4}), out, log=lambda s: None)
     assert (out / "last.pt").read_bytes() == before  # nothing already written is lost
+    with pytest.raises(ConfigError, match=r"\(train.schedule\): must be one of constant, cosine"):
+        config.with_flat({"train.schedule": "linear"})
 
 
 def test_train_eval_predict_commands(synth_ol, tmp_path, capsys, monkeypatch, ray_local):

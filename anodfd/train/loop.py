@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from anodfd.config import Config, ConfigError, DataConfig
+from anodfd.config import Config, ConfigError, DataConfig, TrainConfig
 from anodfd.data.dataset import PairDataset, make_dataset, normalize, worker_init_fn
 from anodfd.inference import TILE_BATCH, autocast, resize_probs, sliding_probs
 from anodfd.losses import CombinedLoss
@@ -202,6 +202,15 @@ def seed_epoch(dataset: PairDataset, seed: int, epoch: int, rank: int) -> None:
         dataset.transform.reseed(state)
 
 
+def epoch_lr(t: TrainConfig, epoch: int) -> float:
+    """The learning rate of (1-based) ``epoch``: ``t.lr`` throughout, or with ``cosine`` half a cosine from ``t.lr``
+    at the first epoch toward 0 after the last. A function of the epoch number rather than a stateful torch
+    scheduler, so a run resumed from a checkpoint (or restored by Ray after a failure) continues on the same curve."""
+    if t.schedule == "cosine":
+        return t.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / t.epochs))
+    return t.lr
+
+
 def run_epoch(
     model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, train_ds: PairDataset,
     val_ds: PairDataset, config: Config, epoch: int, device: torch.device, rank: int = 0, world: int = 1,
@@ -214,6 +223,8 @@ def run_epoch(
     t, workers = config.train, config.data.num_workers
     pin = device.type == "cuda"
     seed_epoch(train_ds, t.seed, epoch, rank)
+    for group in optimizer.param_groups:
+        group["lr"] = epoch_lr(t, epoch)
     sampler = None
     if world > 1:
         # Reshuffled by epoch number, so resuming at epoch e sees the order a straight run would have.
@@ -229,7 +240,7 @@ def run_epoch(
                                        val_shard(val_ds, rank, world))
     metrics = epoch_metrics(pixels, images, t.threshold)
     metrics.update(defects.compute())  # at the fixed threshold, like F1
-    metrics.update(train_loss=stats.loss, pairs_per_s=stats.pairs_per_s,
+    metrics.update(train_loss=stats.loss, lr=epoch_lr(t, epoch), pairs_per_s=stats.pairs_per_s,
                    data_wait=stats.data_seconds / max(stats.seconds, 1e-9), epoch=epoch)
     if device.type == "cuda":
         metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -405,7 +416,7 @@ def epoch_line(metrics: dict[str, float], epochs: int) -> str:
 
 def check_resumable(ckpt: dict, config: Config, path: Path) -> None:
     before = Config.from_dict(ckpt["config"])
-    view = ("resize", "scale", "crop", "align")
+    view = ("resize", "scale", "crop", "align", "relight")
     if before.model != config.model or any(getattr(before.data, k) != getattr(config.data, k) for k in view):
         seen = ", ".join(f"{k} {getattr(before.data, k)}" for k in view)
         raise ConfigError(
