@@ -89,28 +89,28 @@ def align_pair(history: np.ndarray, current: np.ndarray, method: str) -> tuple[n
 
 
 def match_lighting(history: np.ndarray, current: np.ndarray) -> np.ndarray:
-    """``history`` (uint8 HxWx3, registered) relit to ``current``: each channel times a smooth field, the two images'
-    local log ratio (a Gaussian of `LIGHT_SIGMA` of the longer side), so exposure, white balance and smooth light
-    fields cancel while anything smaller than the Gaussian still differs. The field is fitted again without the
-    thumbnail pixels that stray from it, so that a large stain does not pull the light toward itself and fade."""
+    """``history`` (uint8 HxWx3, registered) relit to ``current``: each channel times the ratio of the two images'
+    local means (a Gaussian of `LIGHT_SIGMA` of the longer side), so exposure, white balance and smooth light
+    fields cancel while anything smaller than the Gaussian still differs. The means are taken again without the
+    thumbnail pixels whose own ratio strays from that field, so that a large stain does not pull the light toward
+    itself and fade. (Means of the pixel values, not of their logs: bright parts set the light, as the eye sees it.)"""
     h, w = current.shape[:2]
     f = LIGHT_SIDE / max(h, w)
     thumb = (max(1, round(w * f)), max(1, round(h * f)))
+    cur, hist = (cv2.resize(img.astype(np.float32) + 1, thumb, interpolation=cv2.INTER_AREA).reshape(thumb[1], thumb[0], -1)
+                 for img in (current, history))  # +1: no 0/0
 
-    def log_thumb(img: np.ndarray) -> np.ndarray:
-        return np.log(cv2.resize(img.astype(np.float32) + 1, thumb, interpolation=cv2.INTER_AREA))  # +1: no log 0
+    def local_mean(x: np.ndarray) -> np.ndarray:
+        return cv2.GaussianBlur(x, (0, 0), LIGHT_SIDE * LIGHT_SIGMA, borderType=cv2.BORDER_REFLECT).reshape(x.shape)
 
-    def blur(x: np.ndarray) -> np.ndarray:
-        return cv2.GaussianBlur(x, (0, 0), LIGHT_SIDE * LIGHT_SIGMA, borderType=cv2.BORDER_REFLECT)
-
-    ratio = (log_thumb(current) - log_thumb(history)).reshape(thumb[1], thumb[0], -1)
-    weight = np.ones(ratio.shape[:2], np.float32)
+    own = np.log(cur / hist)
+    weight = np.ones((*cur.shape[:2], 1), np.float32)
     for _ in range(LIGHT_ROUNDS):
-        field = blur(ratio * weight[..., None]).reshape(ratio.shape) / np.maximum(blur(weight), 1e-6)[..., None]
-        stray = np.abs(ratio - field).max(axis=-1)
+        field = local_mean(cur * weight) / np.maximum(local_mean(hist * weight), 1e-6)
+        stray = np.abs(own - np.log(field)).max(axis=-1, keepdims=True)
         # A pixel strays when it is off by more than 3 robust deviations of the others, and at least LIGHT_STRAY.
         weight = (stray < max(LIGHT_STRAY, 3 * 1.4826 * float(np.median(stray)))).astype(np.float32)
-    gain = cv2.resize(np.exp(field), (w, h), interpolation=cv2.INTER_LINEAR).reshape(history.shape)
+    gain = cv2.resize(field, (w, h), interpolation=cv2.INTER_LINEAR).reshape(history.shape)
     return np.clip((history.astype(np.float32) + 1) * gain - 1 + 0.5, 0, 255).astype(np.uint8)
 
 
