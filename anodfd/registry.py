@@ -245,7 +245,8 @@ def model_card(uri: str, name: str, version: int, tags: dict[str, str], experime
         (f"- **Splits**: train {tags.get('split_train', '?')}, val {tags.get('split_val', '?')}, "
         f"test {tags.get('split_test', tags.get('test_pairs', '?'))} pairs."),
         (f"- **Training**: {model.get('name', '?')} depth {model.get('depth', '?')}, {view_text(data)}, "
-        f"lr {train.get('lr', '?')} ({train.get('schedule', 'constant')}), batch {train.get('batch_size', '?')}, loss bce {train.get('bce_weight', '?')} / "
+        f"lr {train.get('lr', '?')} ({train.get('schedule', 'constant')}), batch {train.get('batch_size', '?')}, "
+        f"loss bce {train.get('bce_weight', '?')} / "
         f"dice {train.get('dice_weight', '?')} / focal {train.get('focal_weight', '?')}; epoch "
         f"{tags.get('epoch', '?')} of {train.get('epochs', '?')}, seed {train.get('seed', '?')} "
         "(whole config: tag `config`)."),

@@ -141,10 +141,11 @@ def run_dataset(args: argparse.Namespace) -> list[dict]:
     print(rows[-1], flush=True)
     views = {**SQUASHED, **dict(crop_view(s, args.crop_pos_fraction) for s in args.scales)}
     aligned = ("" if args.align == "none" else f" --align {args.align}") + (" --relight" if args.relight else "")
-    # keeps the runs and results of each align, relight, crop-pos-fraction and schedule setting apart
+    # keeps the runs and results of each align, relight, crop-pos-fraction, schedule and seed apart (a run folder
+    # that exists is resumed)
     tag = aligned.replace(" --align ", "-align-").replace(" --relight", "-relight")
     pos = "" if args.crop_pos_fraction == 0.5 else f"-pos{args.crop_pos_fraction:g}"
-    tag += "" if args.schedule == "constant" else f"-{args.schedule}"
+    tag += ("" if args.schedule == "constant" else f"-{args.schedule}") + (f"-seed{args.seed}" if args.seed else "")
     for method, view in views.items():
         method += aligned
         config = config_for(data, view, args)

@@ -97,8 +97,8 @@ def match_lighting(history: np.ndarray, current: np.ndarray) -> np.ndarray:
     h, w = current.shape[:2]
     f = LIGHT_SIDE / max(h, w)
     thumb = (max(1, round(w * f)), max(1, round(h * f)))
-    cur, hist = (cv2.resize(img.astype(np.float32) + 1, thumb, interpolation=cv2.INTER_AREA).reshape(thumb[1], thumb[0], -1)
-                 for img in (current, history))  # +1: no 0/0
+    cur, hist = (cv2.resize(img.astype(np.float32) + 1, thumb, interpolation=cv2.INTER_AREA)  # +1: no 0/0
+                 .reshape(thumb[1], thumb[0], -1) for img in (current, history))
 
     def local_mean(x: np.ndarray) -> np.ndarray:
         return cv2.GaussianBlur(x, (0, 0), LIGHT_SIDE * LIGHT_SIGMA, borderType=cv2.BORDER_REFLECT).reshape(x.shape)
