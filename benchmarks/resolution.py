@@ -40,6 +40,7 @@ import torch
 
 from anodfd.config import PRESETS, SCHEDULES, Config, with_window
 from anodfd.data.dataset import make_dataset
+from anodfd.data.transforms import AUGMENTS
 from anodfd.inference import sliding_probs
 from anodfd.metrics import MIN_REGION_AREA, DefectCounts, PixelHistogram, defect_regions, detections
 from anodfd.scoring import difference_map, template_difference
@@ -96,7 +97,7 @@ def config_for(data: str, view: dict, args: argparse.Namespace) -> Config:
     base = Config().with_flat({**PRESETS["smoke"], "data.data": data, "model.name": args.model,
                                "train.epochs": args.epochs, "train.max_steps_per_epoch": args.steps,
                                "train.batch_size": args.batch_size, "train.seed": args.seed,
-                               "data.augment": "paper", "data.align": args.align, "data.relight": args.relight,
+                               "data.augment": args.augment, "data.align": args.align, "data.relight": args.relight,
                                "train.schedule": args.schedule})
     return with_window(base, view)
 
@@ -141,11 +142,12 @@ def run_dataset(args: argparse.Namespace) -> list[dict]:
     print(rows[-1], flush=True)
     views = {**SQUASHED, **dict(crop_view(s, args.crop_pos_fraction) for s in args.scales)}
     aligned = ("" if args.align == "none" else f" --align {args.align}") + (" --relight" if args.relight else "")
-    # keeps the runs and results of each align, relight, crop-pos-fraction, schedule and seed apart (a run folder
-    # that exists is resumed)
+    # keeps the runs and results of each align, relight, crop-pos-fraction, augment, schedule and seed apart (a run
+    # folder that exists is resumed)
     tag = aligned.replace(" --align ", "-align-").replace(" --relight", "-relight")
     pos = "" if args.crop_pos_fraction == 0.5 else f"-pos{args.crop_pos_fraction:g}"
-    tag += ("" if args.schedule == "constant" else f"-{args.schedule}") + (f"-seed{args.seed}" if args.seed else "")
+    tag += "".join(f"-{value}" for value, default in ((args.augment, "paper"), (args.schedule, "constant"))
+                   if value != default) + (f"-seed{args.seed}" if args.seed else "")
     for method, view in views.items():
         method += aligned
         config = config_for(data, view, args)
@@ -169,7 +171,8 @@ def run_dataset(args: argparse.Namespace) -> list[dict]:
 def budget(args: argparse.Namespace) -> str:
     steps = f"{args.steps} steps" if args.steps else "whole epochs"
     return (f"{args.model}, {args.epochs} epochs of {steps}, batch {args.batch_size} of 256x256 samples, "
-            f"{args.schedule} learning rate, seed {args.seed}, {torch.get_num_threads()} CPU threads")
+            f"{args.augment} augmentation, {args.schedule} learning rate, seed {args.seed}, "
+            f"{torch.get_num_threads()} CPU threads")
 
 
 def print_table(rows: list[dict], title: str) -> None:
@@ -273,6 +276,8 @@ def main() -> None:
     p.add_argument("--relight", action="store_true", help="match history's lighting to current's (after --align)")
     p.add_argument("--crop-pos-fraction", type=float, default=0.5,
                    help="share of the crop rows' training crops placed on an anomaly")
+    p.add_argument("--augment", choices=list(AUGMENTS), default="paper",
+                   help="augmentation of every network row (strong adds per-image brightness, contrast and gamma)")
     p.add_argument("--schedule", choices=list(SCHEDULES), default="constant",
                    help="learning-rate schedule of every network row (cosine: decays to 0, a steadier last epoch)")
     p.add_argument("--model", default="tiny")
