@@ -10,7 +10,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from anodfd.config import Config, ConfigError, DataConfig, TrainConfig
+from anodfd.data.cache import View
 from anodfd.data.dataset import PairDataset, make_dataset, normalize, worker_init_fn
 from anodfd.inference import TILE_BATCH, autocast, resize_probs, sliding_probs
 from anodfd.losses import CombinedLoss
@@ -223,8 +224,9 @@ def run_epoch(
     t, workers = config.train, config.data.num_workers
     pin = device.type == "cuda"
     seed_epoch(train_ds, t.seed, epoch, rank)
+    lr = epoch_lr(t, epoch)
     for group in optimizer.param_groups:
-        group["lr"] = epoch_lr(t, epoch)
+        group["lr"] = lr
     sampler = None
     if world > 1:
         # Reshuffled by epoch number, so resuming at epoch e sees the order a straight run would have.
@@ -240,7 +242,7 @@ def run_epoch(
                                        val_shard(val_ds, rank, world))
     metrics = epoch_metrics(pixels, images, t.threshold)
     metrics.update(defects.compute())  # at the fixed threshold, like F1
-    metrics.update(train_loss=stats.loss, lr=epoch_lr(t, epoch), pairs_per_s=stats.pairs_per_s,
+    metrics.update(train_loss=stats.loss, lr=lr, pairs_per_s=stats.pairs_per_s,
                    data_wait=stats.data_seconds / max(stats.seconds, 1e-9), epoch=epoch)
     if device.type == "cuda":
         metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -416,7 +418,7 @@ def epoch_line(metrics: dict[str, float], epochs: int) -> str:
 
 def check_resumable(ckpt: dict, config: Config, path: Path) -> None:
     before = Config.from_dict(ckpt["config"])
-    view = ("resize", "scale", "crop", "align", "relight")
+    view = [f.name for f in fields(View)] + ["crop"]  # every field of the view, so a new one is checked too
     if before.model != config.model or any(getattr(before.data, k) != getattr(config.data, k) for k in view):
         seen = ", ".join(f"{k} {getattr(before.data, k)}" for k in view)
         raise ConfigError(
