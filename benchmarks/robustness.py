@@ -63,7 +63,7 @@ def differencing(data_dir: Path, split: str, threshold: float, align: str) -> fl
     pixels = PixelHistogram()
     for pair in load_split(data_dir, split):
         history, current, mask = read_rgb(pair.hist), read_rgb(pair.cur), read_mask(pair.mask)
-        history, _ = align_pair(history, current, align)
+        history, _, _ = align_pair(history, current, align)
         probs = difference_map(history, current)
         if probs.shape != mask.shape:
             probs = cv2.resize(probs, mask.shape[::-1], interpolation=cv2.INTER_LINEAR)

@@ -50,7 +50,7 @@ def test_a_known_homography_is_recovered_within_a_pixel(method, seed):
     h, w = current.shape[:2]
     true = random_homography(w, h, 0.02, np.random.default_rng(seed))
     history = shift_image(current, true)
-    aligned, result = align_pair(history, current, method)
+    aligned, result, _ = align_pair(history, current, method)
     assert result.ok, result.reason
     # ECC is sub-pixel; ORB keypoints sit on a pixel grid and carry about a pixel of error at the corners.
     assert corner_error(result.matrix, true, w, h) < (1.0 if method == "ecc" else 1.5)
@@ -63,7 +63,7 @@ def test_a_known_homography_is_recovered_within_a_pixel(method, seed):
 @pytest.mark.parametrize("method", METHODS)
 def test_identical_images_give_the_identity(method):
     image = scene(seed=5)
-    aligned, result = align_pair(image, image, method)
+    aligned, result, _ = align_pair(image, image, method)
     assert result.ok
     assert np.abs(result.matrix - np.eye(3)).max() < 1e-3
     assert np.abs(aligned.astype(int) - image).max() <= 1
@@ -73,7 +73,7 @@ def test_identical_images_give_the_identity(method):
 def test_a_pure_noise_pair_falls_back_to_the_identity(method):
     rng = np.random.default_rng(0)
     history, current = (rng.integers(0, 256, (200, 260, 3), dtype=np.uint8) for _ in range(2))
-    aligned, result = align_pair(history, current, method)
+    aligned, result, _ = align_pair(history, current, method)
     assert not result.ok and result.reason
     assert np.array_equal(result.matrix, np.eye(3))
     assert aligned is history  # scored unregistered, not warped by a guess
@@ -99,9 +99,10 @@ def test_pixels_from_outside_the_frame_are_taken_from_current():
     history = cv2.warpAffine(current, np.float64([[1, 0, 12], [0, 1, 0]]), (w, h), flags=cv2.WARP_INVERSE_MAP,
                              borderMode=cv2.BORDER_REFLECT)  # history(x) = current(x + 12)
     shift = np.float64([[1, 0, -12], [0, 1, 0], [0, 0, 1]])  # so current pixel x sits at x - 12 in history
-    aligned = warp_onto(history, current, shift)
+    aligned, filled = warp_onto(history, current, shift)
     assert np.array_equal(aligned[:, 12:], current[:, 12:])
     strip = (slice(None), slice(0, 12))
+    assert filled[strip].all() and not filled[:, 12:].any()  # what relighting must then leave alone
     assert np.array_equal(aligned[strip], current[strip])
     assert difference_map(aligned, current).max() < 0.1
     black = cv2.warpPerspective(history, shift, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
@@ -180,14 +181,15 @@ def test_ddp_workers_of_a_node_split_registration_through_the_disk_cache(tmp_pat
     assert len(lines) == 1 and "noise.png" in lines[0]
 
 
-def relit(image: np.ndarray, seed: int) -> np.ndarray:
-    """``image`` under another capture's light: exposure and white balance, a tilt across the frame, a hot spot."""
+def relit(image: np.ndarray, seed: int, black: float = 0.0) -> np.ndarray:
+    """``image`` under another capture's light: exposure and white balance, a tilt across the frame, a hot spot,
+    and a camera whose black level sits ``black`` grey levels higher."""
     h, w = image.shape[:2]
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     field = 1 + 0.25 * (xx / w - 0.5) + 0.3 * np.exp(-((xx - 0.3 * w) ** 2 + (yy - 0.6 * h) ** 2) / (2 * (0.3 * w) ** 2))
     gain = rng.uniform(0.8, 1.2) * (1 + rng.uniform(-0.05, 0.05, 3))
-    return np.clip(image * field[..., None] * gain, 0, 255).astype(np.uint8)
+    return np.clip(image * field[..., None] * gain + black, 0, 255).astype(np.uint8)
 
 
 @pytest.mark.parametrize("side", [24, 64])

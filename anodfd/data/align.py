@@ -25,6 +25,7 @@ patch, which looks like a stain.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -80,59 +81,103 @@ def register(history: np.ndarray, current: np.ndarray, method: str) -> Registrat
     return Registration(matrix, True, "", seconds)
 
 
-def align_pair(history: np.ndarray, current: np.ndarray, method: str) -> tuple[np.ndarray, Registration]:
-    """``history`` warped onto ``current`` (same size and dtype), and the registration that did it."""
+def align_pair(history: np.ndarray, current: np.ndarray, method: str
+               ) -> tuple[np.ndarray, Registration, np.ndarray]:
+    """``history`` warped onto ``current`` (same size and dtype), the registration that did it, and the HxW mask of
+    the pixels taken from ``current`` because the warp brought them in from outside the history's frame."""
     result = register(history, current, method)
     if not result.ok or np.allclose(result.matrix, np.eye(3)):
-        return history, result
-    return warp_onto(history, current, result.matrix), result
+        return history, result, np.zeros(current.shape[:2], bool)
+    warped, filled = warp_onto(history, current, result.matrix)
+    return warped, result, filled
 
 
-def match_lighting(history: np.ndarray, current: np.ndarray) -> np.ndarray:
-    """``history`` (uint8 HxWx3, registered) relit to ``current``: each channel times the ratio of the two images'
-    local means (a Gaussian of `LIGHT_SIGMA` of the longer side), so exposure, white balance and smooth light
-    fields cancel while anything smaller than the Gaussian still differs. The means are taken again without the
-    thumbnail pixels whose own ratio strays from that field, so that a large stain does not pull the light toward
-    itself and fade. (Means of the pixel values, not of their logs: bright parts set the light, as the eye sees it.)"""
+def match_lighting(history: np.ndarray, current: np.ndarray, filled: np.ndarray | None = None) -> np.ndarray:
+    """``history`` (uint8 HxWx3, registered) relit to ``current`` as ``gain(x) * history + offset``: the gain is the
+    ratio of the two images' local means (a Gaussian of `LIGHT_SIGMA` of the longer side), so exposure, white
+    balance and smooth light fields cancel while anything smaller than the Gaussian still differs; the offset, one
+    per channel, is the cameras' black levels, which a gain alone can only match on average, leaving bright parts
+    off (`_black_level`). The fit is repeated without the thumbnail pixels whose own ratio strays from the last
+    one, so that a large stain does not pull the light toward itself and fade. Pixels marked in ``filled`` (HxW,
+    taken from ``current`` by the registration) play no part in the fit and are returned as they are: relit, a
+    copy of current would differ from it."""
     h, w = current.shape[:2]
     f = LIGHT_SIDE / max(h, w)
     thumb = (max(1, round(w * f)), max(1, round(h * f)))
-    cur, hist = (cv2.resize(img.astype(np.float32) + 1, thumb, interpolation=cv2.INTER_AREA)  # +1: no 0/0
-                 .reshape(thumb[1], thumb[0], -1) for img in (current, history))
+
+    def small(x: np.ndarray) -> np.ndarray:
+        return cv2.resize(x.astype(np.float32), thumb, interpolation=cv2.INTER_AREA).reshape(thumb[1], thumb[0], -1)
 
     def local_mean(x: np.ndarray) -> np.ndarray:
         return cv2.GaussianBlur(x, (0, 0), LIGHT_SIDE * LIGHT_SIGMA, borderType=cv2.BORDER_REFLECT).reshape(x.shape)
 
-    own = np.log(cur / hist)
-    weight = np.ones((*cur.shape[:2], 1), np.float32)
+    cur, hist = small(current) + 1, small(history) + 1  # +1: no 0/0
+    # Fitted on thumbnail pixels made only of pixels that are neither filled nor clipped (0 or 255 in either image):
+    # a clipped pixel no longer follows the light, and a filled one is current itself.
+    unfit = ((history == 0) | (history == 255) | (current == 0) | (current == 255)).any(axis=-1)
+    if filled is not None:
+        unfit |= filled
+    usable = (small(unfit) < 1e-3).astype(np.float32)
+    weight, offset = usable, np.zeros(cur.shape[-1], np.float32)
     for _ in range(LIGHT_ROUNDS):
-        field = local_mean(cur * weight) / np.maximum(local_mean(hist * weight), 1e-6)
-        stray = np.abs(own - np.log(field)).max(axis=-1, keepdims=True)
+        offset = _black_level(cur, hist, weight, local_mean)
+        covered = local_mean(weight)
+        field = np.where(covered > 1e-3, local_mean((cur - offset) * weight) / np.maximum(local_mean(hist * weight),
+                                                                                          1e-6), 1.0)
+        stray = np.abs(np.log(np.maximum(cur - offset, 1) / hist) - np.log(np.maximum(field, 1e-6))).max(
+            axis=-1, keepdims=True)
         # A pixel strays when it is off by more than 3 robust deviations of the others, and at least LIGHT_STRAY.
-        weight = (stray < max(LIGHT_STRAY, 3 * 1.4826 * float(np.median(stray)))).astype(np.float32)
-    gain = cv2.resize(field, (w, h), interpolation=cv2.INTER_LINEAR).reshape(history.shape)
-    return np.clip((history.astype(np.float32) + 1) * gain - 1 + 0.5, 0, 255).astype(np.uint8)
+        limit = max(LIGHT_STRAY, 3 * 1.4826 * float(np.median(stray[usable > 0])))
+        weight = usable * (stray < limit)
+    gain = cv2.resize(field.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR).reshape(history.shape)
+    relit = np.clip((history.astype(np.float32) + 1) * gain + offset - 1 + 0.5, 0, 255).astype(np.uint8)
+    if filled is not None:
+        relit[filled] = history[filled]
+    return relit
+
+
+def _black_level(cur: np.ndarray, hist: np.ndarray, weight: np.ndarray, local_mean: Callable) -> np.ndarray:
+    """Per channel, the offset b in ``cur = gain * hist + b``. In each neighbourhood the gain is the ratio of the two
+    images' local contrasts, taken on their detail (each minus a blur a quarter of the light's width, so that the
+    light's own slope across the neighbourhood does not count as contrast), and b is what it leaves of the local
+    means. The answer is the median of those local b's, each weighted by its neighbourhood's contrast: a flat patch
+    says nothing about b."""
+    n = np.maximum(local_mean(weight), 1e-6)
+    mean_h, mean_c = local_mean(hist * weight) / n, local_mean(cur * weight) / n
+    fine = LIGHT_SIDE * LIGHT_SIGMA / 4
+    detail_h, detail_c = (x - cv2.GaussianBlur(x, (0, 0), fine).reshape(x.shape) for x in (hist, cur))
+    var_h, var_c = (local_mean(d * d * weight) / n for d in (detail_h, detail_c))
+    local = mean_c - np.sqrt(var_c / np.maximum(var_h, 1e-6)) * mean_h
+    trust = var_h * weight
+    offset = np.zeros(cur.shape[-1], np.float32)
+    for k in range(cur.shape[-1]):
+        order = np.argsort(local[..., k], axis=None)
+        cumulative = np.cumsum(trust[..., k].ravel()[order])
+        if cumulative[-1] > 0:
+            offset[k] = local[..., k].ravel()[order][np.searchsorted(cumulative, cumulative[-1] / 2)]
+    return offset
 
 
 def prepare_history(history: np.ndarray, current: np.ndarray, align: str, relight: bool
                     ) -> tuple[np.ndarray, Registration]:
     """``history`` as the network sees it beside ``current``: registered by ``align``, then, with ``relight``, relit.
     The decode cache (training, eval) and `anodfd.inference.pair_map` (predict, pyfunc, score) both call it."""
-    history, registration = align_pair(history, current, align)
-    return (match_lighting(history, current) if relight else history), registration
+    history, registration, filled = align_pair(history, current, align)
+    return (match_lighting(history, current, filled) if relight else history), registration
 
 
-def warp_onto(history: np.ndarray, current: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """``history`` resampled at ``matrix`` (current -> history coordinates); pixels from outside its frame, and
-    the one-pixel rim where interpolation blends in the border, are taken from ``current``."""
+def warp_onto(history: np.ndarray, current: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``history`` resampled at ``matrix`` (current -> history coordinates), and the HxW mask of the pixels taken
+    from ``current`` instead: those from outside the history's frame, and the one-pixel rim where interpolation
+    blends in the border."""
     h, w = current.shape[:2]
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     warped = cv2.warpPerspective(history, matrix, (w, h), flags=flags, borderMode=cv2.BORDER_REPLICATE)
     inside = cv2.warpPerspective(np.ones(history.shape[:2], np.float32), matrix, (w, h), flags=flags,
                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    outside = inside < 0.999
-    warped[outside] = current[outside]
-    return warped
+    filled = inside < 0.999
+    warped[filled] = current[filled]
+    return warped, filled
 
 
 def implausible(matrix: np.ndarray, width: int, height: int) -> str:

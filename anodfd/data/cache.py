@@ -156,7 +156,7 @@ class PairCache:
     def key(self, pair: Pair, view: View | int) -> str:
         view = as_view(view)
         # The relight part names `match_lighting`'s method, so maps relit by an older one are not read back.
-        relight = ["relit-weighted-means"] if view.relight else []
+        relight = ["relit-gain-and-black-level"] if view.relight else []
         parts = [_VERSION, str(view.resize), repr(float(view.scale)), view.align, *relight]
         for f in (pair.hist, pair.cur, pair.mask):
             st = f.stat()
