@@ -90,7 +90,7 @@ def map_png(probs: np.ndarray) -> bytes:
 
 
 def write_outputs(name: str, hist_path: Path, cur_path: Path, cur_rgb: np.ndarray, result: PairResult, out: Path,
-                  threshold: float, align: str) -> Prediction:
+                  threshold: float, align: str, relight: bool) -> Prediction:
     """``out``/<name>_map.png, <name>_overlay.jpg and <name>.json for one scored pair."""
     map_path, overlay_path, json_path = out / f"{name}_map.png", out / f"{name}_overlay.jpg", out / f"{name}.json"
     map_path.write_bytes(map_png(result.probs))
@@ -101,6 +101,7 @@ def write_outputs(name: str, hist_path: Path, cur_path: Path, cur_rgb: np.ndarra
         "history": str(hist_path), "current": str(cur_path), "score": result.score, "threshold": threshold,
         "anomalous_fraction": result.anomalous_fraction, "boxes": result.boxes,
         "align": {"method": align, "ok": reg.ok, "reason": reg.reason, "history_from_current": reg.matrix.tolist()},
+        "relight": relight,
     }, indent=2))
     os.replace(tmp, json_path)
     if not reg.ok:
@@ -127,7 +128,7 @@ def predict_pair(
         result = analyse(model, data, hist_rgb, cur_rgb, threshold, device, min_area)
     except ConfigError as e:
         raise DatasetError(f"{hist_path} and {cur_path}: {e}") from None
-    return write_outputs(name, hist_path, cur_path, cur_rgb, result, out, threshold, data.align)
+    return write_outputs(name, hist_path, cur_path, cur_rgb, result, out, threshold, data.align, data.relight)
 
 
 def regions(binary: np.ndarray, probs: np.ndarray, min_area: int = MIN_REGION_AREA) -> list[dict]:

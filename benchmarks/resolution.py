@@ -4,6 +4,9 @@
     anodfd synth OL --out data/OL-2048 --pairs 60 --size 2048x1536 --seed 1
     python benchmarks/resolution.py --data data/OL-2048 --epochs 40 --scales 1 0.25
     python benchmarks/resolution.py --data data/OL-2048 --epochs 40 --align ecc --relight --fit-threshold
+    anodfd synth OL --out data/OL-2048-holdout --pairs 100 --size 2048x1536 --seed 7
+    python benchmarks/resolution.py --data data/OL-2048 --epochs 40 --align ecc --relight --fit-threshold \
+        --schedule cosine --holdout data/OL-2048-holdout   # small-defect recall on 100 more pairs
     python benchmarks/resolution.py --timing        # tiled inference speed and memory only
     python benchmarks/resolution.py --misses runs/resolution10/deeppcb/crop-align-ecc/last.pt \
         --data ../shared/data/deeppcb                # why a model's defects were missed
@@ -21,7 +24,9 @@ Columns: pixel F1 and AUC, defect F and recall (`anodfd.metrics.DefectCounts`: a
 region of at least 16 px overlaps it), and the recall of small defects (largest side under 1% and under 3% of the
 image's longer side). `--timing` measures tiled inference at 2048x1536 (pairs/s for `tiny` and `paper`) and the
 peak memory of a process scoring one 2048x1536 pair against one 4096x3072 pair.
-Results land in `--out` as JSON; reruns reuse finished trainings.
+`--holdout DIR` adds each row scored on every pair of another dataset, none of which it was trained on or fitted
+to: a validation split of 11 pairs holds a single defect under 1% of the side. Results land in `--out` as JSON;
+reruns reuse finished trainings.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ def crop_view(scale: float, pos_fraction: float = 0.5) -> tuple[str, dict]:
     return (f"AnoDFDNet --scale {scale:g} --crop 256 --crop-pos-fraction {pos_fraction:g}, tiled",
             {"data.resize": 0, "data.scale": scale, "data.crop": 256, "data.crop_pos_fraction": pos_fraction})
 SMALL = (0.01, 0.03)  # small-defect bins: largest side under this share of the image's longer side
+HOLDOUT_SPLITS = ("train", "val", "test")  # a --holdout set is scored whole: none of it was trained on
 
 
 class Tally:
@@ -102,15 +108,19 @@ def config_for(data: str, view: dict, args: argparse.Namespace) -> Config:
     return with_window(base, view)
 
 
-def score_model(checkpoint: Path, split: str, threshold: float = 0.5) -> dict:
+def score_model(checkpoint: Path, splits: tuple[str, ...], threshold: float = 0.5, data: str | None = None) -> dict:
+    """The checkpoint's rows on ``splits`` of its own dataset, or of ``data``'s (a holdout set)."""
     model, config = inference_model(load_checkpoint(checkpoint))
-    dataset, tally = make_dataset(config.data, split), Tally(threshold)
+    if data:
+        config = config.with_flat({"data.data": data})
+    tally, count = Tally(threshold), 0
     start = time.perf_counter()
-    # `evaluate` counts pixels and defects (at the tally's threshold); the tally adds small-defect recall.
-    tally.pixels, _, tally.defects = evaluate(
-        model, dataset, torch.device("cpu"), config.data.window, threshold=tally.threshold,
-        on_pair=lambda i, probs, mask: tally.add_small((probs >= tally.threshold).astype(np.uint8), mask))
-    return {**tally.row(), "score_s_per_pair": (time.perf_counter() - start) / len(dataset)}
+    for split in splits:
+        dataset = make_dataset(config.data, split)
+        evaluate(model, dataset, torch.device("cpu"), config.data.window, threshold=threshold,
+                 on_pair=lambda i, probs, mask: tally.add(probs, mask))
+        count += len(dataset)
+    return {**tally.row(), "score_s_per_pair": (time.perf_counter() - start) / count}
 
 
 def train_threshold(checkpoint: Path) -> float:
@@ -120,17 +130,20 @@ def train_threshold(checkpoint: Path) -> float:
     return pixels.best_f1_threshold()[0]
 
 
-def score_template(data: str, split: str) -> dict:
-    config = Config().with_flat({"data.data": data})
-    _, threshold = template_difference(config.data, split, native=True)  # fitted on train
-    dataset = make_dataset(config.data, split)
+def score_template(data: str, splits: tuple[str, ...], on: str | None = None) -> dict:
+    """Template differencing with its threshold fitted on ``data``'s train split, scored on ``splits`` of ``data``
+    or of ``on`` (a holdout set)."""
+    _, threshold = template_difference(Config().with_flat({"data.data": data}).data, splits[0], native=True)
     tally = Tally(threshold)
-    for i, pair in enumerate(dataset.pairs):
-        history, current = (cv2.imread(str(f), cv2.IMREAD_GRAYSCALE) for f in (pair.hist, pair.cur))
-        mask = dataset.native_mask(i)
-        if history.shape != mask.shape:
-            history, current = (cv2.resize(x, mask.shape[::-1], interpolation=cv2.INTER_AREA) for x in (history, current))
-        tally.add(difference_map(history, current), mask)
+    for split in splits:
+        dataset = make_dataset(Config().with_flat({"data.data": on or data}).data, split)
+        for i, pair in enumerate(dataset.pairs):
+            history, current = (cv2.imread(str(f), cv2.IMREAD_GRAYSCALE) for f in (pair.hist, pair.cur))
+            mask = dataset.native_mask(i)
+            if history.shape != mask.shape:
+                history, current = (cv2.resize(x, mask.shape[::-1], interpolation=cv2.INTER_AREA)
+                                    for x in (history, current))
+            tally.add(difference_map(history, current), mask)
     return {**tally.row(), "threshold": threshold}
 
 
@@ -138,8 +151,14 @@ def run_dataset(args: argparse.Namespace) -> list[dict]:
     data = str(Path(args.data).resolve())
     out = Path(args.out) / Path(data).name
     out.mkdir(parents=True, exist_ok=True)
-    rows = [{"method": "template differencing, native", **score_template(data, args.split)}]
+    holdout = str(Path(args.holdout).resolve()) if args.holdout else None
+    on_holdout = f", on {Path(holdout).name} (all splits)" if holdout else ""
+    rows = [{"method": "template differencing, native", **score_template(data, (args.split,))}]
     print(rows[-1], flush=True)
+    if holdout:
+        rows.append({"method": f"template differencing, native{on_holdout}",
+                     **score_template(data, HOLDOUT_SPLITS, on=holdout)})
+        print(rows[-1], flush=True)
     views = {**SQUASHED, **dict(crop_view(s, args.crop_pos_fraction) for s in args.scales)}
     aligned = ("" if args.align == "none" else f" --align {args.align}") + (" --relight" if args.relight else "")
     # keeps the runs and results of each align, relight, crop-pos-fraction, augment, schedule and seed apart (a run
@@ -157,12 +176,17 @@ def run_dataset(args: argparse.Namespace) -> list[dict]:
         start = time.time()
         fit(config, run)
         rows.append({"method": method, "train_minutes": (time.time() - start) / 60,
-                     **score_model(run / "last.pt", args.split)})
+                     **score_model(run / "last.pt", (args.split,))})
         print(rows[-1], flush=True)
+        threshold = 0.5
         if args.fit_threshold:
             threshold = train_threshold(run / "last.pt")
             rows.append({"method": f"{method}, threshold {threshold:.3f} fitted on train",
-                         **score_model(run / "last.pt", args.split, threshold), "threshold": threshold})
+                         **score_model(run / "last.pt", (args.split,), threshold), "threshold": threshold})
+            print(rows[-1], flush=True)
+        if holdout:
+            rows.append({"method": f"{method}, threshold {threshold:.3f}{on_holdout}",
+                         **score_model(run / "last.pt", HOLDOUT_SPLITS, threshold, holdout), "threshold": threshold})
             print(rows[-1], flush=True)
     (out / f"resolution{pos}{tag}.json").write_text(json.dumps({"budget": budget(args), "rows": rows}, indent=2))
     return rows
@@ -289,6 +313,9 @@ def main() -> None:
     p.add_argument("--timing", action="store_true", help="measure tiled inference speed and memory")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="runs/resolution")
+    p.add_argument("--holdout", default=None, metavar="DIR",
+                   help="also score every row, at the same thresholds, on every pair of this dataset (generated apart "
+                        "from --data, e.g. by another seed): enough small defects to count")
     p.add_argument("--misses", type=Path, default=None, metavar="CHECKPOINT",
                    help="with --data: sort the defects this checkpoint misses on --split, instead of training")
     p.add_argument("--_time", nargs=4, help=argparse.SUPPRESS)

@@ -14,10 +14,11 @@ more than `MAX_CORNER_SHIFT` of the side, a scale or shear beyond `MAX_SCALE`, a
 warp) falls back to the identity and is reported as failed: an unregistered pair is better than a folded one.
 
 History pixels the warp brings in from outside the frame have no content. They are filled from the current
-image, so they read as "no change" there; a black wedge would be flagged as an anomaly.
+image, so they read as "no change" there (and relighting leaves them so); a black wedge would be flagged as an
+anomaly.
 
 ``--relight`` then matches the history's lighting to the current's (`match_lighting`): two captures differ in
-exposure, white balance, lamp hot spots and shadows. Squashed to 256x256 a network sees the whole image and learns
+exposure, white balance, lamp hot spots, shadows and the camera's black level. Squashed to 256x256 a network sees the whole image and learns
 that a change spread over all of it is light; a 256 px tile of a 2048x1536 image sees only a uniformly darker
 patch, which looks like a stain.
 """
