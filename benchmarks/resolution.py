@@ -61,18 +61,29 @@ SMALL = (0.01, 0.03)  # small-defect bins: largest side under this share of the 
 HOLDOUT_SPLITS = ("train", "val", "test")  # a --holdout set is scored whole: none of it was trained on
 
 
-class Tally:
-    """Pixel histogram, defect counts and small-defect recall over (map, mask) pairs at native size."""
+SWEEP = (0.3, 0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999)
+EQUAL_ALARMS = 1.0  # false alarms per pair at which --holdout rows also compare defect recall
 
-    def __init__(self, threshold: float = 0.5) -> None:
+
+class Tally:
+    """Pixel histogram, defect counts and small-defect recall over (map, mask) pairs at native size. With ``sweep``,
+    defects are also counted at each threshold of `SWEEP`, to compare models at equal false alarms: the threshold
+    that is best for pixel F1 says little about finding a 10 px defect."""
+
+    def __init__(self, threshold: float = 0.5, sweep: bool = False) -> None:
         self.pixels, self.defects, self.threshold = PixelHistogram(), DefectCounts(), threshold
         self.small = {s: [0, 0] for s in SMALL}  # share -> [found, total]
+        self.swept = {t: Tally(t) for t in SWEEP} if sweep else {}
 
     def add(self, probs: np.ndarray, mask: np.ndarray) -> None:
         self.pixels.update(torch.from_numpy(probs)[None, None], torch.from_numpy(mask)[None, None])
         binary = (probs >= self.threshold).astype(np.uint8)
         self.defects.update(binary, mask)
         self.add_small(binary, mask)
+        for t, tally in self.swept.items():
+            binary = (probs >= t).astype(np.uint8)
+            tally.defects.update(binary, mask)
+            tally.add_small(binary, mask)
 
     def add_small(self, binary: np.ndarray, mask: np.ndarray) -> None:
         """Small-defect recall only, for maps whose pixels and defects are counted elsewhere (`loop.evaluate`)."""
@@ -96,6 +107,13 @@ class Tally:
         for share, (found, total) in self.small.items():
             out[f"recall_under_{share:g}"] = found / total if total else None
             out[f"defects_under_{share:g}"] = total
+        if self.swept:
+            out["sweep"] = {f"{t:g}": {k: v for k, v in tally.row().items() if k not in ("pixel_f1", "auc")}
+                            for t, tally in self.swept.items()}
+            # the lowest threshold of the sweep with at most EQUAL_ALARMS false alarms per pair
+            t = next((t for t, tally in self.swept.items()
+                      if tally.defects.compute()["false_alarms_per_image"] <= EQUAL_ALARMS), SWEEP[-1])
+            out[f"at_{EQUAL_ALARMS:g}_false_alarms"] = {"threshold": t, **out["sweep"][f"{t:g}"]}
         return out
 
 
@@ -109,11 +127,11 @@ def config_for(data: str, view: dict, args: argparse.Namespace) -> Config:
 
 
 def score_model(checkpoint: Path, splits: tuple[str, ...], threshold: float = 0.5, data: str | None = None) -> dict:
-    """The checkpoint's rows on ``splits`` of its own dataset, or of ``data``'s (a holdout set)."""
+    """The checkpoint's rows on ``splits`` of its own dataset, or of ``data``'s (a holdout set, also swept)."""
     model, config = inference_model(load_checkpoint(checkpoint))
     if data:
         config = config.with_flat({"data.data": data})
-    tally, count = Tally(threshold), 0
+    tally, count = Tally(threshold, sweep=bool(data)), 0
     start = time.perf_counter()
     for split in splits:
         dataset = make_dataset(config.data, split)
@@ -134,7 +152,7 @@ def score_template(data: str, splits: tuple[str, ...], on: str | None = None) ->
     """Template differencing with its threshold fitted on ``data``'s train split, scored on ``splits`` of ``data``
     or of ``on`` (a holdout set)."""
     _, threshold = template_difference(Config().with_flat({"data.data": data}).data, splits[0], native=True)
-    tally = Tally(threshold)
+    tally = Tally(threshold, sweep=bool(on))
     for split in splits:
         dataset = make_dataset(Config().with_flat({"data.data": on or data}).data, split)
         for i, pair in enumerate(dataset.pairs):
@@ -203,13 +221,22 @@ def print_table(rows: list[dict], title: str) -> None:
     print(f"\n{title}\n")
     print("| method | pixel F1 | AUC | defect F | defect recall | recall, defects < 1% of side | < 3% of side |")
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        def small(share: float, r=r) -> str:
-            value = r[f"recall_under_{share:g}"]
-            return "none" if value is None else f"{value:.3f} ({r[f'defects_under_{share:g}']})"
+    def small(share: float, r: dict) -> str:
+        value = r[f"recall_under_{share:g}"]
+        return "none" if value is None else f"{value:.3f} ({r[f'defects_under_{share:g}']})"
 
+    for r in rows:
         print(f"| {r['method']} | {r['pixel_f1']:.4f} | {r['auc']:.4f} | {r['defect_f']:.4f} | "
-              f"{r['defect_recall']:.4f} | {small(0.01)} | {small(0.03)} |")
+              f"{r['defect_recall']:.4f} | {small(0.01, r)} | {small(0.03, r)} |")
+    equal = f"at_{EQUAL_ALARMS:g}_false_alarms"
+    swept = [(r["method"], r[equal]) for r in rows if equal in r]
+    if swept:
+        print(f"\nAt the lowest threshold of {SWEEP} with at most {EQUAL_ALARMS:g} false alarms per pair:\n")
+        print("| method | threshold | false alarms / pair | defect recall | < 1% of side | < 3% of side |")
+        print("|---|---|---|---|---|---|")
+        for method, r in swept:
+            print(f"| {method} | {r['threshold']:g} | {r['false_alarms_per_image']:.2f} | {r['defect_recall']:.4f} | "
+                  f"{small(0.01, r)} | {small(0.03, r)} |")
 
 
 def time_one(model_name: str, width: int, height: int, window: int, repeats: int) -> dict:
