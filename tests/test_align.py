@@ -198,7 +198,7 @@ def test_relighting_cancels_the_capture_light_and_keeps_a_local_change(side):
     it by 10+ grey levels everywhere; relit, the normal area differs by under a quarter of that, while a stain on
     current keeps at least 80% of the difference it makes in a pair lit alike: a small one (24 px) and one as wide
     as 1.6 times the light's Gaussian (64 px of 320), which a plain ratio of local means fades to about 70%. A pair
-    lit alike is left unchanged."""
+    lit alike is left unchanged, and so is a binarised one (nothing but clipped pixels to fit on)."""
     from anodfd.data.align import match_lighting
 
     current = scene(seed=5)
@@ -214,6 +214,8 @@ def test_relighting_cancels_the_capture_light_and_keeps_a_local_change(side):
     assert after[normal].mean() < 0.25 * before[normal].mean()
     assert after[stain].mean() > 0.8 * np.abs(clean.astype(int) - current)[stain].mean()
     assert np.array_equal(match_lighting(current, current), current)
+    binary = np.where(history > 127, 255, 0).astype(np.uint8)  # every pixel clipped: no light to fit
+    assert np.array_equal(match_lighting(binary, current), binary)
 
 
 @pytest.mark.parametrize("black", [-12, 20])

@@ -101,7 +101,7 @@ def match_lighting(history: np.ndarray, current: np.ndarray, filled: np.ndarray 
     off (`_black_level`). The fit is repeated without the thumbnail pixels whose own ratio strays from the last
     one, so that a large stain does not pull the light toward itself and fade. Pixels marked in ``filled`` (HxW,
     taken from ``current`` by the registration) play no part in the fit and are returned as they are: relit, a
-    copy of current would differ from it."""
+    copy of current would differ from it. Neither do clipped pixels; a pair with nothing else is returned as is."""
     h, w = current.shape[:2]
     f = LIGHT_SIDE / max(h, w)
     thumb = (max(1, round(w * f)), max(1, round(h * f)))
@@ -119,6 +119,8 @@ def match_lighting(history: np.ndarray, current: np.ndarray, filled: np.ndarray 
     if filled is not None:
         unfit |= filled
     usable = (small(unfit) < 1e-3).astype(np.float32)
+    if not usable.any():  # a binarised pair (DeepPCB's boards) has no light to fit
+        return history
     weight, offset = usable, np.zeros(cur.shape[-1], np.float32)
     for _ in range(LIGHT_ROUNDS):
         offset = _black_level(cur, hist, weight, local_mean)
