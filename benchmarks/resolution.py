@@ -45,6 +45,7 @@ import torch
 
 from anodfd.config import PRESETS, SCHEDULES, Config, with_window
 from anodfd.data.dataset import make_dataset
+from anodfd.data.layouts import DatasetError, load_split
 from anodfd.data.transforms import AUGMENTS
 from anodfd.inference import sliding_probs
 from anodfd.metrics import MIN_REGION_AREA, DefectCounts, PixelHistogram, defect_regions, detections
@@ -359,6 +360,12 @@ def main() -> None:
             p.error("--misses needs --data")
         print(json.dumps(explain_misses(args.misses, args.data, args.split), indent=2))
         return
+    try:  # before hours of training, not after
+        for folder, splits in ((args.data, ("train", args.split)), (args.holdout, HOLDOUT_SPLITS)):
+            for split in splits if folder else ():
+                load_split(Path(folder), split)
+    except DatasetError as e:
+        p.error(str(e))
     if args.data:
         print_table(run_dataset(args), f"{Path(args.data).name}, {args.split} split, native masks; {budget(args)}")
     if args.timing:
