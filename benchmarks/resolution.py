@@ -80,16 +80,19 @@ class Tally:
 
     def add(self, probs: np.ndarray, mask: np.ndarray) -> None:
         self.pixels.update(torch.from_numpy(probs)[None, None], torch.from_numpy(mask)[None, None])
-        binary = (probs >= self.threshold).astype(np.uint8)
-        self.defects.update(binary, mask)
-        self.add_small(binary, mask)
-        for t, tally in self.swept.items():
-            binary = (probs >= t).astype(np.uint8)
+        self.defects.update((probs >= self.threshold).astype(np.uint8), mask)
+        self.add_extras(probs, mask)
+
+    def add_extras(self, probs: np.ndarray, mask: np.ndarray) -> None:
+        """Small-defect recall and the sweep only, for maps whose pixels and defects are counted elsewhere
+        (`loop.evaluate`)."""
+        self.add_small((probs >= self.threshold).astype(np.uint8), mask)
+        for tally in self.swept.values():
+            binary = (probs >= tally.threshold).astype(np.uint8)
             tally.defects.update(binary, mask)
             tally.add_small(binary, mask)
 
     def add_small(self, binary: np.ndarray, mask: np.ndarray) -> None:
-        """Small-defect recall only, for maps whose pixels and defects are counted elsewhere (`loop.evaluate`)."""
         labels, _, kept = detections(binary, MIN_REGION_AREA)
         detected = np.isin(labels, kept)
         truth, defects = defect_regions(mask)
@@ -138,8 +141,11 @@ def score_model(checkpoint: Path, splits: tuple[str, ...], threshold: float = 0.
     start = time.perf_counter()
     for split in splits:
         dataset = make_dataset(config.data, split)
-        evaluate(model, dataset, torch.device("cpu"), config.data.window, threshold=threshold,
-                 on_pair=lambda i, probs, mask: tally.add(probs, mask))
+        # `evaluate` counts pixels and defects (at the tally's threshold); the tally adds small defects and the sweep.
+        pixels, _, defects = evaluate(model, dataset, torch.device("cpu"), config.data.window, threshold=threshold,
+                                      on_pair=lambda i, probs, mask: tally.add_extras(probs, mask))
+        tally.pixels.merge(pixels)
+        tally.defects.merge(defects)
         count += len(dataset)
     return {**tally.row(), "score_s_per_pair": (time.perf_counter() - start) / count}
 
@@ -151,13 +157,15 @@ def train_threshold(checkpoint: Path) -> float:
     return pixels.best_f1_threshold()[0]
 
 
-def score_template(data: str, splits: tuple[str, ...], on: str | None = None) -> dict:
-    """Template differencing with its threshold fitted on ``data``'s train split, scored on ``splits`` of ``data``
-    or of ``on`` (a holdout set)."""
-    _, threshold = template_difference(Config().with_flat({"data.data": data}).data, splits[0], native=True)
-    tally = Tally(threshold, sweep=bool(on))
+def score_template(data: str, splits: tuple[str, ...], threshold: float | None = None) -> dict:
+    """Template differencing on ``splits`` of ``data`` at ``threshold``; by default the one fitted on ``data``'s train
+    split. Given a threshold (fitted on another dataset), ``data`` is a holdout set: also swept."""
+    holdout = threshold is not None
+    if not holdout:
+        _, threshold = template_difference(Config().with_flat({"data.data": data}).data, splits[0], native=True)
+    tally = Tally(threshold, sweep=holdout)
     for split in splits:
-        dataset = make_dataset(Config().with_flat({"data.data": on or data}).data, split)
+        dataset = make_dataset(Config().with_flat({"data.data": data}).data, split)
         for i, pair in enumerate(dataset.pairs):
             history, current = (cv2.imread(str(f), cv2.IMREAD_GRAYSCALE) for f in (pair.hist, pair.cur))
             mask = dataset.native_mask(i)
@@ -178,7 +186,7 @@ def run_dataset(args: argparse.Namespace) -> list[dict]:
     print(rows[-1], flush=True)
     if holdout:
         rows.append({"method": f"template differencing, native{on_holdout}",
-                     **score_template(data, HOLDOUT_SPLITS, on=holdout)})
+                     **score_template(holdout, HOLDOUT_SPLITS, rows[0]["threshold"])})
         print(rows[-1], flush=True)
     views = {**SQUASHED, **dict(crop_view(s, args.crop_pos_fraction) for s in args.scales)}
     aligned = ("" if args.align == "none" else f" --align {args.align}") + (" --relight" if args.relight else "")

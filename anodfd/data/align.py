@@ -18,9 +18,9 @@ image, so they read as "no change" there (and relighting leaves them so); a blac
 anomaly.
 
 ``--relight`` then matches the history's lighting to the current's (`match_lighting`): two captures differ in
-exposure, white balance, lamp hot spots, shadows and the camera's black level. Squashed to 256x256 a network sees the whole image and learns
-that a change spread over all of it is light; a 256 px tile of a 2048x1536 image sees only a uniformly darker
-patch, which looks like a stain.
+exposure, white balance, lamp hot spots, shadows and the camera's black level. Squashed to 256x256 a network sees
+the whole image and learns that a change spread over all of it is light; a 256 px tile of a 2048x1536 image sees
+only a uniformly darker patch, which looks like a stain.
 """
 
 from __future__ import annotations
