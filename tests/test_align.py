@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from anodfd.config import Config, ConfigError
-from anodfd.data.align import align_pair, implausible, warp_onto
+from anodfd.data.align import align_pair, implausible, register, warp_onto
 from anodfd.data.shift import random_homography, shift_image
 
 METHODS = ("ecc", "features")
@@ -58,6 +58,40 @@ def test_a_known_homography_is_recovered_within_a_pixel(method, seed):
     before = np.abs(history.astype(int) - current)[inner].mean()
     after = np.abs(aligned.astype(int) - current)[inner].mean()
     assert after < min(1.5, before / 5), (before, after)
+
+
+@pytest.fixture(scope="module")
+def full_size_image(tmp_path_factory) -> np.ndarray:
+    """One current image of the OL stand-in at 2048x1536: the size registration works on a reduced copy of."""
+    from anodfd.data.cache import read_rgb
+    from anodfd.data.layouts import load_split
+    from anodfd.data.synthetic import synthesize
+
+    root = synthesize("OL", tmp_path_factory.mktemp("ol"), pairs=3, seed=0, size=(2048, 1536), workers=1,
+                      progress=False)
+    return read_rgb(load_split(root, "train")[0].cur)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_large_image_is_registered_within_a_fifth_of_a_pixel_under_uneven_light(full_size_image, method, seed):
+    """At 2048x1536, with the history under another light (a slope and a lamp's hot spot, a black level, noise),
+    the homography is right to within 0.2 px at every corner. A 256 px tile of a native-resolution model sees a
+    part's edge shifted by a pixel as a change. Registration on the 640 px copy alone was off by 0.7 to 2 px here
+    (ECC is pulled by the uneven light, ORB keypoints sit on the reduced copy's grid); the full-size pass fixes
+    both."""
+    current = full_size_image
+    h, w = current.shape[:2]
+    rng = np.random.default_rng(seed)
+    true = random_homography(w, h, 0.02, rng)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = yy / h - 0.5, xx / w - 0.5
+    light = 1 + 0.2 * xx - 0.1 * yy + 0.2 * np.exp(-((xx - 0.25) ** 2 + (yy + 0.2) ** 2) / 0.05)
+    lit = shift_image(current, true).astype(np.float32) * light[..., None] - 10 + rng.normal(0, 3, current.shape)
+    history = np.clip(lit, 0, 255).astype(np.uint8)
+    result = register(history, current, method)
+    assert result.ok, result.reason
+    assert corner_error(result.matrix, true, w, h) < 0.2
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -157,7 +157,9 @@ class PairCache:
         view = as_view(view)
         # The relight part names `match_lighting`'s method, so maps relit by an older one are not read back.
         relight = ["relit-gain-and-black-level"] if view.relight else []
-        parts = [_VERSION, str(view.resize), repr(float(view.scale)), view.align, *relight]
+        # Likewise the align part names registration's method: maps registered without the full-size pass differ.
+        align = view.align if view.align == "none" else f"{view.align}-refined-at-full-size"
+        parts = [_VERSION, str(view.resize), repr(float(view.scale)), align, *relight]
         for f in (pair.hist, pair.cur, pair.mask):
             st = f.stat()
             parts += [str(f.resolve()), str(st.st_size), str(st.st_mtime_ns)]
