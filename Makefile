@@ -27,7 +27,7 @@ demo: $(STAMP)
 
 test: $(STAMP) sysdeps
 	$(PY) -m ruff check anodfd tests benchmarks tune cluster
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20  # the slowest tests, so a slower suite says where
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_loading.py
