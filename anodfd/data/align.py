@@ -11,7 +11,8 @@ change, so the network (or differencing) only sees what changed.
 
 An image larger than `WORK_SIDE` gets a last pass at full size (`_refine`): a 2048x1536 image registered on a
 640 px copy is off by half a pixel near its corners, and a 256 px tile sees a part's edge shifted by a pixel as a
-change. Squashed to 256x256 the same error is a fifth of a pixel and unseen.
+change. Squashed to 256x256 the same error is a fifth of a pixel and unseen. The pass also catches a first
+estimate that settled in the wrong place.
 
 A registration that fails (ECC does not converge, too few keypoint inliers) or is implausible (a corner moved
 more than `MAX_CORNER_SHIFT` of the side, a scale or shear beyond `MAX_SCALE`, a weak correlation after the
@@ -45,6 +46,7 @@ MIN_CORRELATION = 0.5  # ECC's correlation of the grey images after the warp
 MIN_INLIERS = 20  # keypoint matches that agree with the RANSAC homography
 REFINE_PATCH = 256  # px; the full-size pass measures the shift left in patches this large ...
 REFINE_GRID = (7, 5)  # ... on a grid of this many across and down
+REFINE_ROUNDS = 3  # measurements at most: a first estimate far off needs a second look from the corrected one
 LIGHT_SIGMA = 1 / 8  # of the longer side: lighting varies more slowly than anything worth flagging
 LIGHT_SIDE = 64  # the local means are taken on a thumbnail this long: lighting is smooth
 LIGHT_ROUNDS = 3  # fits of the light field, each without the thumbnail pixels that strayed from the last
@@ -79,7 +81,7 @@ def register(history: np.ndarray, current: np.ndarray, method: str) -> Registrat
         scale = np.diag([w / hist.shape[1], h / hist.shape[0], 1.0])
         matrix = scale @ matrix @ np.linalg.inv(scale)
         if factor < 1:
-            matrix = _refine(history, current, matrix, max_move=2 / factor)
+            matrix = _refine(history, current, matrix)
         matrix /= matrix[2, 2]
         problem = implausible(matrix, w, h)
     except _Failed as e:
@@ -250,41 +252,47 @@ def _ecc(hist: np.ndarray, cur: np.ndarray, levels: int = 3) -> np.ndarray:
     return matrix.astype(np.float64)
 
 
-def _refine(history: np.ndarray, current: np.ndarray, matrix: np.ndarray, max_move: float) -> np.ndarray:
+def _refine(history: np.ndarray, current: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """``matrix`` corrected at full size. In each patch of a grid over the image, phase correlation measures the
     shift still left between current and the history warped by ``matrix``, to a few hundredths of a pixel and
     whatever the light; a homography through the patches' centres and their shifted places (MAGSAC++, 0.5 px) is
-    the correction. Patches too flat to measure, or with a weak correlation peak (an anomaly, a repetitive
-    pattern), do not vote. With fewer than 8 votes, or a correction that moves a corner by more than ``max_move``
-    px (more than the reduced copy's own error can be), ``matrix`` comes back unchanged."""
+    the correction. Patches too flat to measure, or with a weak correlation peak (an anomaly), do not vote, and a
+    correction needs at least half the votes (8 or more) behind it: patches that disagree (a repeating pattern)
+    leave ``matrix`` as it is. A correction of more than a pixel means the first estimate was wrong, not just
+    imprecise (ECC on a reduced copy can settle off by 20 px when a lamp's hot spot pulls it); the measurement is
+    then repeated from the corrected one, up to `REFINE_ROUNDS` times."""
     cur, hist = (_grey(x, 1.0).astype(np.float32) for x in (current, history))
     h, w = cur.shape
     side = min(REFINE_PATCH, h // 2, w // 2)
-    warped = cv2.warpPerspective(hist, matrix, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                                 borderMode=cv2.BORDER_REPLICATE)
     window = cv2.createHanningWindow((side, side), cv2.CV_32F)
-    centres, shifted = [], []
-    for y in np.linspace(side / 2, h - side / 2, REFINE_GRID[1]):
-        for x in np.linspace(side / 2, w - side / 2, REFINE_GRID[0]):
-            x0, y0 = int(x - side / 2), int(y - side / 2)
-            patch = cur[y0:y0 + side, x0:x0 + side]
-            if patch.std() < 4:
-                continue
-            (dx, dy), peak = cv2.phaseCorrelate(patch, warped[y0:y0 + side, x0:x0 + side], window)
-            if peak > 0.1:
-                centres.append((x0 + side / 2, y0 + side / 2))
-                shifted.append((x0 + side / 2 + dx, y0 + side / 2 + dy))
-    if len(centres) < 8:
-        return matrix
-    # The correction maps current's pixels to the warped history's: history = matrix @ correction @ current.
-    correction, inliers = cv2.findHomography(np.float32(centres), np.float32(shifted), cv2.USAC_MAGSAC, 0.5)
-    if correction is None or int(inliers.sum()) < 8:
-        return matrix
     corners = np.float64([[0, 0, 1], [w, 0, 1], [w, h, 1], [0, h, 1]])
-    moved = corners @ correction.T
-    if not np.isfinite(moved).all() or np.abs(moved[:, :2] / moved[:, 2:] - corners[:, :2]).max() > max_move:
-        return matrix
-    return matrix @ correction
+    for _ in range(REFINE_ROUNDS):
+        warped = cv2.warpPerspective(hist, matrix, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                     borderMode=cv2.BORDER_REPLICATE)
+        centres, shifted = [], []
+        for y in np.linspace(side / 2, h - side / 2, REFINE_GRID[1]):
+            for x in np.linspace(side / 2, w - side / 2, REFINE_GRID[0]):
+                x0, y0 = int(x - side / 2), int(y - side / 2)
+                patch = cur[y0:y0 + side, x0:x0 + side]
+                if patch.std() < 4:
+                    continue
+                (dx, dy), peak = cv2.phaseCorrelate(patch, warped[y0:y0 + side, x0:x0 + side], window)
+                if peak > 0.1:
+                    centres.append((x0 + side / 2, y0 + side / 2))
+                    shifted.append((x0 + side / 2 + dx, y0 + side / 2 + dy))
+        if len(centres) < 8:
+            return matrix
+        # The correction maps current's pixels to the warped history's: history = matrix @ correction @ current.
+        correction, inliers = cv2.findHomography(np.float32(centres), np.float32(shifted), cv2.USAC_MAGSAC, 0.5)
+        if correction is None or int(inliers.sum()) < max(8, len(centres) / 2):
+            return matrix
+        moved = corners @ correction.T
+        if not np.isfinite(moved).all():
+            return matrix
+        matrix = matrix @ correction
+        if np.abs(moved[:, :2] / moved[:, 2:] - corners[:, :2]).max() < 1:
+            break
+    return matrix
 
 
 def _features(hist: np.ndarray, cur: np.ndarray) -> np.ndarray:
