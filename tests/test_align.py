@@ -95,9 +95,9 @@ def test_a_large_image_is_registered_within_a_fifth_of_a_pixel_under_uneven_ligh
 
 
 def test_the_full_size_pass_corrects_a_first_estimate_that_settled_far_off(full_size_image):
-    """ECC on the reduced copy can settle 20 px off at the corners (it did on one pair of the stand-in's holdout,
-    pulled by a lamp's hot spot): the full-size pass measures again from its own correction until it is small.
-    Two unrelated images give no correction at all."""
+    """ECC on the reduced copy can settle 20 px off at the corners (it did on one pair of the stand-in's holdout):
+    the full-size pass measures again from its own correction until it is small. Two unrelated images give no
+    correction at all."""
     from anodfd.data.align import _refine
 
     current = full_size_image

@@ -259,7 +259,7 @@ def _refine(history: np.ndarray, current: np.ndarray, matrix: np.ndarray) -> np.
     the correction. Patches too flat to measure, or with a weak correlation peak (an anomaly), do not vote, and a
     correction needs at least half the votes (8 or more) behind it: patches that disagree (a repeating pattern)
     leave ``matrix`` as it is. A correction of more than a pixel means the first estimate was wrong, not just
-    imprecise (ECC on a reduced copy can settle off by 20 px when a lamp's hot spot pulls it); the measurement is
+    imprecise (ECC on a reduced copy settled 20 px off on one stand-in pair under uneven light); the measurement is
     then repeated from the corrected one, up to `REFINE_ROUNDS` times."""
     cur, hist = (_grey(x, 1.0).astype(np.float32) for x in (current, history))
     h, w = cur.shape
