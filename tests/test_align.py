@@ -97,7 +97,7 @@ def test_a_large_image_is_registered_within_a_fifth_of_a_pixel_under_uneven_ligh
 def test_the_full_size_pass_corrects_a_first_estimate_that_settled_far_off(full_size_image):
     """ECC on the reduced copy can settle 20 px off at the corners (it did on one pair of the stand-in's holdout):
     the full-size pass measures again from its own correction until it is small. Two unrelated images give no
-    correction at all."""
+    correction at all, and neither does one whose patches disagree."""
     from anodfd.data.align import _refine
 
     current = full_size_image
@@ -109,6 +109,12 @@ def test_the_full_size_pass_corrects_a_first_estimate_that_settled_far_off(full_
     assert corner_error(_refine(history, current, true @ off), true, w, h) < 0.2
     noise = np.random.default_rng(0).integers(0, 256, current.shape, dtype=np.uint8)
     assert np.array_equal(_refine(noise, current, np.eye(3)), np.eye(3))
+    # Thirds of the image shifted three ways: each third's patches agree among themselves, but none has half the
+    # votes, so no correction is believed (without that rule, the middle third's 5 px would be).
+    torn = current.copy()
+    for (a, b), shift in (((0, w // 3), 12), ((w // 3, 2 * w // 3), 5), ((2 * w // 3, w), -12)):
+        torn[:, a:b] = np.roll(current, shift, axis=0)[:, a:b]
+    assert np.array_equal(_refine(torn, current, np.eye(3)), np.eye(3))
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -46,6 +46,7 @@ MIN_CORRELATION = 0.5  # ECC's correlation of the grey images after the warp
 MIN_INLIERS = 20  # keypoint matches that agree with the RANSAC homography
 REFINE_PATCH = 256  # px; the full-size pass measures the shift left in patches this large ...
 REFINE_GRID = (7, 5)  # ... on a grid of this many across and down
+REFINE_VOTES = 8  # patches that must agree on a correction (and half of those measured): 8 unknowns in a homography
 REFINE_ROUNDS = 3  # measurements at most: a first estimate far off needs a second look from the corrected one
 LIGHT_SIGMA = 1 / 8  # of the longer side: lighting varies more slowly than anything worth flagging
 LIGHT_SIDE = 64  # the local means are taken on a thumbnail this long: lighting is smooth
@@ -257,8 +258,8 @@ def _refine(history: np.ndarray, current: np.ndarray, matrix: np.ndarray) -> np.
     shift still left between current and the history warped by ``matrix``, to a few hundredths of a pixel and
     whatever the light; a homography through the patches' centres and their shifted places (MAGSAC++, 0.5 px) is
     the correction. Patches too flat to measure, or with a weak correlation peak (an anomaly), do not vote, and a
-    correction needs at least half the votes (8 or more) behind it: patches that disagree (a repeating pattern)
-    leave ``matrix`` as it is. A correction of more than a pixel means the first estimate was wrong, not just
+    correction needs at least half the votes (and `REFINE_VOTES`) behind it: patches that disagree (a repeating
+    pattern) leave ``matrix`` as it is. A correction of more than a pixel means the first estimate was wrong, not just
     imprecise (ECC on a reduced copy settled 20 px off on one stand-in pair under uneven light); the measurement is
     then repeated from the corrected one, up to `REFINE_ROUNDS` times."""
     cur, hist = (_grey(x, 1.0).astype(np.float32) for x in (current, history))
@@ -280,11 +281,11 @@ def _refine(history: np.ndarray, current: np.ndarray, matrix: np.ndarray) -> np.
                 if peak > 0.1:
                     centres.append((x0 + side / 2, y0 + side / 2))
                     shifted.append((x0 + side / 2 + dx, y0 + side / 2 + dy))
-        if len(centres) < 8:
+        if len(centres) < REFINE_VOTES:
             return matrix
         # The correction maps current's pixels to the warped history's: history = matrix @ correction @ current.
         correction, inliers = cv2.findHomography(np.float32(centres), np.float32(shifted), cv2.USAC_MAGSAC, 0.5)
-        if correction is None or int(inliers.sum()) < max(8, len(centres) / 2):
+        if correction is None or int(inliers.sum()) < max(REFINE_VOTES, len(centres) / 2):
             return matrix
         moved = corners @ correction.T
         if not np.isfinite(moved).all():
