@@ -51,6 +51,9 @@ REFINE_ROUNDS = 3  # measurements at most: a first estimate far off needs a seco
 LIGHT_SIGMA = 1 / 8  # of the longer side: lighting varies more slowly than anything worth flagging
 LIGHT_SIDE = 64  # the local means are taken on a thumbnail this long: lighting is smooth
 LIGHT_ROUNDS = 3  # fits of the light field, each without the thumbnail pixels that strayed from the last
+LIGHT_SIGMA_FINE = 1 / 16  # then the field is fitted again this narrow, so that it follows a lamp's hot spot ...
+LIGHT_FINE_ROUNDS = 2  # ... this many times ...
+LIGHT_STRONG = 0.25  # ... without what strays from the wide field by more (a 28% change): no light explains that
 LIGHT_STRAY = 0.05  # log-ratio distance from the field (5%) below which a pixel is never called a stray
 
 
@@ -112,7 +115,14 @@ def match_lighting(history: np.ndarray, current: np.ndarray, filled: np.ndarray 
     off (`_black_level`). The fit is repeated without the thumbnail pixels whose own ratio strays from the last
     one, so that a large stain does not pull the light toward itself and fade. Pixels marked in ``filled`` (HxW,
     taken from ``current`` by the registration) play no part in the fit and are returned as they are: relit, a
-    copy of current would differ from it. Neither do clipped pixels; a pair with nothing else is returned as is."""
+    copy of current would differ from it. Neither do clipped pixels; a pair with nothing else is returned as is.
+
+    A Gaussian that wide follows a hot spot a few hundred pixels across only halfway, and the half it misses is a
+    smooth change of 10+ grey levels over a 256 px tile, which a network trained on native crops flags wherever
+    there is texture under it. So the field is then fitted again `LIGHT_FINE_ROUNDS` times at `LIGHT_SIGMA_FINE`,
+    with what the wide field could not explain by `LIGHT_STRONG` left in: a hot spot strays from the wide field by
+    a few percent, a stain by far more. The narrow field is kept from any stain that strays by more than that; a
+    large, faint one (a 25% change over a fifth of the image) it fades more than the wide field alone did."""
     h, w = current.shape[:2]
     f = LIGHT_SIDE / max(h, w)
     thumb = (max(1, round(w * f)), max(1, round(h * f)))
@@ -120,8 +130,8 @@ def match_lighting(history: np.ndarray, current: np.ndarray, filled: np.ndarray 
     def small(x: np.ndarray) -> np.ndarray:
         return cv2.resize(x.astype(np.float32), thumb, interpolation=cv2.INTER_AREA).reshape(thumb[1], thumb[0], -1)
 
-    def local_mean(x: np.ndarray) -> np.ndarray:
-        return cv2.GaussianBlur(x, (0, 0), LIGHT_SIDE * LIGHT_SIGMA, borderType=cv2.BORDER_REFLECT).reshape(x.shape)
+    def blur(sigma: float) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda x: cv2.GaussianBlur(x, (0, 0), LIGHT_SIDE * sigma, borderType=cv2.BORDER_REFLECT).reshape(x.shape)
 
     cur, hist = small(current) + 1, small(history) + 1  # +1: no 0/0
     # Fitted on thumbnail pixels made only of pixels that are neither filled nor clipped (0 or 255 in either image):
@@ -133,7 +143,8 @@ def match_lighting(history: np.ndarray, current: np.ndarray, filled: np.ndarray 
     if not usable.any():  # a binarised pair (DeepPCB's boards) has no light to fit
         return history
     weight, offset = usable, np.zeros(cur.shape[-1], np.float32)
-    for _ in range(LIGHT_ROUNDS):
+    for r in range(LIGHT_ROUNDS + LIGHT_FINE_ROUNDS):
+        local_mean = blur(LIGHT_SIGMA if r < LIGHT_ROUNDS else LIGHT_SIGMA_FINE)
         offset = _black_level(cur, hist, weight, local_mean)
         covered = local_mean(weight)
         field = np.where(covered > 1e-3, local_mean((cur - offset) * weight) / np.maximum(local_mean(hist * weight),
@@ -142,7 +153,11 @@ def match_lighting(history: np.ndarray, current: np.ndarray, filled: np.ndarray 
             axis=-1, keepdims=True)
         # A pixel strays when it is off by more than 3 robust deviations of the others, and at least LIGHT_STRAY.
         limit = max(LIGHT_STRAY, 3 * 1.4826 * float(np.median(stray[usable > 0])))
-        weight = usable * (stray < limit)
+        if r == LIGHT_ROUNDS - 1:  # the wide fit is done: what it cannot explain by LIGHT_STRONG is no light
+            usable = usable * (stray < LIGHT_STRONG)
+            weight = usable
+        else:
+            weight = usable * (stray < limit)
     gain = cv2.resize(field.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR).reshape(history.shape)
     relit = np.clip((history.astype(np.float32) + 1) * gain + offset - 1 + 0.5, 0, 255).astype(np.uint8)
     if filled is not None:

@@ -156,7 +156,7 @@ class PairCache:
     def key(self, pair: Pair, view: View | int) -> str:
         view = as_view(view)
         # The relight part names `match_lighting`'s method, so maps relit by an older one are not read back.
-        relight = ["relit-gain-and-black-level"] if view.relight else []
+        relight = ["relit-gain-and-black-level-then-narrow"] if view.relight else []
         # Likewise the align part names registration's method: maps registered without the full-size pass differ.
         align = view.align if view.align == "none" else f"{view.align}-refined-at-full-size-until-settled"
         parts = [_VERSION, str(view.resize), repr(float(view.scale)), align, *relight]
