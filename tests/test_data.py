@@ -394,7 +394,7 @@ def test_second_epoch_decodes_nothing(tmp_path):
     # A new process (a fresh cache object) reads the disk cache: still no decoding.
     other = PairCache(tmp_path / "cache")
     third = [PairDataset(pairs, 32, other)[i] for i in range(len(ds))]
-    assert other.stats == {"decoded": 0, "disk_hits": 6, "memory_hits": 0, "aligned": 0}
+    assert other.stats == {"decoded": 0, "disk_hits": 6, "memory_hits": 0, "aligned": 0, "pruned": 0}
     assert all(torch.equal(x, y) for a, b in zip(first, third) for x, y in zip(a, b))
 
 
@@ -407,6 +407,40 @@ def test_cache_key_follows_file_identity_and_size(tmp_path):
     _write_pair(root, "oil_leak_train_0/hist.jpg", "oil_leak_train_0/cur.jpg", "oil_leak_train_0/cur_gt.png", seed=9)
     os.utime(pair.cur, ns=(1, 1))  # rewritten files get a new identity even within one mtime tick
     assert cache.key(pair, 32) != before
+
+
+def test_disk_cache_keeps_under_its_cap_by_dropping_the_least_recently_used(tmp_path, capsys):
+    """A cap that holds three and a half entries, five pairs decoded: the cache stays under the cap, the pairs gone are the
+    least recently used ones (a pair read again from disk counts as used, across processes' caches), the removal
+    is reported on stderr, and a pair whose entry went is decoded again to the same array."""
+    root = make_paper(tmp_path / "d")
+    pairs = load_split(root, "train")[:5]
+    first = PairCache(tmp_path / "cache", disk_bytes=0)  # no cap: learn one entry's size
+    entry = first.get(pairs[0], 32).nbytes + 128  # + the .npy header
+    for p in pairs[1:3]:
+        first.get(p, 32)
+    assert first.stats["pruned"] == 0
+    reader = PairCache(tmp_path / "cache")
+    reader.get(pairs[0], 32)  # pair 0 read from disk: now more recent than pairs 1 and 2
+    assert reader.stats["disk_hits"] == 1
+    capped = PairCache(tmp_path / "cache", disk_bytes=int(3.5 * entry))
+    for p in pairs[3:]:
+        capped.get(p, 32)
+    on_disk = {path.stem for path in (tmp_path / "cache").glob("??/*.npy")}
+    # Pair 3 made four entries: pruned to 80% of the cap (two), the two least recently used went; pair 4 fits.
+    assert on_disk == {capped.key(p, 32) for p in (pairs[0], pairs[3], pairs[4])}
+    assert sum(path.stat().st_size for path in (tmp_path / "cache").glob("??/*.npy")) <= 3.5 * entry
+    assert capped.stats["pruned"] == 2
+    assert "removed the 2 least recently used entries" in capsys.readouterr().err
+    again = PairCache(tmp_path / "cache", disk_bytes=0)
+    assert np.array_equal(again.get(pairs[1], 32), first.get(pairs[1], 32)) and again.stats["decoded"] == 1
+
+
+@pytest.mark.parametrize("value", ["lots", "-5", "nan"])
+def test_a_bad_cache_cap_is_refused_by_name(monkeypatch, tmp_path, value):
+    monkeypatch.setenv("ANODFD_CACHE_MAX_GB", value)
+    with pytest.raises(ValueError, match="ANODFD_CACHE_MAX_GB.*e.g. 50, or 0 for no cap"):
+        PairCache(tmp_path / "cache")
 
 
 def test_views_keep_the_aspect_ratio_and_are_cached_apart(tmp_path):

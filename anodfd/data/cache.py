@@ -8,13 +8,20 @@ is a train/serve skew. The cost is paid once per pair: the resulting uint8 pair 
 is stored as one ``.npy`` keyed by the three files' identity (path, size, mtime) and the view. Later epochs, runs
 and processes read that instead of decoding. Writes are atomic (temp file + rename), so concurrent workers can
 share one cache.
+
+The disk cache is capped (`disk_cap`: 50 GB unless ``$ANODFD_CACHE_MAX_GB`` says otherwise): a native 2048x1536 pair
+takes 22 MB per view, and entries of views and registration methods no longer used are never read again. Past the
+cap, the least recently used entries go until the cache is at `PRUNE_TO` of it; a pair whose entry went is decoded
+again when next asked for.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +34,8 @@ from anodfd.data.layouts import DatasetError, Pair
 
 _VERSION = "v5"  # bump when the decoding below changes, so stale entries are not reused
 cv2.setNumThreads(1)  # DataLoader workers already run in parallel; nested OpenCV threads only contend
+DISK_CAP_GB = 50.0  # the disk cache's cap when $ANODFD_CACHE_MAX_GB is unset
+PRUNE_TO = 0.8  # a prune leaves the cache at this share of its cap, so that it does not run again at the next write
 
 
 def default_cache_dir() -> Path:
@@ -34,6 +43,19 @@ def default_cache_dir() -> Path:
         return Path(os.environ["ANODFD_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "anodfd"
+
+
+def disk_cap() -> int:
+    """Bytes the disk cache may hold: ``$ANODFD_CACHE_MAX_GB`` (GB of 2^30 bytes; 0 = no cap), else `DISK_CAP_GB`.
+    Each node reads its own: the cap is about its disk."""
+    text = os.environ.get("ANODFD_CACHE_MAX_GB", "").strip()
+    try:
+        gb = float(text) if text else DISK_CAP_GB
+    except ValueError:
+        gb = -1.0
+    if not gb >= 0:  # also refuses nan
+        raise ValueError(f"ANODFD_CACHE_MAX_GB={text!r}: give the decode cache's cap in GB, e.g. 50, or 0 for no cap")
+    return int(gb * 2**30)
 
 
 def read_bgr(path: Path) -> np.ndarray:
@@ -139,19 +161,23 @@ def binarize_mask(m: np.ndarray) -> np.ndarray:
 class PairCache:
     """Decoded pairs in their view as one HxWx7 uint8 array: hist RGB, cur RGB, mask.
 
-    ``memory_bytes`` caps the in-process cache (each DataLoader worker has its own); the disk cache is shared.
-    ``stats`` counts decodes, disk hits and memory hits, so tests and benchmarks can see what happened.
+    ``memory_bytes`` caps the in-process cache (each DataLoader worker has its own); the disk cache is shared and
+    capped at ``disk_bytes`` (None = `disk_cap`, 0 = no cap). ``stats`` counts decodes, disk hits, memory hits and
+    entries pruned, so tests and benchmarks can see what happened.
     """
 
-    def __init__(self, cache_dir: str | Path | None = None, disk: bool = True, memory_bytes: int = 2 << 30):
+    def __init__(self, cache_dir: str | Path | None = None, disk: bool = True, memory_bytes: int = 2 << 30,
+                 disk_bytes: int | None = None):
         self.dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.disk = disk
         self.memory_bytes = memory_bytes
+        self.disk_bytes = disk_cap() if disk_bytes is None else disk_bytes
+        self._disk_used: int | None = None  # this process's running estimate; a prune counts again
         self._memory: dict[str, np.ndarray] = {}
         self._used = 0
         self._lock = threading.Lock()
         self._failed: dict[str, str] = {}  # key -> why its registration fell back to the identity
-        self.stats = {"decoded": 0, "disk_hits": 0, "memory_hits": 0, "aligned": 0}
+        self.stats = {"decoded": 0, "disk_hits": 0, "memory_hits": 0, "aligned": 0, "pruned": 0}
 
     def key(self, pair: Pair, view: View | int) -> str:
         view = as_view(view)
@@ -167,6 +193,7 @@ class PairCache:
 
     def get(self, pair: Pair, view: View | int) -> np.ndarray:
         """The pair in ``view`` as one HxWx7 uint8 array (hist RGB, cur RGB, mask), decoded at most once."""
+        view = as_view(view)
         key = self.key(pair, view)
         arr = self._memory.get(key)
         if arr is not None:
@@ -176,6 +203,7 @@ class PairCache:
         arr = self._read(path) if self.disk else None
         if arr is not None:
             self.stats["disk_hits"] += 1
+            _mark_used(path)
         else:
             hist, cur = decode_image(pair.hist, view), decode_image(pair.cur, view)
             if hist.shape != cur.shape:
@@ -221,9 +249,57 @@ class PairCache:
         with open(tmp, "wb") as f:
             np.save(f, arr)
         os.replace(tmp, path)
+        _mark_used(path)
+        if self.disk_bytes:
+            with self._lock:
+                # Counted once per process, then kept up to date by its own writes: a walk per write would cost more
+                # than the write on a cache of many thousand entries.
+                self._disk_used = (self._disk_used + path.stat().st_size if self._disk_used is not None
+                                   else sum(size for _, size, _ in self._entries()))
+                if self._disk_used > self.disk_bytes:
+                    self._disk_used = self.prune(int(self.disk_bytes * PRUNE_TO))
+
+    def _entries(self) -> list[tuple[int, int, Path]]:
+        """(last use in ns, bytes, path) of every entry on disk."""
+        out = []
+        for path in self.dir.glob("??/*.npy"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:  # pruned by another process meanwhile
+                continue
+            out.append((st.st_mtime_ns, st.st_size, path))
+        return out
+
+    def prune(self, keep_bytes: int) -> int:
+        """Remove the least recently used entries until at most ``keep_bytes`` are left on disk; the bytes left.
+        Another process that was about to read a removed entry decodes the pair again (`_read` sees it absent)."""
+        entries = sorted(self._entries())
+        used = sum(size for _, size, _ in entries)
+        removed = freed = 0
+        for _, size, path in entries:
+            if used <= keep_bytes:
+                break
+            path.unlink(missing_ok=True)
+            path.with_suffix(".align-failed").unlink(missing_ok=True)
+            used, removed, freed = used - size, removed + 1, freed + size
+        if removed:
+            self.stats["pruned"] += removed
+            print(f"decode cache {self.dir}: over its cap of {self.disk_bytes / 2**30:g} GB, removed the {removed} "
+                  f"least recently used entries ({freed / 2**30:.2f} GB); $ANODFD_CACHE_MAX_GB sets the cap",
+                  file=sys.stderr)
+        return used
 
     def _remember(self, key: str, arr: np.ndarray) -> None:
         with self._lock:
             if self._used + arr.nbytes <= self.memory_bytes:
                 self._memory[key] = arr
                 self._used += arr.nbytes
+
+
+def _mark_used(path: Path) -> None:
+    """Stamp an entry's last use as its mtime, in ns set by us: a file system's own mtime ticks (ms) would tie."""
+    try:
+        now = time.time_ns()
+        os.utime(path, ns=(now, now))
+    except OSError:  # pruned meanwhile, or a read-only cache: recency is a hint, not a requirement
+        pass
