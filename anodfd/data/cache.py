@@ -248,14 +248,15 @@ class PairCache:
         tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "wb") as f:
             np.save(f, arr)
+            size = f.tell()
         os.replace(tmp, path)
         _mark_used(path)
         if self.disk_bytes:
             with self._lock:
                 # Counted once per process, then kept up to date by its own writes: a walk per write would cost more
                 # than the write on a cache of many thousand entries.
-                self._disk_used = (self._disk_used + path.stat().st_size if self._disk_used is not None
-                                   else sum(size for _, size, _ in self._entries()))
+                self._disk_used = (self._disk_used + size if self._disk_used is not None
+                                   else sum(n for _, n, _ in self._entries()))
                 if self._disk_used > self.disk_bytes:
                     self._disk_used = self.prune(int(self.disk_bytes * PRUNE_TO))
 
