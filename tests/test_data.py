@@ -437,10 +437,17 @@ def test_disk_cache_keeps_under_its_cap_by_dropping_the_least_recently_used(tmp_
 
 
 @pytest.mark.parametrize("value", ["lots", "-5", "nan"])
-def test_a_bad_cache_cap_is_refused_by_name(monkeypatch, tmp_path, value):
+def test_a_bad_cache_cap_is_refused_by_name(monkeypatch, tmp_path, capsys, value):
+    """One line naming the variable and the fix, from the library and from the CLI, before anything is decoded."""
+    from anodfd.config import ConfigError
+
     monkeypatch.setenv("ANODFD_CACHE_MAX_GB", value)
-    with pytest.raises(ValueError, match="ANODFD_CACHE_MAX_GB.*e.g. 50, or 0 for no cap"):
+    with pytest.raises(ConfigError, match="ANODFD_CACHE_MAX_GB.*e.g. 50, or 0 for no cap"):
         PairCache(tmp_path / "cache")
+    root = make_paper(tmp_path / "d")
+    assert cli(["train", "--data", str(root), "--preset", "smoke", "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
+    assert "ANODFD_CACHE_MAX_GB" in capsys.readouterr().err
+    assert not list((tmp_path / "run").glob("*.pt"))
 
 
 def test_views_keep_the_aspect_ratio_and_are_cached_apart(tmp_path):

@@ -28,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from anodfd.config import DataConfig
+from anodfd.config import ConfigError, DataConfig
 from anodfd.data.align import prepare_history
 from anodfd.data.layouts import DatasetError, Pair
 
@@ -54,7 +54,7 @@ def disk_cap() -> int:
     except ValueError:
         gb = -1.0
     if not gb >= 0:  # also refuses nan
-        raise ValueError(f"ANODFD_CACHE_MAX_GB={text!r}: give the decode cache's cap in GB, e.g. 50, or 0 for no cap")
+        raise ConfigError(f"ANODFD_CACHE_MAX_GB={text!r}: give the decode cache's cap in GB, e.g. 50, or 0 for no cap")
     return int(gb * 2**30)
 
 
