@@ -151,12 +151,12 @@ def match_lighting(history: np.ndarray, current: np.ndarray, filled: np.ndarray 
                                                                                           1e-6), 1.0)
         stray = np.abs(np.log(np.maximum(cur - offset, 1) / hist) - np.log(np.maximum(field, 1e-6))).max(
             axis=-1, keepdims=True)
-        # A pixel strays when it is off by more than 3 robust deviations of the others, and at least LIGHT_STRAY.
-        limit = max(LIGHT_STRAY, 3 * 1.4826 * float(np.median(stray[usable > 0])))
         if r == LIGHT_ROUNDS - 1:  # the wide fit is done: what it cannot explain by LIGHT_STRONG is no light
             usable = usable * (stray < LIGHT_STRONG)
             weight = usable
         else:
+            # A pixel strays when it is off by more than 3 robust deviations of the others, and at least LIGHT_STRAY.
+            limit = max(LIGHT_STRAY, 3 * 1.4826 * float(np.median(stray[usable > 0])))
             weight = usable * (stray < limit)
     gain = cv2.resize(field.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR).reshape(history.shape)
     relit = np.clip((history.astype(np.float32) + 1) * gain + offset - 1 + 0.5, 0, 255).astype(np.uint8)
