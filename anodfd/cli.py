@@ -99,7 +99,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop", type=int, default=None,
                    help="train on random N x N crops; validation and inference slide N x N tiles")
     p.add_argument("--crop-pos-fraction", type=float, default=None,
-                   help="share of training crops placed on an anomaly (default 0)")
+                   help="share of training crops placed around a defect, each defect equally likely (default 0)")
     p.add_argument("--align", choices=list(ALIGN_METHODS), default=None,
                    help="register history onto current before the network: none (default), ecc or features")
     p.add_argument("--relight", action="store_true", default=None,

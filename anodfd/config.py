@@ -53,7 +53,7 @@ class DataConfig:
     # Train on random crop x crop windows of that view; validation and inference then slide the same window over
     # the whole view and blend the tiles (anodfd.inference). 0 = whole pairs (resize must then be set).
     crop: int = 0
-    crop_pos_fraction: float = 0.0  # share of training crops placed to contain an anomalous pixel
+    crop_pos_fraction: float = 0.0  # share of training crops placed around a defect, each defect equally likely
     # Register history onto current before the network (anodfd.data.align): none | ecc | features.
     align: str = "none"
     relight: bool = False  # then match history's local lighting to current's (anodfd.data.align.match_lighting)

@@ -245,6 +245,21 @@ def test_crops_are_placed_on_anomalies_as_often_as_asked():
     assert PairTransform("none", crop=32, crop_pos_fraction=1.0, seed=1)(hist, cur, normal)[0].shape == (32, 32, 3)
 
 
+def test_crops_placed_on_anomalies_choose_each_defect_equally_often():
+    # A 60x60 stain beside a 3x3 crack: drawn by pixel, the crack would be in 9 of 3609 placed crops; a user with
+    # defects a few pixels wide on large images needs it in about half of them.
+    hist, cur, _ = _coordinates(250, 250)  # pixels carry their row and column (under 256, so uint8 holds them)
+    mask = np.zeros((250, 250), np.uint8)
+    mask[20:80, 20:80] = 1
+    mask[220:223, 200:203] = 1
+    t = PairTransform("none", crop=32, crop_pos_fraction=1.0, seed=2)
+    crops = [t(hist, cur, mask) for _ in range(300)]
+    on_crack = np.mean([(h[..., 0] >= 200).any() and m.any() for h, _c, m in crops])
+    on_stain = np.mean([(h[..., 0] < 80).any() and m.any() for h, _c, m in crops])
+    assert 0.4 < on_crack < 0.6 and 0.4 < on_stain < 0.6, (on_crack, on_stain)
+    assert all(m.any() for _h, _c, m in crops)  # the window still holds a pixel of the defect it was placed on
+
+
 def test_views_smaller_than_the_crop_are_padded_by_reflection():
     hist, cur, mask = _coordinates(40, 30)
     h, _c, m = PairTransform("none", crop=64, seed=0)(hist, cur, mask)
