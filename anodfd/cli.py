@@ -26,7 +26,8 @@ def _synth(args: argparse.Namespace) -> int:
         size = parse_size(args.size) if args.size else None
     except ValueError as e:
         raise ConfigError(f"--size {args.size!r}: {e}") from None
-    out = synthesize(args.kind, args.out, pairs=args.pairs, seed=args.seed, size=size, workers=args.workers)
+    out = synthesize(args.kind, args.out, pairs=args.pairs, seed=args.seed, size=size, workers=args.workers,
+                     small=args.small_anomalies)
     print(f"wrote {out} (contact sheet: {out / 'contact_sheet.png'})")
     return 0
 
@@ -358,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", default=None, help="WxH for every pair, e.g. 512x384 (default: the paper's sizes)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--small-anomalies", action="store_true",
+                   help="every anomaly 0.001-0.03%% of the image's area: about 6-35 px across at 2048x1536")
     p.set_defaults(func=_synth)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)

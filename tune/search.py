@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=None, help="with --resize 0: scale both sides by S (default 1)")
     p.add_argument("--crop", type=int, default=None,
                    help="train on random N x N crops; validation and promotion slide N x N tiles")
-    p.add_argument("--crop-pos-fraction", type=float, default=None, help="share of crops placed on an anomaly")
+    p.add_argument("--crop-pos-fraction", type=float, default=None, help="share of crops placed around a defect, each defect equally likely")
     p.add_argument("--align", choices=list(ALIGN_METHODS), default=None,
                    help="register history onto current before the network (default none)")
     p.add_argument("--relight", action="store_true", default=None,

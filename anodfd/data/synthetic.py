@@ -87,12 +87,15 @@ def synthesize(
     size: tuple[int, int] | None = None,
     workers: int | None = None,
     progress: bool = True,
+    small: bool = False,
 ) -> Path:
     """Write a synthetic ``kind`` dataset (OL, FB or Diff) to ``out`` in the paper's layout; return ``out``.
 
     ``pairs`` is the total pair count (None = the paper's), split like the paper: the same test share, then
     train+val cut 8:2. ``size`` forces one (width, height) for every pair (None = the paper's sizes).
     ``workers`` processes draw pairs in parallel (None = all cores, 1 = inline, no processes).
+    ``small`` draws every anomaly a few pixels to a few tens of pixels across (`SMALL_AREA`), the defects that
+    vanish when a large image is squashed; the paper's sizes start at 0.1% of the image's area.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -104,7 +107,7 @@ def synthesize(
             raise ValueError(f"size {w}x{h} is too small; both sides must be at least {MIN_SIDE}")
         size = (w, h)
     root = Path(out)
-    jobs, splits = _plan(kind, pairs, seed, size, root)
+    jobs, splits = _plan(kind, pairs, seed, size, root, small)
     root.mkdir(parents=True, exist_ok=True)
     workers = (os.cpu_count() or 1) if workers is None else max(1, workers)
     workers = min(workers, len(jobs))
@@ -127,7 +130,7 @@ def synthesize(
     for name, indices in splits.items():
         lines = [f"{f}\\cur.jpg,{f}\\hist.jpg,{f}\\cur_gt.png" for f in (results[i][0] for i in indices)]
         (root / name).write_text("".join(line + "\n" for line in lines))
-    _write_readme(root, kind, seed, size, splits, results)
+    _write_readme(root, kind, seed, size, splits, results, small)
     _write_contact_sheet(root, [(results[i][0], results[i][1]) for i in sorted(results)])
     return root
 
@@ -145,6 +148,7 @@ class _Job:
     folder: str
     size: tuple[int, int] | None  # forced size, or None for the paper's
     root: str
+    small: bool = False  # anomalies of `SMALL_AREA` only
 
 
 def _split_counts(kind: str, pairs: int | None) -> tuple[int, int, int]:
@@ -166,7 +170,7 @@ def _split_counts(kind: str, pairs: int | None) -> tuple[int, int, int]:
 
 
 def _plan(
-    kind: str, pairs: int | None, seed: int, size: tuple[int, int] | None, root: Path
+    kind: str, pairs: int | None, seed: int, size: tuple[int, int] | None, root: Path, small: bool = False
 ) -> tuple[list[_Job], dict[str, list[int]]]:
     """One job per pair, and the global indices of each split list (train.txt, validation.txt, test.txt)."""
     n_train, n_val, n_test = _split_counts(kind, pairs)
@@ -174,7 +178,7 @@ def _plan(
     trainval = n_train + n_val
     jobs = [
         _Job(kind, seed, i, f"{prefix}_train_{i}" if i < trainval else f"{prefix}_test_{i - trainval}", size,
-             str(root))
+             str(root), small)
         for i in range(trainval + n_test)
     ]
     # validation pairs are a seeded random fifth of the train folders, as a random 8:2 cut would be
@@ -220,7 +224,7 @@ def _make_pair(job: _Job) -> tuple[int, str, float]:
     """Draw one pair and write its folder; return (index, folder, anomalous fraction of the mask)."""
     rng = _pair_rng(job.seed, job.kind, job.index)
     size = job.size or _SPECS[job.kind].size or _fb_size(rng)
-    cur, hist, mask = _render_pair(job.kind, rng, *size)
+    cur, hist, mask = _render_pair(job.kind, rng, *size, small=job.small)
     folder = Path(job.root) / job.folder
     folder.mkdir(parents=True, exist_ok=True)
     _write(folder / "cur.jpg", cur)
@@ -234,12 +238,14 @@ def _make_pair(job: _Job) -> tuple[int, str, float]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _render_pair(kind: str, rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(current BGR, history BGR, mask 0/255), all h x w."""
+def _render_pair(kind: str, rng: np.random.Generator, w: int, h: int,
+                 small: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(current BGR, history BGR, mask 0/255), all h x w; with ``small``, anomalies of `SMALL_AREA` only."""
     spec = _SPECS[kind]
     normal = rng.random() < NORMAL_FRACTION
     m = math.ceil(1.6 * spec.viewpoint * max(w, h)) + 2  # canvas margin the history's view can reach into
     scene = _draw_scene(rng, w + 2 * m, h + 2 * m)
+    scene.small = small
     hist_albedo = scene.albedo  # anomalies drawn on the history (Diff's missing parts) go here, at +m
     cur_albedo = scene.albedo[m : m + h, m : m + w].copy()
     cur_shade = scene.shade[m : m + h, m : m + w]
@@ -250,7 +256,9 @@ def _render_pair(kind: str, rng: np.random.Generator, w: int, h: int) -> tuple[n
     cur_clean = hist_clean[m : m + h, m : m + w].copy()
     boxes: list[tuple[int, int, int, int]] = []
     attempts = 0
-    while not normal and np.count_nonzero(mask) < max(4, 2e-4 * w * h) and attempts < 6:
+    # a small anomaly must still leave a detectable defect (16 px, `anodfd.metrics.MIN_REGION_AREA`)
+    least = 16 if small else max(4, 2e-4 * w * h)
+    while not normal and np.count_nonzero(mask) < least and attempts < 6:
         # Usually one anomaly; sometimes two or three. Retry if they ended up invisible (e.g. grey on grey).
         count = 1 if attempts else 1 + int(rng.random() < 0.25) + int(rng.random() < 0.08)
         for _ in range(count):
@@ -405,6 +413,7 @@ class _Scene:
     bolt_r: float = 4.0  # typical bolt radius, so a missing bolt looks like the others
     bolt_color: np.ndarray = field(default_factory=lambda: np.full(3, 120.0))
     metal: tuple[float, float] = (70.0, 170.0)  # tone range of this scene's parts
+    small: bool = False  # anomalies of `SMALL_AREA` only
 
 
 def _draw_scene(rng: np.random.Generator, W: int, H: int) -> _Scene:
@@ -630,10 +639,15 @@ class _Patch:
     opacity: np.ndarray | float  # translucency (bags, oil); the mask ignores it, the visibility test doesn't
 
 
-def _target_radius(rng: np.random.Generator, w: int, h: int) -> float:
-    """Radius of a disc with a typical anomaly's area: 0.5-5% of the image, sometimes much less."""
-    frac = math.exp(rng.uniform(math.log(0.005), math.log(0.05)))
-    if rng.random() < 0.2:
+SMALL_AREA = (1e-5, 3e-4)  # share of the image: at 2048x1536, discs of about 6 to 35 px across
+
+
+def _target_radius(rng: np.random.Generator, w: int, h: int, small: bool = False) -> float:
+    """Radius of a disc with a typical anomaly's area: 0.5-5% of the image, sometimes much less; with ``small``,
+    `SMALL_AREA` (log-uniform, so about two in three are under 1% of a 2048 px side across)."""
+    lo, hi = SMALL_AREA if small else (0.005, 0.05)
+    frac = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    if not small and rng.random() < 0.2:
         frac = math.exp(rng.uniform(math.log(0.001), math.log(0.005)))
     return max(2.5, math.sqrt(frac * w * h / math.pi))
 
@@ -882,7 +896,7 @@ def _place(rng: np.random.Generator, w: int, h: int, r: float) -> tuple[float, f
 def _add_ol(rng: np.random.Generator, cur: np.ndarray, hist: np.ndarray, m: int, claim: np.ndarray,
             scene: _Scene) -> _Box:
     h, w = cur.shape[:2]
-    r = _target_radius(rng, w, h)
+    r = _target_radius(rng, w, h, scene.small)
     inside = [(x - m, y - m) for x, y in scene.anchors if m <= x < m + w and m <= y < m + h]
     if inside and rng.random() < 0.7:  # leaks start at joints, bolts and clamps
         cx, cy = inside[rng.integers(len(inside))]
@@ -896,7 +910,7 @@ def _add_ol(rng: np.random.Generator, cur: np.ndarray, hist: np.ndarray, m: int,
 def _add_fb(rng: np.random.Generator, cur: np.ndarray, hist: np.ndarray, m: int, claim: np.ndarray,
             scene: _Scene) -> _Box:
     h, w = cur.shape[:2]
-    r = _target_radius(rng, w, h)
+    r = _target_radius(rng, w, h, scene.small)
     make, factor = _FOREIGN[rng.integers(len(_FOREIGN))]
     patch = make(rng, r * factor)
     return _paste(cur, claim, patch, *_place(rng, w, h, r))
@@ -910,11 +924,11 @@ def _add_diff(rng: np.random.Generator, cur: np.ndarray, hist: np.ndarray, m: in
     if what == "foreign":
         return _add_fb(rng, cur, hist, m, claim, scene)
     if what == "scratch":
-        r = _target_radius(rng, w, h)
+        r = _target_radius(rng, w, h, scene.small)
         return _paste(cur, claim, _scratch_patch(rng, r * 1.5), *_place(rng, w, h, r))
 
     # a component present in the history: drawn on the history canvas (missing) and moved on the current
-    r = _target_radius(rng, w, h) * 0.8
+    r = _target_radius(rng, w, h, scene.small) * 0.8
     bolt = rng.random() < 0.4
     if bolt:
         br = max(2.0, min(scene.bolt_r * rng.uniform(1.0, 2.5), r))
@@ -1005,18 +1019,21 @@ def _nuisance(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
 
 
 def _write_readme(root: Path, kind: str, seed: int, size: tuple[int, int] | None,
-                  splits: dict[str, list[int]], results: dict[int, tuple[str, float]]) -> None:
+                  splits: dict[str, list[int]], results: dict[int, tuple[str, float]], small: bool = False) -> None:
     spec = _SPECS[kind]
     size_text = f"{size[0]}x{size[1]}" if size else (
         f"{spec.size[0]}x{spec.size[1]} (the paper's)" if spec.size else
         "varies per pair, {}x{} .. {}x{} (the paper's FB range)".format(*FB_SIZE_RANGE[0], *FB_SIZE_RANGE[1]))
     normal = sum(1 for _, frac in results.values() if frac == 0)
     counts = ", ".join(f"{name} {len(ix)}" for name, ix in splits.items())
+    anomalies = "small only, {:g}-{:g} of the image's area (--small-anomalies)".format(*SMALL_AREA) if small else (
+        "the paper's sizes")
     (root / "README.txt").write_text(
         f"SYNTHETIC data: a procedural stand-in for the paper's private {kind} dataset, not real images.\n"
         f"generator: anodfd.data.synthetic.synthesize (anodfd synth {kind})\n"
         f"kind: {kind}\nseed: {seed}\nsize: {size_text}\n"
         f"pairs: {len(results)} ({counts}); {normal} normal (empty mask)\n"
+        f"anomalies: {anomalies}\n"
         "layout: the paper's: <pair>/cur.jpg, hist.jpg, cur_gt.png (0/255, current-image coordinates); "
         "split lists cur,hist,gt with backslashes\n"
     )
