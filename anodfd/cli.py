@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default=None, help="WxH for every pair, e.g. 512x384 (default: the paper's sizes)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--small-anomalies", action="store_true",
-                   help="every anomaly 0.001-0.03%% of the image's area: about 6-35 px across at 2048x1536")
+                   help="every anomaly 0.001-0.03%% of the image's area (at 2048x1536, about 6-60 px across)")
     p.set_defaults(func=_synth)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)

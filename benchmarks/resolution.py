@@ -7,6 +7,9 @@
     anodfd synth OL --out data/OL-2048-holdout --pairs 100 --size 2048x1536 --seed 7
     python benchmarks/resolution.py --data data/OL-2048 --epochs 40 --align ecc --relight --fit-threshold \
         --schedule cosine --holdout data/OL-2048-holdout   # small-defect recall on 100 more pairs
+    anodfd synth OL --out data/OL-2048-small --pairs 100 --size 2048x1536 --seed 11 --small-anomalies
+    python benchmarks/resolution.py --data data/OL-2048 --epochs 40 --align ecc --relight --fit-threshold \
+        --schedule cosine --holdout data/OL-2048-small     # on defects a few pixels across
     python benchmarks/resolution.py --timing        # tiled inference speed and memory only
     python benchmarks/resolution.py --misses runs/resolution10/deeppcb/crop-align-ecc/last.pt \
         --data ../shared/data/deeppcb                # why a model's defects were missed

@@ -639,7 +639,7 @@ class _Patch:
     opacity: np.ndarray | float  # translucency (bags, oil); the mask ignores it, the visibility test doesn't
 
 
-SMALL_AREA = (1e-5, 3e-4)  # share of the image: at 2048x1536, discs of about 6 to 35 px across
+SMALL_AREA = (1e-5, 3e-4)  # share of the image: at 2048x1536, discs of about 6 to 35 px across (drips run longer)
 
 
 def _target_radius(rng: np.random.Generator, w: int, h: int, small: bool = False) -> float:
@@ -1026,8 +1026,8 @@ def _write_readme(root: Path, kind: str, seed: int, size: tuple[int, int] | None
         "varies per pair, {}x{} .. {}x{} (the paper's FB range)".format(*FB_SIZE_RANGE[0], *FB_SIZE_RANGE[1]))
     normal = sum(1 for _, frac in results.values() if frac == 0)
     counts = ", ".join(f"{name} {len(ix)}" for name, ix in splits.items())
-    anomalies = "small only, {:g}-{:g} of the image's area (--small-anomalies)".format(*SMALL_AREA) if small else (
-        "the paper's sizes")
+    anomalies = "small only, {:g}-{:g}% of the image's area (--small-anomalies)".format(
+        *(100 * a for a in SMALL_AREA)) if small else "the paper's sizes"
     (root / "README.txt").write_text(
         f"SYNTHETIC data: a procedural stand-in for the paper's private {kind} dataset, not real images.\n"
         f"generator: anodfd.data.synthetic.synthesize (anodfd synth {kind})\n"
