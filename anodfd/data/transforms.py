@@ -196,7 +196,7 @@ class PairTransform:
 class CropOnADefect(A.CropNonEmptyMaskIfExists):
     """A window around one defect of the mask, every defect equally likely, then a pixel of it, as its parent does.
 
-    The parent draws a pixel of the whole mask: a 300x300 px stain beside a 12 px crack is drawn 600 times as
+    The parent draws a pixel of the whole mask: a 300x300 px stain beside a 12x12 px crack is drawn 600 times as
     often, so the defects that are hardest to see at native size were almost never trained on. Defects are the
     mask's pixels grouped across small gaps, as the defect-level metrics count them (`defect_regions`), specks
     included.
