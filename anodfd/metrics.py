@@ -333,13 +333,15 @@ class DefectCounts:
     def __init__(self) -> None:
         self.counts = dict.fromkeys(self.FIELDS, 0)
 
-    def update(self, binary: np.ndarray, mask: np.ndarray, min_area: int = MIN_REGION_AREA) -> None:
-        """Add one pair: its thresholded map and its mask, {0,1} arrays of the same HxW."""
+    def update(self, binary: np.ndarray, mask: np.ndarray, min_area: int = MIN_REGION_AREA,
+               regions: tuple[np.ndarray, list[int]] | None = None) -> None:
+        """Add one pair: its thresholded map and its mask, {0,1} arrays of the same HxW. ``regions``, the mask's
+        `defect_regions` with some groups left out of its defects, makes those groups count as specks do."""
         if binary.shape != mask.shape:
             raise ValueError(f"map {binary.shape} and mask {mask.shape} differ in size; resize the map first")
         det_labels, _, kept = detections(binary, min_area)
         detected = np.isin(det_labels, kept)
-        truth, defects = defect_regions(mask, min_area)
+        truth, defects = regions if regions is not None else defect_regions(mask, min_area)
         on_defect = np.isin(truth, defects)
         on_speck = (truth > 0) & ~on_defect
         found = np.unique(truth[detected & on_defect]).size

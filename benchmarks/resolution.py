@@ -47,11 +47,19 @@ import numpy as np
 import torch
 
 from anodfd.config import PRESETS, SCHEDULES, Config, with_window
+from anodfd.data.cache import PairCache, View
 from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import DatasetError, load_split
 from anodfd.data.transforms import AUGMENTS
 from anodfd.inference import sliding_probs
-from anodfd.metrics import MIN_REGION_AREA, DefectCounts, PixelHistogram, defect_regions, detections
+from anodfd.metrics import (
+    DEFECT_GAP,
+    MIN_REGION_AREA,
+    DefectCounts,
+    PixelHistogram,
+    defect_regions,
+    detections,
+)
 from anodfd.scoring import difference_map, template_difference
 from anodfd.train.loop import evaluate, fit, inference_model, load_checkpoint, model_from_checkpoint
 
@@ -294,20 +302,72 @@ def run_timing(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+MASK_RULE = 127  # DeepPCB's derived masks mark |template - test| > 127 inside a defect's box
+THIN = 3  # px: a mask group no wider than this, lying along an edge, is an edge sliver
+ALONG_EDGE = 0.8  # share of a sliver's pixels within 2 px of an edge of the registered history
+
+
+def edge_evidence(history: np.ndarray, current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where a registered RGB pair differs by the derived masks' rule, and where the history has an edge (2 px)."""
+    hist, cur = (cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).astype(np.int16) for x in (history, current))
+    edges = cv2.morphologyEx((hist > MASK_RULE).astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
+    return np.abs(hist - cur) > MASK_RULE, cv2.dilate(edges, np.ones((5, 5), np.uint8)) > 0
+
+
+def sort_groups(truth: np.ndarray, groups: list[int], differs: np.ndarray, near_edge: np.ndarray) -> dict[int, str]:
+    """Each group of a mask derived from boxes on binarised images (DeepPCB's) as ``vanishes`` (under a fifth of its
+    pixels still differ once history is registered: misregistration inside a box), ``edge_sliver`` (at most `THIN`
+    px wide along an edge: binarisation noise, which differs on edges in a box or not) or ``defect``."""
+    kinds = {}
+    for g in groups:
+        group = (truth == g).astype(np.uint8)
+        n, parts = cv2.connectedComponents(group)
+        # twice the largest inscribed radius of its widest connected piece
+        width = 2 * max(cv2.distanceTransform((parts == k).astype(np.uint8), cv2.DIST_L2, 3).max() for k in range(1, n))
+        on = group > 0
+        if differs[on].mean() < 0.2:
+            kinds[g] = "vanishes"
+        elif width <= THIN and near_edge[on].mean() >= ALONG_EDGE:
+            kinds[g] = "edge_sliver"
+        else:
+            kinds[g] = "defect"
+    return kinds
+
+
 def explain_misses(checkpoint: Path, data: str, split: str, threshold: float = 0.5) -> dict:
-    """Sort the defects a checkpoint misses at ``threshold``: slivers at most 2 px wide (on derived masks, often edge
-    noise inside a defect box), misses with pixels above the threshold that form no detection (a region under
-    `MIN_REGION_AREA` px), and misses that never reach probability 0.2."""
+    """Sort the defects a checkpoint misses at ``threshold``: slivers at most 2 px wide, misses with pixels above the
+    threshold that form no detection (a region under `MIN_REGION_AREA` px), and misses that never reach
+    probability 0.2. Then sort every defect by `sort_groups` (for masks derived from boxes on binarised images,
+    such as DeepPCB's) and give what that means for defect F: the score with the artifacts counted as specks
+    (neither to be found nor false alarms), and the ceiling of the protocol's defect F for a model that finds every
+    other defect, raises no false alarm and finds only the artifacts this one does. ``edge_slivers_off_mask`` counts
+    the groups of the same kind of sliver away from every mask: what flagging edge slivers would also flag."""
     model, config = model_from_checkpoint(load_checkpoint(checkpoint))
     config.data.data = str(Path(data).resolve())
+    dataset = make_dataset(config.data, split)
+    # the pair at native size, registered as the network saw it, without relighting: the mask's rule is on raw grey
+    native = PairCache()
+    native_view = View(resize=0, scale=1.0, align=config.data.align)
     c = dict.fromkeys(("defects", "found", "slivers", "slivers_found", "missed_region_too_small",
-                       "missed_below_0.2"), 0)
+                       "missed_below_0.2", "edge_slivers_off_mask"), 0)
+    by_kind = {k: [0, 0] for k in ("defect", "edge_sliver", "vanishes")}  # found, total
+    counted, uncounted = DefectCounts(), DefectCounts()
 
     def on_pair(i: int, probs: np.ndarray, mask: np.ndarray) -> None:
         binary = (probs >= threshold).astype(np.uint8)
         labels, _, kept = detections(binary)
         detected = np.isin(labels, kept)
+        arr = native.get(dataset.pairs[i], native_view)
+        differs, near_edge = edge_evidence(arr[..., :3], arr[..., 3:6])
         truth, defects = defect_regions(mask)
+        kinds = sort_groups(truth, defects, differs, near_edge)
+        # the same kind of sliver where no box is: what a model that flagged edge slivers would flag besides
+        off_mask = differs & (cv2.dilate(mask, np.ones((2 * DEFECT_GAP + 1,) * 2, np.uint8)) == 0)
+        off_truth, off_groups = defect_regions(off_mask)
+        c["edge_slivers_off_mask"] += list(sort_groups(off_truth, off_groups, differs, near_edge).values()).count(
+            "edge_sliver")
+        counted.update(binary, mask, regions=(truth, defects))
+        uncounted.update(binary, mask, regions=(truth, [d for d in defects if kinds[d] == "defect"]))
         for d in defects:
             ys, xs = np.nonzero(truth == d)
             sliver = bool(min(xs.max() - xs.min(), ys.max() - ys.min()) + 1 <= 2)
@@ -316,15 +376,22 @@ def explain_misses(checkpoint: Path, data: str, split: str, threshold: float = 0
             c["found"] += found
             c["slivers"] += sliver
             c["slivers_found"] += sliver and found
+            by_kind[kinds[d]][0] += found
+            by_kind[kinds[d]][1] += 1
             if not found:
                 c["missed_region_too_small"] += bool(binary[ys, xs].any())
                 c["missed_below_0.2"] += bool(probs[ys, xs].max() < 0.2)
 
-    evaluate(model, make_dataset(config.data, split), torch.device("cpu"), config.data.window, threshold,
-             on_pair=on_pair)
+    evaluate(model, dataset, torch.device("cpu"), config.data.window, threshold, on_pair=on_pair)
     kept = c["defects"] - c["slivers"]
     c["recall"] = c["found"] / c["defects"]
     c["recall_without_slivers"] = (c["found"] - c["slivers_found"]) / kept if kept else None
+    c["found_of"] = {k: f"{found}/{total}" for k, (found, total) in by_kind.items()}
+    c["defect_f"] = counted.compute()["defect_f"]
+    c["defect_f_artifacts_as_specks"] = uncounted.compute()["defect_f"]
+    reachable = by_kind["defect"][1] + by_kind["edge_sliver"][0] + by_kind["vanishes"][0]
+    best_recall = reachable / c["defects"] if c["defects"] else 1.0
+    c["defect_f_ceiling"] = 2 * best_recall / (1 + best_recall)
     return c
 
 

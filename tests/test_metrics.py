@@ -298,3 +298,61 @@ def test_defect_counts_match_hand_counted_cases():
                                     "false_alarms_per_image": 0.0, "all_found": 1.0}
     with pytest.raises(ValueError, match="differ in size"):
         DefectCounts().update(np.zeros((4, 4), np.uint8), np.zeros((4, 5), np.uint8))
+
+
+def test_defect_groups_left_out_of_regions_count_as_specks():
+    """A caller that knows some mask groups are not defects (the derived masks' edge slivers) leaves them out of
+    ``regions``: missing one costs no recall, a region on it alone is no false alarm, one on a defect still hits."""
+    from anodfd.metrics import DefectCounts, defect_regions
+
+    mask, pred = np.zeros((40, 40), np.uint8), np.zeros((40, 40), np.uint8)
+    mask[2:6, 2:6] = 1  # a defect, found
+    mask[30:32, 0:20] = 1  # 2x20 px sliver, flagged below
+    mask[12:14, 20:40] = 1  # 2x20 px sliver, missed
+    pred[0:8, 0:8] = 1
+    pred[29:33, 0:10] = 1
+    labels, defects = defect_regions(mask)
+    assert len(defects) == 3
+    plain, without = DefectCounts(), DefectCounts()
+    plain.update(pred, mask)
+    sliver = labels[30, 5]
+    missed = labels[12, 25]
+    without.update(pred, mask, regions=(labels, [d for d in defects if d not in (sliver, missed)]))
+    assert plain.counts["defects"] == 3 and plain.counts["found"] == 2 and plain.counts["false_alarms"] == 0
+    assert without.counts == {"defects": 1, "found": 1, "detections": 1, "false_alarms": 0, "pairs": 1,
+                              "pairs_with_defects": 1, "pairs_all_found": 1}
+
+
+def test_derived_mask_groups_are_sorted_by_what_the_registered_pair_shows():
+    """`benchmarks/resolution.py --misses` on masks derived from boxes (DeepPCB's): a 2 px sliver along a track edge
+    is binarisation noise, a spur as wide as a defect is a defect even on an edge, a blob is a defect, and a group
+    where the registered pair no longer differs vanished with the misregistration that made it."""
+    import importlib.util
+    from pathlib import Path
+
+    from anodfd.metrics import defect_regions
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "resolution.py"
+    spec = importlib.util.spec_from_file_location("bench_resolution", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    hist = np.zeros((80, 80), np.uint8)
+    hist[:, 20:30] = 255  # a track
+    cur = hist.copy()
+    cur[:, 30:32] = 255  # its edge 2 px further along its whole length: binarisation noise
+    cur[40:50, 30:38] = 255  # a spur 8 px out
+    cur[50:58, 55:63] = 255  # copper on bare board
+    mask = np.zeros_like(hist)
+    mask[10:30] = cur[10:30] != hist[10:30]  # a box over the noise alone
+    mask[40:50] = cur[40:50] != hist[40:50]
+    mask[50:58] = cur[50:58] != hist[50:58]
+    mask[65:75, 5:10] = 1  # a box whose difference registration removed
+    truth, groups = defect_regions(mask)
+    rgb = [np.repeat(x[..., None], 3, axis=2) for x in (hist, cur)]
+    kinds = bench.sort_groups(truth, groups, *bench.edge_evidence(*rgb))
+    assert len(groups) == 4
+    assert kinds[truth[20, 30]] == "edge_sliver"
+    assert kinds[truth[45, 35]] == "defect"
+    assert kinds[truth[54, 58]] == "defect"
+    assert kinds[truth[70, 7]] == "vanishes"
