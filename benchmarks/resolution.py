@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from anodfd.config import PRESETS, SCHEDULES, Config, with_window
-from anodfd.data.cache import PairCache, View
+from anodfd.data.cache import View
 from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import DatasetError, load_split
 from anodfd.data.transforms import AUGMENTS
@@ -318,16 +318,20 @@ def sort_groups(truth: np.ndarray, groups: list[int], differs: np.ndarray, near_
     """Each group of a mask derived from boxes on binarised images (DeepPCB's) as ``vanishes`` (under a fifth of its
     pixels still differ once history is registered: misregistration inside a box), ``edge_sliver`` (at most `THIN`
     px wide along an edge: binarisation noise, which differs on edges in a box or not) or ``defect``."""
+    on = truth > 0
+    labels, n = truth[on], truth.max() + 1
+    area = np.maximum(np.bincount(labels, minlength=n), 1)
+    share_differs = np.bincount(labels, differs[on], n) / area
+    share_on_edge = np.bincount(labels, near_edge[on], n) / area
+    # a pixel's distance to the nearest pixel off the mask is its distance to the edge of its own piece: pieces of
+    # a group, and groups, are apart. A group's width is twice the largest inscribed radius of its widest piece.
+    width = np.zeros(n)
+    np.maximum.at(width, labels, 2 * cv2.distanceTransform(on.astype(np.uint8), cv2.DIST_L2, 3)[on])
     kinds = {}
     for g in groups:
-        group = (truth == g).astype(np.uint8)
-        n, parts = cv2.connectedComponents(group)
-        # twice the largest inscribed radius of its widest connected piece
-        width = 2 * max(cv2.distanceTransform((parts == k).astype(np.uint8), cv2.DIST_L2, 3).max() for k in range(1, n))
-        on = group > 0
-        if differs[on].mean() < 0.2:
+        if share_differs[g] < 0.2:
             kinds[g] = "vanishes"
-        elif width <= THIN and near_edge[on].mean() >= ALONG_EDGE:
+        elif width[g] <= THIN and share_on_edge[g] >= ALONG_EDGE:
             kinds[g] = "edge_sliver"
         else:
             kinds[g] = "defect"
@@ -345,19 +349,19 @@ def explain_misses(checkpoint: Path, data: str, split: str, threshold: float = 0
     model, config = model_from_checkpoint(load_checkpoint(checkpoint))
     config.data.data = str(Path(data).resolve())
     dataset = make_dataset(config.data, split)
-    # the pair at native size, registered as the network saw it, without relighting: the mask's rule is on raw grey
-    native = PairCache()
+    # the pair at native size, registered as the network saw it, without relighting: the mask's rule is on raw grey.
+    # A crop network's own view at scale 1, so its dataset's cache already holds it.
     native_view = View(resize=0, scale=1.0, align=config.data.align)
     c = dict.fromkeys(("defects", "found", "slivers", "slivers_found", "missed_region_too_small",
                        "missed_below_0.2", "edge_slivers_off_mask"), 0)
     by_kind = {k: [0, 0] for k in ("defect", "edge_sliver", "vanishes")}  # found, total
-    counted, uncounted = DefectCounts(), DefectCounts()
+    uncounted = DefectCounts()
 
     def on_pair(i: int, probs: np.ndarray, mask: np.ndarray) -> None:
         binary = (probs >= threshold).astype(np.uint8)
         labels, _, kept = detections(binary)
         detected = np.isin(labels, kept)
-        arr = native.get(dataset.pairs[i], native_view)
+        arr = dataset.cache.get(dataset.pairs[i], native_view)
         differs, near_edge = edge_evidence(arr[..., :3], arr[..., 3:6])
         truth, defects = defect_regions(mask)
         kinds = sort_groups(truth, defects, differs, near_edge)
@@ -366,7 +370,6 @@ def explain_misses(checkpoint: Path, data: str, split: str, threshold: float = 0
         off_truth, off_groups = defect_regions(off_mask)
         c["edge_slivers_off_mask"] += list(sort_groups(off_truth, off_groups, differs, near_edge).values()).count(
             "edge_sliver")
-        counted.update(binary, mask, regions=(truth, defects))
         uncounted.update(binary, mask, regions=(truth, [d for d in defects if kinds[d] == "defect"]))
         for d in defects:
             ys, xs = np.nonzero(truth == d)
@@ -382,7 +385,7 @@ def explain_misses(checkpoint: Path, data: str, split: str, threshold: float = 0
                 c["missed_region_too_small"] += bool(binary[ys, xs].any())
                 c["missed_below_0.2"] += bool(probs[ys, xs].max() < 0.2)
 
-    evaluate(model, dataset, torch.device("cpu"), config.data.window, threshold, on_pair=on_pair)
+    _, _, counted = evaluate(model, dataset, torch.device("cpu"), config.data.window, threshold, on_pair=on_pair)
     kept = c["defects"] - c["slivers"]
     c["recall"] = c["found"] / c["defects"]
     c["recall_without_slivers"] = (c["found"] - c["slivers_found"]) / kept if kept else None
