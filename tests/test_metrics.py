@@ -327,15 +327,11 @@ def test_derived_mask_groups_are_sorted_by_what_the_registered_pair_shows():
     """`benchmarks/resolution.py --misses` on masks derived from boxes (DeepPCB's): a 2 px sliver along a track edge
     is binarisation noise, a spur as wide as a defect is a defect even on an edge, a blob is a defect, and a group
     where the registered pair no longer differs vanished with the misregistration that made it."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_benchmark
 
     from anodfd.metrics import defect_regions
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "resolution.py"
-    spec = importlib.util.spec_from_file_location("bench_resolution", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("resolution")
 
     hist = np.zeros((80, 80), np.uint8)
     hist[:, 20:30] = 255  # a track

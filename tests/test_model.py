@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import socket
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 from torch import nn
 
 from anodfd.config import ANODFD_NAMES, BASELINE_NAMES, DEPTHS, MODEL_NAMES, ModelConfig
@@ -238,20 +237,12 @@ def test_inference_paths_load_checkpoints_folded(name: str) -> None:
         torch.testing.assert_close(fast(hist, cur), plain(hist, cur), rtol=1e-4, atol=1e-4)
 
 
-def _load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"
-    spec = importlib.util.spec_from_file_location("bench_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("name,depth", [("tiny", 0), ("tiny", 2), ("paper", 2)])
 def test_paper_variants_compute_the_official_architecture(name: str, depth: int) -> None:
     """Loaded with our weights, a plain re-implementation of the official network gives the same map."""
     model = make(name, depth)
     settle_batchnorm(model)
-    reference = _load_benchmark().official_style_like(model).eval()
+    reference = load_benchmark("bench_model").official_style_like(model).eval()
     hist, cur = pair()
     with torch.no_grad():
         ours, theirs = torch.sigmoid(model(hist, cur)), reference(hist, cur)

@@ -5,7 +5,6 @@ numbers are the cells' own, template differencing checked by hand, and a rerun t
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from conftest import load_benchmark
 
 from anodfd.config import Config
 from anodfd.data.dataset import make_dataset
@@ -91,9 +91,7 @@ def test_paper_tables_tiny_run(synth_ol, tmp_path, mlflow_server):
 
 
 def test_paper_tables_rejects_a_missing_dataset_before_training(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("paper_tables", TABLES)
-    tables = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tables)
+    tables = load_benchmark("paper_tables")
     rc = tables.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"),
                       "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"])
     assert rc == 2
