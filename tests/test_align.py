@@ -460,3 +460,18 @@ def test_training_registers_every_pair_once_and_logs_failures(synth_ol, tmp_path
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == registered
     with pytest.raises(ConfigError, match="align ecc"):
         fit(config.with_flat({"data.align": "none", "train.epochs": 2}), tmp_path / "run", log=lines.append)
+
+
+def test_a_pair_that_supports_only_a_shift_gets_the_shift_not_the_identity():
+    """Flat copper with two long edges (an L): enough for a translation, not for 8 homography parameters. The
+    registration keeps the shift (within half a pixel at every corner) instead of folding or falling back, and the
+    identity is among the starts, so an unmoved pair stays put."""
+    current = np.full((200, 240, 3), 90, np.uint8)
+    current[60:, 70:] = 200
+    current = cv2.GaussianBlur(current, (5, 5), 0)
+    true = np.float64([[1, 0, 5.5], [0, 1, -3.0], [0, 0, 1]])
+    history = shift_image(current, true)
+    result = register(history, current, "ecc")
+    assert result.ok, result.reason
+    assert corner_error(result.matrix, true, 240, 200) < 0.5
+    assert corner_error(register(current, current, "ecc").matrix, np.eye(3), 240, 200) < 0.1

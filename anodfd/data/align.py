@@ -43,6 +43,8 @@ WORK_SIDE = 640  # registration runs on at most this many pixels along the longe
 MAX_CORNER_SHIFT = 0.15  # of the image side; `anodfd data shift` stress-tests up to 0.04
 MAX_SCALE = 1.25  # largest area scale (and smallest 1/x) and anisotropy accepted
 MIN_CORRELATION = 0.5  # ECC's correlation of the grey images after the warp
+START_PEAKS = 3  # phase-correlation peaks that ECC starts from, beside the identity
+MIN_SUPPORT = 1e-3  # a motion model's least-determined direction, relative to a translation's (`_support`)
 MIN_INLIERS = 20  # keypoint matches that agree with the RANSAC homography
 REFINE_PATCH = 256  # px; the full-size pass measures the shift left in patches this large ...
 REFINE_GRID = (7, 5)  # ... on a grid of this many across and down
@@ -238,19 +240,91 @@ def _grey(image: np.ndarray, factor: float) -> np.ndarray:
 
 
 def _ecc(hist: np.ndarray, cur: np.ndarray, levels: int = 3) -> np.ndarray:
-    """ECC homography (current -> history coordinates) over a pyramid of ``levels``, coarsest first."""
+    """ECC (current -> history coordinates) over a pyramid of ``levels``, coarsest first, with the richest motion
+    model the pair supports: translation, then affine from the best so far, then a homography. A richer model is
+    kept only when the image determines its parameters (`_support`), it is plausible, and it correlates better than
+    the one kept. Flat copper with a few long edges pins down a shift but not 8 parameters: a homography fitted to
+    it anyway stretches the flat parts at no cost to the correlation, or folds (seen under OpenCV 5.1 on a stand-in
+    pair that 5.0 registered). Once supported, any gain in correlation counts: on a binarised board most of the
+    misfit is binarisation noise that no motion removes, and asking a richer model for 1% less misfit kept
+    translations where the pair had turned (agreement under a known shift fell from 98% to 90% on 50 DeepPCB
+    pairs).
+
+    Every candidate is scored by the same measure, `_correlation` at the finest level, and the starts themselves
+    are candidates: ECC reports the correlation before its last step and, on a small image with little structure,
+    can climb away from a start that was already the best fit."""
     pyramid = [(cur.astype(np.float32), hist.astype(np.float32))]
     for _ in range(levels - 1):
         c, h = pyramid[-1]
         if min(c.shape) < 128:  # a level under 64 px has too little structure for 8 homography parameters
             break
         pyramid.append((cv2.pyrDown(c), cv2.pyrDown(h)))
-    # A translation from phase correlation starts ECC near the answer: from the identity, a shift of a few percent
-    # can pull a coarse level into a wrong optimum.
-    c, h = pyramid[-1]
-    window = cv2.createHanningWindow(c.shape[::-1], cv2.CV_32F)
-    (dx, dy), _ = cv2.phaseCorrelate(c, h, window)
-    matrix = np.float32([[1, 0, dx], [0, 1, dy], [0, 0, 1]])
+    (c0, h0), coarse = pyramid[0], pyramid[-1][0]
+    up = np.diag([c0.shape[1] / coarse.shape[1], c0.shape[0] / coarse.shape[0], 1.0])
+    problems: list[str] = []
+
+    def scored(matrix: np.ndarray | str) -> tuple[float, np.ndarray] | None:
+        problem = matrix if isinstance(matrix, str) else implausible(matrix, c0.shape[1], c0.shape[0])
+        if problem:
+            problems.append(problem)
+            return None
+        return _correlation(c0, h0, matrix), matrix
+
+    # Several starts: from the identity alone, a shift of a few percent can pull a coarse level into a wrong
+    # optimum, and on a periodic pattern (PCB tracks) the strongest phase-correlation peak can be a period off.
+    starts = _shift_starts(*pyramid[-1])
+    fits = [scored(up @ s @ np.linalg.inv(up)) for s in starts]
+    fits += [scored(_ecc_fit(pyramid, s, cv2.MOTION_TRANSLATION)) for s in starts]
+    best = max((f for f in fits if f), key=lambda f: f[0], default=None)
+    supported = _support(c0)
+    for motion in (cv2.MOTION_AFFINE, cv2.MOTION_HOMOGRAPHY):
+        if supported[motion] < MIN_SUPPORT:
+            break
+        start = np.eye(3) if best is None else np.linalg.inv(up) @ best[1] @ up
+        fit = scored(_ecc_fit(pyramid, start, motion))
+        if fit and (best is None or fit[0] > best[0]):
+            best = fit
+    if best is None:
+        raise _Failed(problems[0])
+    if best[0] < MIN_CORRELATION:
+        raise _Failed(f"ECC correlation {best[0]:.2f} after the warp (needs {MIN_CORRELATION})")
+    return best[1]
+
+
+def _support(grey: np.ndarray) -> dict[int, float]:
+    """How well ``grey``'s structure determines each motion model's parameters: the smallest eigenvalue of the
+    Gauss-Newton matrix (J^T J of the image gradients times the warp's derivatives, coordinates scaled to [-1, 1]) for
+    affine and homography, relative to a translation's. A straight edge constrains a shift across it, not a stretch
+    along it, so an image of a few such edges gives ~0 (real PCB scans and the stand-ins: 0.006 and up)."""
+    g = cv2.GaussianBlur(grey, (5, 5), 0)
+    gx, gy = cv2.Sobel(g, cv2.CV_32F, 1, 0) / 8, cv2.Sobel(g, cv2.CV_32F, 0, 1) / 8
+    h, w = g.shape
+    y, x = np.mgrid[-1:1:h * 1j, -1:1:w * 1j].astype(np.float32)
+    radial = gx * x + gy * y
+    jacobian = np.stack([gx, gy, gx * x, gx * y, gy * x, gy * y, -x * radial, -y * radial], -1).reshape(-1, 8)
+    hessian = jacobian.astype(np.float64).T @ jacobian
+    least = {k: float(np.linalg.eigvalsh(hessian[:k, :k])[0]) for k in (2, 6, 8)}
+    if least[2] <= 0:
+        return {cv2.MOTION_AFFINE: 0.0, cv2.MOTION_HOMOGRAPHY: 0.0}
+    return {cv2.MOTION_AFFINE: least[6] / least[2], cv2.MOTION_HOMOGRAPHY: least[8] / least[2]}
+
+
+def _correlation(cur: np.ndarray, hist: np.ndarray, matrix: np.ndarray) -> float:
+    """ECC's measure (zero-mean normalised correlation of the blurred images) between ``cur`` and ``hist`` warped by
+    ``matrix``, over the pixels the warp keeps inside history's frame."""
+    h, w = cur.shape
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    warped = cv2.warpPerspective(hist, matrix, (w, h), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    inside = cv2.warpPerspective(np.ones((h, w), np.uint8), matrix, (w, h), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
+    if inside.sum() < 16:
+        return -1.0
+    return float(cv2.computeECC(cv2.GaussianBlur(cur, (5, 5), 0), cv2.GaussianBlur(warped, (5, 5), 0), inside))
+
+
+def _ecc_fit(pyramid: list[tuple[np.ndarray, np.ndarray]], start: np.ndarray, motion: int) -> np.ndarray | str:
+    """ECC of one motion model from ``start`` (3x3, coarsest level's pixels) down the pyramid: the 3x3 matrix at the
+    finest level, or why it failed."""
+    matrix = start.astype(np.float32)
     previous = None
     for level, (c, h) in enumerate(reversed(pyramid)):
         if previous is not None:
@@ -258,14 +332,34 @@ def _ecc(hist: np.ndarray, cur: np.ndarray, levels: int = 3) -> np.ndarray:
             matrix = s @ matrix @ np.linalg.inv(s)
         iterations = 60 if level == 0 else 25
         criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, iterations, 1e-5)
+        warp = matrix if motion == cv2.MOTION_HOMOGRAPHY else matrix[:2] / matrix[2, 2]
         try:
-            rho, matrix = cv2.findTransformECC(c, h, matrix, cv2.MOTION_HOMOGRAPHY, criteria, None, 5)
-        except cv2.error as e:
-            raise _Failed("ECC did not converge") from e
+            _, warp = cv2.findTransformECC(c, h, np.ascontiguousarray(warp), motion, criteria, None, 5)
+        except cv2.error:
+            return "ECC did not converge"
+        matrix = warp if motion == cv2.MOTION_HOMOGRAPHY else np.vstack([warp, np.float32([0, 0, 1])])
         previous = c.shape
-    if rho < MIN_CORRELATION:
-        raise _Failed(f"ECC correlation {rho:.2f} after the warp (needs {MIN_CORRELATION})")
-    return matrix.astype(np.float64)
+    return matrix.astype(np.float64) / matrix[2, 2]
+
+
+def _shift_starts(cur: np.ndarray, hist: np.ndarray) -> list[np.ndarray]:
+    """Translations (3x3, current -> history) to start ECC from: the identity, phase correlation's answer (sub-pixel)
+    and the next strongest local maxima of its surface, `START_PEAKS` shifts in all (a periodic pattern has several
+    peaks of nearly equal height)."""
+    window = cv2.createHanningWindow(cur.shape[::-1], cv2.CV_32F)
+    shifts = [np.zeros(2), np.float64(cv2.phaseCorrelate(cur, hist, window)[0])]
+    spectrum = np.fft.fft2(hist * window) * np.conj(np.fft.fft2(cur * window))
+    # Centred, so that the shift 0 sits mid-array and the non-maximum suppression sees neighbours across the wrap.
+    surface = np.fft.fftshift(np.fft.ifft2(spectrum / np.maximum(np.abs(spectrum), 1e-9)).real).astype(np.float32)
+    peaks = np.where(surface >= cv2.dilate(surface, np.ones((5, 5), np.uint8)), surface, -np.inf)
+    centre = np.array(surface.shape[::-1]) // 2
+    for index in np.argsort(peaks, axis=None)[::-1]:
+        if len(shifts) > START_PEAKS:
+            break
+        shift = np.array(np.unravel_index(index, surface.shape)[::-1]) - centre
+        if min(np.abs(shift - s).max() for s in shifts) > 2:
+            shifts.append(shift.astype(np.float64))
+    return [np.float64([[1, 0, dx], [0, 1, dy], [0, 0, 1]]) for dx, dy in shifts]
 
 
 def _refine(history: np.ndarray, current: np.ndarray, matrix: np.ndarray) -> np.ndarray:
