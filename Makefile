@@ -1,17 +1,29 @@
-# Every target does its own set-up from a fresh clone: a .venv with the project installed.
+# Every target does its own set-up from a fresh clone: a .venv with exactly the versions of requirements.lock
+# and the project installed over them.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+LOCK := requirements.lock
+PIP_QUIET := --quiet
 
-.PHONY: install sysdeps demo test lint bench clean
+.PHONY: install sysdeps demo test test-fast test-latest lock bench clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]'
+$(STAMP): pyproject.toml $(LOCK)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_QUIET) -r $(LOCK)
+	@# ...and nothing else: a venv made from an older lock loses what the new one dropped.
+	$(PY) -m piptools sync $(PIP_QUIET) $(LOCK)
+	$(PY) -m pip install $(PIP_QUIET) --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The newest releases pyproject.toml's ranges allow, every runtime and dev dependency, pinned into $(LOCK).
+# Run it when a dependency should move (a fix, a release the project needs), then `make test` and commit both.
+lock: $(STAMP)
+	$(PY) -m piptools compile $(PIP_QUIET) --upgrade --extra dev --strip-extras --no-emit-index-url \
+	  --no-emit-find-links --no-emit-trusted-host --output-file $(LOCK) pyproject.toml
 
 # tests/test_cluster_files.py runs the launcher's rsync, as `ray up` does.
 sysdeps:
