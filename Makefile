@@ -37,13 +37,27 @@ demo: $(STAMP)
 	$(PY) -m anodfd data check data/OL
 	$(PY) tune/search.py --dataset OL --preset smoke
 
+# Everything: what the README and .ci/run call.
 test: $(STAMP) sysdeps
 	$(PY) -m ruff check anodfd tests benchmarks tune cluster
 	$(PY) -m pytest -q --durations=20  # the slowest tests, so a slower suite says where
+
+# The loop while working: everything but the tests marked slow (Ray, MLflow servers, searches, clusters).
+test-fast: $(STAMP) sysdeps
+	$(PY) -m ruff check anodfd tests benchmarks tune cluster
+	$(PY) -m pytest -q -m "not slow" --durations=10
+
+# Drift before users meet it: the fast tier against the newest releases pyproject.toml's ranges allow, in a venv of
+# its own (.venv-latest), off the lock. A failure here is a release the lock must not take yet, or a fix to make.
+test-latest: sysdeps
+	test -x .venv-latest/bin/python || $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install $(PIP_QUIET) --upgrade --upgrade-strategy eager -e '.[dev]'
+	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/versions.txt
+	ANODFD_UNLOCKED=1 .venv-latest/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_loading.py
 	$(PY) benchmarks/bench_model.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-latest .pytest_cache .ruff_cache

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from anodfd import tracking
 from anodfd.config import ConfigError
+from anodfd.versions import mismatches, package_versions
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +46,7 @@ class NodeReport:
     storage: str = "?"
     data: str = "?"
     mlflow: str = "?"
+    packages: dict[str, str] = field(default_factory=dict)  # `anodfd.versions.package_versions` there
     problems: list[str] = field(default_factory=list)
     written: str | None = None  # a probe file left in a storage folder, for the shared-folder check
 
@@ -122,6 +124,7 @@ def probe_node(report: NodeReport, storage: str, data: str, uri: str, want: dict
     import ray
 
     problems = report.problems
+    report.packages = package_versions()
     report.python = "{}.{}.{}".format(*sys.version_info[:3])
     report.ray = ray.__version__
     for name, have in (("python", report.python), ("ray", report.ray)):
@@ -194,11 +197,13 @@ def probe_node(report: NodeReport, storage: str, data: str, uri: str, want: dict
 
 
 def check_cluster(storage: str, data: str, uri: str, gpus_per_worker: float = 0.0, all_gpus: bool = False,
-                  timeout: float = 300) -> list[NodeReport]:
+                  timeout: float = 300, allow_version_mismatch: bool = False) -> list[NodeReport]:
     """Probe every alive node of the joined cluster and print one row per node.
 
-    GPU nodes are checked when trials will use GPUs (``gpus_per_worker > 0``) or ``all_gpus`` is set. Raises
-    ConfigError naming each node that cannot run a trial and what to fix.
+    GPU nodes are checked when trials will use GPUs (``gpus_per_worker > 0``) or ``all_gpus`` is set. A node whose
+    version of a package that decides a model's numbers (`anodfd.versions.NUMERIC_PACKAGES`) is not the driver's
+    cannot run a trial, unless ``allow_version_mismatch``: then each difference is printed and the search goes on.
+    Raises ConfigError naming each node that cannot run a trial and what to fix.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # Ray
@@ -233,6 +238,15 @@ def check_cluster(storage: str, data: str, uri: str, gpus_per_worker: float = 0.
                 r.storage = "FAIL"
                 r.problems.append(f"storage {storage} is that node's own disk, not a folder shared with this one "
                                   "(checkpoints written there would be lost)")
+    mine = package_versions()
+    for r in reports:
+        for name, theirs, ours in mismatches(r.packages, mine):
+            line = f"{name} {theirs} there, {ours} on the driver"
+            if allow_version_mismatch:
+                print(f"warning: {r.node}: {line} (--allow-version-mismatch)", flush=True)
+            else:
+                r.problems.append(f"{line}: install requirements.lock on every node (cluster/Dockerfile), or pass "
+                                  "--allow-version-mismatch to run anyway")
     print(format_table(reports, want, check_gpus), flush=True)
     if check_gpus and gpus_per_worker > 0 and not any(r.gpus > 0 for r in reports):
         print("no GPU node is up yet (GPU nodes may autoscale from 0): each trial's workers check their GPU "

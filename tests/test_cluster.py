@@ -178,7 +178,8 @@ class Cluster:
         self.groups: list[int] = []
         self.nodes = 0
 
-    def start_node(self, head: bool = False, cpus: int = 1, gpus: int = 0, path_first: Path | None = None) -> None:
+    def start_node(self, head: bool = False, cpus: int = 1, gpus: int = 0, path_first: Path | None = None,
+                   python: Path | None = None) -> None:
         index = self.nodes
         self.nodes += 1
         # Each node: its own temp dir (two runtime-env agents sharing one would delete each other's
@@ -189,7 +190,7 @@ class Cluster:
                  "--min-worker-port", str(20000 + 1000 * index), "--max-worker-port", str(20999 + 1000 * index)]
         common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), "--num-gpus", str(gpus),
                   "--temp-dir", str(self.root / f"node{index}"), "--disable-usage-stats", *ports]
-        ray_cli = [str(self.python), "-m", "ray.scripts.scripts", "start"]
+        ray_cli = [str(python or self.python), "-m", "ray.scripts.scripts", "start"]
         if head:
             cmd = [*ray_cli, "--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
                    "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(free_port()), *common]
@@ -480,3 +481,35 @@ def test_check_reports_each_gpu_nodes_driver(cluster, gpu_nodes, synth_ol, tmp_p
     assert rows[gpu_nodes["old"]][6:8] == [OLD_DRIVER, "0"] and rows[gpu_nodes["old"]][-1] == "FAIL"
     assert rows[gpu_nodes["none"]][6:8] == ["-", "0"] and rows[gpu_nodes["none"]][-1] == "FAIL"
     assert sum(cells[-1] == "ok" for cells in rows.values()) == 2
+
+
+# --- a node whose OpenCV is not the driver's (last: it stays joined) --------------------------------------------
+
+
+def test_a_node_with_another_opencv_stops_the_search_before_its_first_trial(cluster, synth_ol, tmp_path,
+                                                                           mlflow_server):
+    """A node whose environment records another OpenCV release (its own dist-info ahead of the shared packages, as
+    an image built from an older lock has): the search stops in the preflight with one line naming that node, the
+    package and both versions, and no trial starts."""
+    import importlib.metadata
+
+    mine = importlib.metadata.version("opencv-python-headless")
+    theirs = "5.0.0.93" if mine != "5.0.0.93" else "4.14.0.94"
+    python = node_python(cluster.root / "other-opencv")
+    (site,) = (python.parents[1] / "lib").glob("python*/site-packages")
+    info = site / f"opencv_python_headless-{theirs}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: opencv-python-headless\nVersion: {theirs}\n")
+    before = {n["node_id"] for n in cluster.api("/api/v0/nodes?limit=100&detail=false")["data"]["result"]["result"]}
+    cluster.start_node(cpus=0, python=python)
+    (node,) = {n["node_id"] for n in cluster.api("/api/v0/nodes?limit=100&detail=false")["data"]["result"]["result"]
+               } - before
+    proc = cluster.submit("--data", str(synth_ol), "--preset", "smoke", "--gpus-per-worker", "0", "--storage",
+                          str(tmp_path / "runs"), "--mlflow-uri", mlflow_server, "--name", "cv", timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "FAILED" in out, out[-3000:]
+    assert "starting search" not in out and not (tmp_path / "runs" / "cv" / "train_runs").exists()
+    problems = [line.strip() for line in out.splitlines() if re.match(r"\s*[\d.]+ \([0-9a-f]{8}\): ", line)]
+    assert problems == [(f"127.0.0.1 ({node[:8]}): opencv-python-headless {theirs} there, {mine} on the driver: "
+                        "install requirements.lock on every node (cluster/Dockerfile), or pass "
+                        "--allow-version-mismatch to run anyway")], out[-3000:]

@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--check", action="store_true",
                    help="on a cluster: check every node (versions, code, GPUs and driver, storage, data, MLflow), "
                         "print one row per node and exit without starting a trial")
+    p.add_argument("--allow-version-mismatch", action="store_true",
+                   help="on a cluster: run even where a node's torch, torchvision, timm, numpy, OpenCV, "
+                        "albumentations, MLflow or Ray differs from the driver's (each difference is printed)")
     return p.parse_args(argv)
 
 
@@ -186,7 +189,8 @@ def search(args: argparse.Namespace) -> int:
     if gpus is None:
         gpus = 1.0 if args.preset == "paper" and res.get("GPU", 0) >= 1 else 0.0
     if joined:
-        nodes = check_cluster(storage, str(data_dir), uri, gpus_per_worker=gpus)
+        nodes = check_cluster(storage, str(data_dir), uri, gpus_per_worker=gpus,
+                              allow_version_mismatch=args.allow_version_mismatch)
         print(f"cluster: {len(nodes)} node(s) can write {storage}, read the data and reach MLflow")
     opts.gpus_per_worker = gpus
     opts.cpus_per_worker = args.cpus_per_worker or (4.0 if gpus else 0.9)
@@ -297,7 +301,8 @@ def check_only(args: argparse.Namespace, data_dir: str, uri: str) -> int:
         raise ConfigError("--check probes the nodes of a cluster: run it as a job (cluster/submit.py --check) "
                           "or pass --address")
     storage = args.storage if "://" in args.storage else str(Path(args.storage).resolve())
-    nodes = check_cluster(storage, data_dir, uri, gpus_per_worker=args.gpus_per_worker or 0, all_gpus=True)
+    nodes = check_cluster(storage, data_dir, uri, gpus_per_worker=args.gpus_per_worker or 0, all_gpus=True,
+                          allow_version_mismatch=args.allow_version_mismatch)
     print(f"check passed: {len(nodes)} node(s) can run trials")
     return 0
 

@@ -27,6 +27,7 @@ from anodfd.inference import TILE_BATCH, autocast, resize_probs, sliding_probs
 from anodfd.losses import CombinedLoss
 from anodfd.metrics import DefectCounts, ImageScores, PixelHistogram, image_scores
 from anodfd.model import AnoDFDNet, build_model, optimize_for_inference
+from anodfd.versions import package_versions, warn_if_trained_elsewhere
 
 CHECKPOINT_VERSION = 1
 
@@ -293,6 +294,7 @@ def checkpoint_dict(
         "metrics": {k: float(v) for k, v in metrics.items()},
         "threshold": float(metrics.get("calibrated_threshold", config.train.threshold)),
         "best": [float(v) for v in best],  # selection key of the best epoch so far, see `selection_key`
+        "versions": package_versions(),  # predict, score and serving warn when they run under others
     }
 
 
@@ -357,6 +359,7 @@ def inference_model(ckpt: dict, device: torch.device | str = "cpu") -> tuple[nn.
     """The checkpoint's network as eval, predict, the pyfunc and score run it: for AnoDFDNet, BatchNorm folded
     into the convolutions and weights channels_last (`optimize_for_inference`; about 6% more pairs/s on CPU),
     equal to the eval-mode model up to float rounding. Export and training keep `model_from_checkpoint`'s."""
+    warn_if_trained_elsewhere(ckpt)
     model, config = model_from_checkpoint(ckpt, device)
     return (optimize_for_inference(model) if isinstance(model, AnoDFDNet) else model), config
 
