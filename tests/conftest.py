@@ -141,3 +141,13 @@ def ray_local():
         os.environ.pop("RAY_API_SERVER_ADDRESS", None)
     yield ray
     ray.shutdown()
+
+
+# Tests that need one of these are slow whatever their module: `make test-fast` (-m "not slow") leaves them out.
+SLOW_FIXTURES = {"ray_local", "mlflow_server", "cluster", "gpu_nodes"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

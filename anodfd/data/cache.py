@@ -183,8 +183,9 @@ class PairCache:
         view = as_view(view)
         # The relight part names `match_lighting`'s method, so maps relit by an older one are not read back.
         relight = ["relit-gain-and-black-level-then-narrow"] if view.relight else []
-        # Likewise the align part names registration's method: maps registered without the full-size pass differ.
-        align = view.align if view.align == "none" else f"{view.align}-refined-at-full-size-until-settled"
+        # Likewise the align part names registration's method: maps registered without the full-size pass, or with
+        # a homography whatever the pair supports, differ.
+        align = view.align if view.align == "none" else f"{view.align}-supported-motion-refined-at-full-size"
         parts = [_VERSION, str(view.resize), repr(float(view.scale)), align, *relight]
         for f in (pair.hist, pair.cur, pair.mask):
             st = f.stat()
