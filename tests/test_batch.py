@@ -15,6 +15,8 @@ from anodfd.config import PRESETS, Config
 from anodfd.data.layouts import read_split
 from anodfd.train.loop import fit
 
+pytestmark = pytest.mark.slow  # batch scoring on Ray Data
+
 
 @pytest.fixture(scope="module")
 def checkpoints(synth_ol, tmp_path_factory):

@@ -43,6 +43,8 @@ for r, (name, version) in enumerate(versions):
     print(json.dumps({"round": r, "version": reg.version, "champion": reg.champion, "reason": reg.reason}), flush=True)
 """
 
+pytestmark = pytest.mark.slow  # gates in several processes against MLflow servers
+
 
 @pytest.fixture(scope="module")
 def checkpoint(synth_ol, tmp_path_factory):

@@ -21,6 +21,8 @@ from ray._private.utils import get_num_cpus
 from anodfd.tracking import RUN_DIR_TAG, client
 from anodfd.train.launch import threads_for
 
+pytestmark = pytest.mark.slow  # searches run as subprocesses
+
 SEARCH = Path(__file__).resolve().parents[1] / "tune" / "search.py"
 
 

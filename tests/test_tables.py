@@ -13,11 +13,14 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from conftest import load_benchmark
 
 from anodfd.config import Config
 from anodfd.data.dataset import make_dataset
 from anodfd.tracking import RUN_DIR_TAG, client
+
+pytestmark = pytest.mark.slow  # trains every model of the paper's tables
 
 TABLES = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_tables.py"
 
