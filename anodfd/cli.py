@@ -33,11 +33,14 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _data_check(args: argparse.Namespace) -> int:
+    from anodfd.config import DataConfig
     from anodfd.data.check import check_dataset
     from anodfd.data.layouts import resolve_data_dir
 
+    DataConfig(group_regex=args.group_regex or "", val_groups=args.val_groups or "")  # checked before any file is read
     root = resolve_data_dir(dataset=args.dataset, data=args.dir, data_root=args.data_root)
-    report = check_dataset(root, args.layout, allow_normal_only=args.allow_normal_only)
+    report = check_dataset(root, args.layout, allow_normal_only=args.allow_normal_only,
+                           group_regex=args.group_regex or "", val_groups=args.val_groups or "")
     print(report.format())
     return 0 if report.ok else 1
 
@@ -58,7 +61,8 @@ _FLAGS = {
     "resize": ["data.resize"], "scale": ["data.scale"], "crop": ["data.crop"],
     "crop_pos_fraction": ["data.crop_pos_fraction"], "align": ["data.align"], "relight": ["data.relight"], "layout": ["data.layout"],
     "augment": ["data.augment"], "misregister": ["data.misregister"], "num_workers": ["data.num_workers"],
-    "cache_dir": ["data.cache_dir"], "epochs": ["train.epochs"], "batch_size": ["train.batch_size"],
+    "cache_dir": ["data.cache_dir"], "group_regex": ["data.group_regex"], "val_groups": ["data.val_groups"],
+    "epochs": ["train.epochs"], "batch_size": ["train.batch_size"],
     "lr": ["train.lr"], "schedule": ["train.schedule"], "bce_weight": ["train.bce_weight"],
     "dice_weight": ["train.dice_weight"],
     "focal_weight": ["train.focal_weight"], "pos_weight": ["train.pos_weight"], "seed": ["train.seed"],
@@ -86,6 +90,15 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=LAYOUTS, default=None)
 
 
+def add_group_flags(p: argparse.ArgumentParser) -> None:
+    """Groups (boards, parts, sites) and group-held-out validation: `anodfd train`, `data check` and the search."""
+    p.add_argument("--group-regex", default=None,
+                   help="a pair's group is this regex's first group (or whole match) on its name, e.g. '^(\\d{5})' "
+                        "for DeepPCB's boards; validation cut from train then holds out whole groups")
+    p.add_argument("--val-groups", default=None,
+                   help="comma-separated groups validation holds, taken from the train and validation lists")
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     _add_data_flags(p)
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
@@ -107,6 +120,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="after --align, match history's local lighting to current's (for tiles of large images)")
     p.add_argument("--augment", choices=["none", "paper", "strong"], default=None)
     p.add_argument("--misregister", type=float, default=None, help="max independent history misalignment (0.03 = 3%%)")
+    add_group_flags(p)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -371,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=LAYOUTS, default="auto")
     p.add_argument("--allow-normal-only", action="store_true",
                    help="accept splits without a single anomalous pixel (normal-only data on purpose)")
+    add_group_flags(p)
     p.set_defaults(func=_data_check)
     p = data.add_parser("shift", help="copy a dataset with its history images moved by random homographies "
                                       "(and optionally relit): a viewpoint stress test")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,14 @@ def _require(key: str, value: Any, ok: bool, rule: str) -> None:
     if not ok:
         flag = "--" + key.split(".")[-1].replace("_", "-")
         raise ConfigError(f"{flag} {value!r} ({key}): {rule}")
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
 
 
 def _number(x: Any) -> bool:
@@ -60,6 +69,8 @@ class DataConfig:
     augment: str = "paper"  # none | paper (flips, 180 rotation) | strong (+ scale/shift, photometric)
     misregister: float = 0.0  # max independent shift/rotation/scale of history, as a fraction (0.03 = 3%)
     val_fraction: float = 0.2  # used only when a dataset ships no validation list (the paper's 8:2)
+    group_regex: str = ""  # a pair's group (board, part, site): this regex's first group on its name; "" = none
+    val_groups: str = ""  # comma-separated groups validation holds, taken from train; "" = cut by val_fraction
     cache_dir: str = ""  # on-disk decode cache; "" = $ANODFD_CACHE_DIR or ~/.cache/anodfd
     num_workers: int = 0  # DataLoader worker processes
 
@@ -87,6 +98,10 @@ class DataConfig:
                  "must be in [0, 0.5): a fraction of the image side")
         _require("data.val_fraction", self.val_fraction, _number(self.val_fraction) and 0 < self.val_fraction < 1,
                  "must be in (0, 1)")
+        _require("data.group_regex", self.group_regex, isinstance(self.group_regex, str) and _compiles(self.group_regex),
+                 "must be a Python regular expression whose first group (or whole match) names a pair's group")
+        _require("data.val_groups", self.val_groups, isinstance(self.val_groups, str)
+                 and (not self.val_groups or bool(self.group_regex)), "needs --group-regex: groups come from it")
         _require("data.num_workers", self.num_workers, isinstance(self.num_workers, int) and self.num_workers >= 0,
                  "must be 0 (load in the training process) or more")
 

@@ -179,7 +179,8 @@ def template_difference(data: DataConfig, split: str, native: bool = True,
 
     def histogram(name: str) -> PixelHistogram:
         hist = PixelHistogram()
-        pairs = load_split(Path(data.data), name, data.layout, data.val_fraction)
+        pairs = load_split(Path(data.data), name, data.layout, data.val_fraction, group_regex=data.group_regex,
+                           val_groups=data.val_groups)
         for pair in _progress(pairs, f"template differencing on {name}", progress):
             if native:
                 history, current = (cv2.imread(str(f), cv2.IMREAD_GRAYSCALE) for f in (pair.hist, pair.cur))
@@ -216,7 +217,8 @@ def score_checkpoint(
                                             progress=progress, threshold=threshold)
     floor, floor_threshold = template_difference(data, split, native=True, progress=progress)
     # The files were checked when the splits were scored above: only the counts are needed here.
-    sizes = {s: len(load_split(Path(data_dir), s, data.layout, data.val_fraction, check=False))
+    sizes = {s: len(load_split(Path(data_dir), s, data.layout, data.val_fraction, check=False,
+                               group_regex=data.group_regex, val_groups=data.val_groups))
              for s in ("train", "val", split)}
     card = Scorecard(protocol, pixels.compute(0.5), pixels.compute(threshold), threshold,
                      floor.compute(floor_threshold)["f1"], floor_threshold, sizes[split], sizes,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import cv2
@@ -557,3 +558,95 @@ def test_data_shift_moves_history_images_only_and_deterministically(tmp_path, ca
     assert (out / "shift.json").read_bytes() == stamp
     assert cli(["data", "shift", str(src), "--homography", "0.5", "--out", str(tmp_path / "far")]) == 2
     assert "--homography 0.5" in capsys.readouterr().err and not (tmp_path / "far").exists()
+
+
+# --- groups (boards, parts, sites) ------------------------------------------------------------------------
+
+
+def board_ids(boards=("00041", "13000", "20085", "44000"), per=5) -> tuple[str, ...]:
+    """DeepPCB-style ids: the first five digits name the board."""
+    return tuple(f"{b}{i:03d}" for b in boards for i in range(per))
+
+
+def test_group_of_takes_the_first_group_or_the_whole_match_and_names_a_pair_that_does_not_match(tmp_path):
+    from anodfd.data.layouts import group_of
+
+    root = make_abl(tmp_path / "pcb", board_ids(per=1) + ("oddone",))
+    pairs = {p.name: p for p in read_split(root, "train") + read_split(root, "val")}
+    assert group_of(pairs["13000000"], r"^(\d{5})") == "13000"
+    assert group_of(pairs["13000000"], r"^\d{2}") == "13"  # no group: the whole match
+    with pytest.raises(DatasetError, match=r"oddone\.jpg: the pair's name 'oddone' does not match --group-regex"):
+        group_of(pairs["oddone"], r"^(\d{5})")
+
+
+def test_validation_cut_from_train_holds_out_whole_groups(tmp_path):
+    root = make_abl(tmp_path / "pcb", board_ids())
+    board = r"^(\d{5})"
+    train, val = (read_split(root, s, group_regex=board) for s in ("train", "val"))
+    train_boards, val_boards = ({p.name[:5] for p in x} for x in (train, val))
+    assert val_boards and not train_boards & val_boards, "no board on both sides"
+    assert len(train) + len(val) == 20 and 4 <= len(val) <= 10  # whole boards, at least the 20% asked for
+    assert [p.name for p in read_split(root, "val", group_regex=board)] == [p.name for p in val]  # same every time
+    # Without groups the same data splits pair by pair, and every board lands on both sides.
+    plain_val = {p.name[:5] for p in read_split(root, "val")}
+    assert plain_val & {p.name[:5] for p in read_split(root, "train")}
+
+
+def test_val_groups_take_those_groups_from_the_train_and_validation_lists(tmp_path):
+    root = make_abl(tmp_path / "pcb", board_ids())
+    (root / "list" / "val.txt").write_text("\n".join(board_ids(per=5)[::5]) + "\n")  # one pair of each board
+    (root / "list" / "train.txt").write_text("\n".join(i for i in board_ids() if i not in board_ids()[::5]) + "\n")
+    kw = {"group_regex": r"^(\d{5})", "val_groups": "13000, 44000"}
+    val, train = read_split(root, "val", **kw), read_split(root, "train", **kw)
+    assert sorted(p.name for p in val) == sorted(i for i in board_ids() if i[:5] in {"13000", "44000"})
+    assert {p.name[:5] for p in train} == {"00041", "20085"} and len(train) == 10
+    with pytest.raises(DatasetError, match="group.s. 99999; the groups are 00041, 13000, 20085, 44000"):
+        read_split(root, "val", group_regex=r"^(\d{5})", val_groups="99999")
+    with pytest.raises(DatasetError, match="names every group"):
+        read_split(root, "val", group_regex=r"^(\d{5})", val_groups="00041,13000,20085,44000")
+
+
+def test_data_check_counts_pairs_per_group_and_warns_when_validation_shares_every_group(tmp_path, capsys):
+    root = make_abl(tmp_path / "pcb", board_ids())
+    (root / "list" / "val.txt").write_text("\n".join(board_ids()[::5]) + "\n")
+    (root / "list" / "train.txt").write_text("\n".join(i for i in board_ids() if i not in board_ids()[::5]) + "\n")
+    assert cli(["data", "check", str(root), "--group-regex", r"^(\d{5})"]) == 0
+    out = capsys.readouterr().out
+    assert "train groups: 00041 (4), 13000 (4), 20085 (4), 44000 (4)" in out
+    assert "val   groups: 00041 (1), 13000 (1), 20085 (1), 44000 (1)" in out
+    assert "warning: validation shares every group with train" in out
+    assert cli(["data", "check", str(root), "--group-regex", r"^(\d{5})", "--val-groups", "20085"]) == 0
+    out = capsys.readouterr().out
+    assert "val   groups: 20085 (5)" in out and "warning" not in out
+    # Bad group options are one line each, before any file is read.
+    assert cli(["data", "check", str(root), "--val-groups", "20085"]) == 2
+    assert cli(["data", "check", str(root), "--group-regex", "^(\\d{5}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "needs --group-regex" in err[0] and "must be a Python regular expression" in err[1]
+
+
+def test_train_and_the_search_take_the_group_options_into_the_config(tmp_path):
+    from anodfd.cli import build_parser, config_from_args
+
+    root = make_abl(tmp_path / "pcb", board_ids())
+    args = build_parser().parse_args(["train", "--data", str(root), "--group-regex", r"^(\d{5})", "--val-groups",
+                                      "13000"])
+    config = config_from_args(args)
+    assert (config.data.group_regex, config.data.val_groups) == (r"^(\d{5})", "13000")
+    from anodfd.data.dataset import make_dataset
+
+    assert {p.name[:5] for p in make_dataset(config.data, "val").pairs} == {"13000"}
+    search = load_search()
+    parsed = search.parse_args(["--data", str(root), "--group-regex", r"^(\d{5})", "--val-groups", "13000"])
+    assert (parsed.group_regex, parsed.val_groups) == (r"^(\d{5})", "13000")
+
+
+def load_search():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tune" / "search.py"
+    spec = importlib.util.spec_from_file_location("anodfd_test_search", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `space` lives beside
 from space import PAPER_POINT, SPACE
 
 from anodfd import tracking
+from anodfd.cli import add_group_flags
 from anodfd.config import ALIGN_METHODS, MODEL_NAMES, PRESETS, Config, ConfigError, with_window
 from anodfd.data.layouts import DatasetError, load_split, resolve_data_dir
 from anodfd.preflight import check_cluster
@@ -75,6 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="register history onto current before the network (default none)")
     p.add_argument("--relight", action="store_true", default=None,
                    help="after --align, match history's local lighting to current's (for tiles of large images)")
+    add_group_flags(p)
     p.add_argument("--num-samples", type=int, default=None, help="trials (default: the preset's)")
     p.add_argument("--max-epochs", type=int, default=None, help="epochs of a trial ASHA lets finish")
     p.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers of each trial")
@@ -159,7 +161,7 @@ def search(args: argparse.Namespace) -> int:
     data_dir = resolve_data_dir(dataset=args.dataset, data=args.data, data_root=args.data_root)
     dataset = data_dir.name  # the folder's name: `--dataset ol` registers into anodfdnet-OL
     view = {f"data.{k}": getattr(args, k) for k in ("resize", "scale", "crop", "crop_pos_fraction", "align",
-                                                   "relight")
+                                                   "relight", "group_regex", "val_groups")
             if getattr(args, k) is not None}
     base = with_window(Config().with_flat(preset["config"]), {
         "data.data": str(data_dir), "train.epochs": max_epochs, "train.seed": args.seed, **view,

@@ -10,7 +10,15 @@ import cv2
 import numpy as np
 
 from anodfd.data.cache import read_mask
-from anodfd.data.layouts import SPLITS, DatasetError, detect_layout, image_size, list_path, read_split
+from anodfd.data.layouts import (
+    SPLITS,
+    DatasetError,
+    detect_layout,
+    group_of,
+    image_size,
+    list_path,
+    read_split,
+)
 
 
 @dataclass
@@ -21,6 +29,7 @@ class CheckReport:
     sizes: Counter = field(default_factory=Counter)  # (w, h) of current images -> count
     anomaly_fraction: dict[str, float] = field(default_factory=dict)  # split -> anomalous pixel fraction
     normal_pairs: dict[str, int] = field(default_factory=dict)  # split -> pairs with an empty mask
+    groups: dict[str, Counter] = field(default_factory=dict)  # split -> group -> pairs (with --group-regex)
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -36,6 +45,8 @@ class CheckReport:
                 f"  {split:5s} {n:6d} pairs, {self.normal_pairs.get(split, 0)} normal, "
                 f"anomalous pixels {100 * frac:.3f}%"
             )
+        for split, counts in self.groups.items():
+            lines.append(f"  {split:5s} groups: " + ", ".join(f"{g} ({n})" for g, n in sorted(counts.items())))
         common = ", ".join(f"{w}x{h} ({c})" for (w, h), c in self.sizes.most_common(5))
         more = f" and {len(self.sizes) - 5} more" if len(self.sizes) > 5 else ""
         lines.append(f"  current image sizes: {common}{more}")
@@ -49,9 +60,11 @@ class CheckReport:
 
 
 def check_dataset(root: str | Path, layout: str = "auto", val_fraction: float = 0.2,
-                  allow_normal_only: bool = False) -> CheckReport:
+                  allow_normal_only: bool = False, group_regex: str = "", val_groups: str = "") -> CheckReport:
     """Every listed file must exist, have a sane header and decode, and every split must hold anomalous pixels
-    (unless ``allow_normal_only``: a split of normal pairs on purpose); every problem is collected, not just one."""
+    (unless ``allow_normal_only``: a split of normal pairs on purpose); every problem is collected, not just one.
+    With ``group_regex``, pairs are counted per group and split, and a note warns when validation shares every
+    one of its groups with train: it then measures only groups the model trained on."""
     root = Path(root).resolve()
     layout = detect_layout(root, layout)
     report = CheckReport(root=root, layout=layout)
@@ -62,7 +75,9 @@ def check_dataset(root: str | Path, layout: str = "auto", val_fraction: float = 
             report.notes.append("no test list")
             continue
         try:
-            pairs = read_split(root, split, layout, val_fraction)
+            pairs = read_split(root, split, layout, val_fraction, group_regex, val_groups)
+            if group_regex:
+                report.groups[split] = Counter(group_of(p, group_regex) for p in pairs)
         except DatasetError as e:
             report.errors.append(str(e))
             continue
@@ -93,4 +108,8 @@ def check_dataset(root: str | Path, layout: str = "auto", val_fraction: float = 
                 f"{split}: not one anomalous pixel in its {len(pairs)} masks. Masks are read as grey 0/255, class "
                 "indices (any non-zero) or colour (any channel at half its range or more); if this split is normal "
                 "on purpose, pass --allow-normal-only")
+    if {"train", "val"} <= set(report.groups) and set(report.groups["val"]) <= set(report.groups["train"]):
+        report.notes.append("warning: validation shares every group with train ("
+                            f"{', '.join(sorted(report.groups['val']))}), so it measures only groups the model trained "
+                            "on; hold whole groups out with --val-groups (or drop the validation list)")
     return report

@@ -66,7 +66,8 @@ def make_dataset(config: DataConfig, split: str, train: bool = False, seed: int 
     """The dataset for one split of ``config.data``, validated up front; augmented only when ``train``."""
     from anodfd.data.transforms import build_transform  # albumentations is only needed here
 
-    pairs = load_split(Path(config.data), split, config.layout, config.val_fraction, check=check)
+    pairs = load_split(Path(config.data), split, config.layout, config.val_fraction, check=check,
+                       group_regex=config.group_regex, val_groups=config.val_groups)
     cache = PairCache(config.cache_dir or None)
     return PairDataset(pairs, View.of(config), cache, build_transform(config, train=train, seed=seed))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,28 +107,66 @@ def list_path(root: Path, split: str, layout: str) -> Path:
     return Path(root) / "list" / _ABL_LISTS[split]
 
 
-def read_split(root: Path, split: str, layout: str = "auto", val_fraction: float = 0.2) -> list[Pair]:
+def read_split(root: Path, split: str, layout: str = "auto", val_fraction: float = 0.2, group_regex: str = "",
+               val_groups: str = "") -> list[Pair]:
     """Pairs listed for a split, every listed file checked to exist. No image is opened here.
 
     Without a validation list, validation is a deterministic ``val_fraction`` of train (the paper's 8:2) and
-    train is the rest, so the two never overlap.
+    train is the rest, so the two never overlap. With ``group_regex`` (a pair's group, such as a board, part or site,
+    is the regex's first group, or its whole match, on the pair's name: `group_of`), that share is cut as whole
+    groups, so validation measures groups training never saw. ``val_groups`` (comma-separated) names the groups
+    that validation holds: it takes every pair of them from the train and validation lists, and train keeps the rest.
     """
     root = Path(root).resolve()
     layout = detect_layout(root, layout)
     path = list_path(root, split, layout)
-    if split in ("train", "val") and not list_path(root, "val", layout).is_file():
-        train = _read_list(root, list_path(root, "train", layout), layout)
-        val = set(_holdout(train, val_fraction))
-        return [p for p in train if (p in val) == (split == "val")]
+    if split in ("train", "val") and (val_groups or not list_path(root, "val", layout).is_file()):
+        pool = _read_list(root, list_path(root, "train", layout), layout)
+        if list_path(root, "val", layout).is_file():
+            pool += _read_list(root, list_path(root, "val", layout), layout)
+        val = set(_holdout(pool, val_fraction, group_regex, val_groups))
+        return [p for p in pool if (p in val) == (split == "val")]
     if not path.is_file():
         raise DatasetError(f"{path}: split list for {split!r} not found; add it or choose another split")
     return _read_list(root, path, layout)
 
 
-def _holdout(pairs: list[Pair], fraction: float) -> list[Pair]:
+def group_of(pair: Pair, regex: str) -> str:
+    """``pair``'s group under ``regex``: its first group, or the whole match, searched in the pair's name."""
+    m = re.search(regex, pair.name)
+    if m is None:
+        raise DatasetError(f"{pair.cur}: the pair's name {pair.name!r} does not match --group-regex {regex!r}; give a "
+                           "regex that every pair's name matches (its first group names the pair's group)")
+    return m.group(1) if m.groups() else m.group(0)
+
+
+def _holdout(pairs: list[Pair], fraction: float, group_regex: str = "", val_groups: str = "") -> list[Pair]:
+    if val_groups:
+        wanted = {g.strip() for g in val_groups.split(",") if g.strip()}
+        groups = {p: group_of(p, group_regex) for p in pairs}
+        missing = sorted(wanted - set(groups.values()))
+        if missing:
+            raise DatasetError(f"--val-groups {val_groups!r}: no listed train or validation pair is in group(s) "
+                               f"{', '.join(missing)}; the groups are {', '.join(sorted(set(groups.values())))}")
+        if wanted >= set(groups.values()):
+            raise DatasetError(f"--val-groups {val_groups!r} names every group: leave at least one for training")
+        return [p for p in pairs if groups[p] in wanted]
     # Ordering by a hash of the name is deterministic and stays stable when pairs are added to the list.
-    n = max(1, round(len(pairs) * fraction)) if len(pairs) > 1 else 0
-    return sorted(pairs, key=lambda p: hashlib.sha1(p.name.encode()).hexdigest())[:n]
+    if not group_regex:
+        n = max(1, round(len(pairs) * fraction)) if len(pairs) > 1 else 0
+        return sorted(pairs, key=lambda p: hashlib.sha1(p.name.encode()).hexdigest())[:n]
+    members: dict[str, list[Pair]] = {}
+    for p in pairs:
+        members.setdefault(group_of(p, group_regex), []).append(p)
+    if len(members) < 2:
+        raise DatasetError(f"--group-regex {group_regex!r} puts every pair in one group ({next(iter(members))!r}): "
+                           "validation cannot hold out a group; fix the regex or drop it")
+    held: list[Pair] = []
+    for name in sorted(members, key=lambda g: hashlib.sha1(g.encode()).hexdigest())[:-1]:  # one stays for train
+        if len(held) >= fraction * len(pairs):
+            break
+        held += members[name]
+    return held
 
 
 def _read_list(root: Path, path: Path, layout: str) -> list[Pair]:
@@ -224,10 +263,11 @@ def validate_pairs(pairs: list[Pair]) -> dict[str, set[tuple[int, int]]]:
 
 
 def load_split(
-    root: Path, split: str, layout: str = "auto", val_fraction: float = 0.2, check: bool = True
+    root: Path, split: str, layout: str = "auto", val_fraction: float = 0.2, check: bool = True,
+    group_regex: str = "", val_groups: str = "",
 ) -> list[Pair]:
     """`read_split`, then (by default) `validate_pairs`: the up-front check before any compute is spent."""
-    pairs = read_split(root, split, layout, val_fraction)
+    pairs = read_split(root, split, layout, val_fraction, group_regex, val_groups)
     if check:
         validate_pairs(pairs)
     return pairs
