@@ -167,7 +167,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from anodfd.metrics import format_row, plot_roc
+    from anodfd.metrics import BoxCounts, format_row, plot_roc
     from anodfd.predict import check_threshold
     from anodfd.scoring import score_native
     from anodfd.train.loop import inference_model, resolve_device
@@ -183,8 +183,9 @@ def _eval(args: argparse.Namespace) -> int:
     calibrated = calibrated if 0.0 < calibrated < 1.0 else threshold
     # At each mask's own resolution, as the registry scores: a 64 px model and a 640 px one count the same pixels.
     # It checks every file of the split before any compute.
+    boxes = BoxCounts()
     pixels, images, defects, _ = score_native(model, data_cfg, args.split, device, args.batch_size,
-                                              threshold=calibrated)
+                                              threshold=calibrated, boxes=boxes)
     metrics = pixels.compute(threshold)
     normal, anomalous = (int(n) for n in images.state().sum(dim=1))
     print(f"{args.split} ({normal + anomalous} pairs, native resolution), threshold {metrics['threshold']:.3f}: "
@@ -194,6 +195,12 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"{args.split} defects at {calibrated:.3f}: F {d['defect_f']:.3f} | recall {d['defect_recall']:.3f} | "
           f"precision {d['defect_precision']:.3f} | {d['false_alarms_per_image']:.2f} false alarms per pair | "
           f"every defect found in {d['all_found']:.3f} of the pairs that have any")
+    b = boxes.compute() if boxes.counts["pairs"] else None
+    if b:
+        print(f"{args.split} boxes ({boxes.counts['pairs']} pairs, {boxes.counts['boxes']} boxes) at {calibrated:.3f}: "
+              f"overlap rule F {b['box_f']:.3f} | recall {b['box_recall']:.3f} | precision {b['box_precision']:.3f} | "
+              f"{b['box_false_alarms_per_image']:.2f} false alarms per pair; DeepPCB's rule (IoU > 0.33, one to one) "
+              f"F {b['strict_f']:.3f} | recall {b['strict_recall']:.3f} | precision {b['strict_precision']:.3f}")
     results = {k: metrics[k] for k in ("precision", "recall", "oa", "f1", "iou", "auc", "eer", "threshold")}
     results["image_auroc"] = images.auroc()
     undefined = {}  # metric -> why it has no value; NaN is not an answer (and not valid JSON)
@@ -210,7 +217,8 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"image-level AUROC {results['image_auroc']:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps({**results, "undefined": undefined, "resolution": "native",
-                                               "defect_threshold": calibrated, "defects": d}, indent=2))
+                                               "defect_threshold": calibrated, "defects": d,
+                                               **({"boxes": b} if b else {})}, indent=2))
     if args.plot:
         plot_roc(pixels, args.plot, title=f"ROC, {args.split} split")
     return 0

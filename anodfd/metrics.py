@@ -402,3 +402,110 @@ def format_row(metrics: dict) -> str:
         ("EER", "eer"),
     ]
     return " | ".join(f"{short} {metrics[key]:.3f}" for short, key in names if key in metrics)
+
+
+# --- defect level against boxes ------------------------------------------------------------------------------
+
+BOX_CLASSES = 16  # class ids 0..15 are counted per class (DeepPCB uses 1..6); a box without a class counts as 0
+STRICT_IOU = 0.33  # DeepPCB's own rule: a detection's bounding box matches a box one to one above this IoU
+
+
+class BoxCounts:
+    """Defect-level counts against a dataset's own boxes (``x1 y1 x2 y2 class``, inclusive pixels), beside the
+    mask-level `DefectCounts`, under two rules:
+
+    - overlap: a box is found when a `detections` region has a pixel inside it; a region with no pixel in any box
+      is a false alarm;
+    - strict (DeepPCB's evaluation): each region's bounding box matches at most one box and each box at most one
+      region, greedily by IoU, when the IoU exceeds `STRICT_IOU`; unmatched regions are false positives.
+
+    Integer counts, so ranks add up with `state()` as the other metrics do.
+    """
+
+    FIELDS = ("boxes", "found", "detections", "false_alarms", "strict_matches", "pairs")
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(self.FIELDS, 0)
+        self.class_boxes = np.zeros(BOX_CLASSES, np.int64)
+        self.class_found = np.zeros(BOX_CLASSES, np.int64)
+
+    def update(self, binary: np.ndarray, boxes: np.ndarray, min_area: int = MIN_REGION_AREA) -> None:
+        """Add one pair: its thresholded {0,1} map at native size and its boxes, an (N, 5) int array."""
+        labels, stats, kept = detections(binary, min_area)
+        h, w = binary.shape
+        kept_set = set(kept)
+        hit: set[int] = set()
+        c = self.counts
+        for x1, y1, x2, y2, cls in np.asarray(boxes, np.int64).reshape(-1, 5):
+            inside = labels[max(y1, 0):min(y2, h - 1) + 1, max(x1, 0):min(x2, w - 1) + 1]
+            regions = kept_set.intersection(np.unique(inside).tolist())
+            hit |= regions
+            k = int(cls) if 0 <= cls < BOX_CLASSES else 0
+            self.class_boxes[k] += 1
+            self.class_found[k] += bool(regions)
+            c["found"] += bool(regions)
+        c["boxes"] += len(np.asarray(boxes).reshape(-1, 5))
+        c["detections"] += len(kept)
+        c["false_alarms"] += len(kept_set - hit)
+        c["strict_matches"] += _strict_matches(stats[kept], np.asarray(boxes, np.int64).reshape(-1, 5))
+        c["pairs"] += 1
+
+    def merge(self, other: BoxCounts) -> BoxCounts:
+        return BoxCounts.from_state(self.state() + other.state())
+
+    def state(self) -> Tensor:
+        counts = torch.tensor([self.counts[k] for k in self.FIELDS], dtype=torch.int64)
+        return torch.cat([counts, torch.from_numpy(self.class_boxes), torch.from_numpy(self.class_found)])
+
+    @classmethod
+    def from_state(cls, state: Tensor) -> BoxCounts:
+        out, values = cls(), [int(v) for v in state.tolist()]
+        n = len(cls.FIELDS)
+        out.counts = dict(zip(cls.FIELDS, values[:n]))
+        out.class_boxes = np.array(values[n:n + BOX_CLASSES], np.int64)
+        out.class_found = np.array(values[n + BOX_CLASSES:], np.int64)
+        return out
+
+    def compute(self) -> dict[str, float]:
+        """box_f, box_recall, box_precision, box_false_alarms_per_image (overlap rule); strict_f, strict_recall,
+        strict_precision (DeepPCB's rule); box_recall_class_K for each class K that has boxes. Nothing to find and
+        nothing flagged is 1.0, as for the pixel and mask-level metrics."""
+        c = self.counts
+
+        def prf(tp_precision: int, tp_recall: int) -> tuple[float, float, float]:
+            if c["boxes"] == 0 and c["detections"] == 0:
+                return 1.0, 1.0, 1.0
+            p, r = _ratio(tp_precision, c["detections"]), _ratio(tp_recall, c["boxes"])
+            return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+        p, r, f = prf(c["detections"] - c["false_alarms"], c["found"])
+        sp, sr, sf = prf(c["strict_matches"], c["strict_matches"])
+        out = {"box_precision": p, "box_recall": r, "box_f": f,
+               "box_false_alarms_per_image": _ratio(c["false_alarms"], c["pairs"]),
+               "strict_precision": sp, "strict_recall": sr, "strict_f": sf}
+        for k in np.flatnonzero(self.class_boxes):
+            out[f"box_recall_class_{k}"] = _ratio(int(self.class_found[k]), int(self.class_boxes[k]))
+        return out
+
+
+def _strict_matches(stats: np.ndarray, boxes: np.ndarray) -> int:
+    """One-to-one matches between regions (OpenCV stats rows: x, y, width, height, area) and boxes (x1 y1 x2 y2,
+    inclusive) whose IoU exceeds `STRICT_IOU`, taken greedily from the highest IoU."""
+    if not len(stats) or not len(boxes):
+        return 0
+    d = np.stack([stats[:, 0], stats[:, 1], stats[:, 0] + stats[:, 2] - 1, stats[:, 1] + stats[:, 3] - 1], 1)
+    b = boxes[:, :4]
+    ix = np.clip(np.minimum(d[:, None, 2], b[None, :, 2]) - np.maximum(d[:, None, 0], b[None, :, 0]) + 1, 0, None)
+    iy = np.clip(np.minimum(d[:, None, 3], b[None, :, 3]) - np.maximum(d[:, None, 1], b[None, :, 1]) + 1, 0, None)
+    inter = ix * iy
+
+    def area(r: np.ndarray) -> np.ndarray:
+        return (r[:, 2] - r[:, 0] + 1) * (r[:, 3] - r[:, 1] + 1)
+
+    iou = inter / (area(d)[:, None] + area(b)[None, :] - inter)
+    matches = 0
+    while iou.size and iou.max() > STRICT_IOU:
+        i, j = np.unravel_index(np.argmax(iou), iou.shape)
+        iou[i, :], iou[:, j] = 0, 0
+        matches += 1
+    return matches

@@ -29,8 +29,16 @@ from tqdm import tqdm
 from anodfd.config import DataConfig
 from anodfd.data.cache import PairCache, View, read_mask
 from anodfd.data.dataset import make_dataset
-from anodfd.data.layouts import Pair, fingerprint, load_split
-from anodfd.metrics import DEFECT_GAP, MIN_REGION_AREA, DefectCounts, ImageScores, PixelHistogram, plot_roc
+from anodfd.data.layouts import Pair, fingerprint, load_split, read_boxes
+from anodfd.metrics import (
+    DEFECT_GAP,
+    MIN_REGION_AREA,
+    BoxCounts,
+    DefectCounts,
+    ImageScores,
+    PixelHistogram,
+    plot_roc,
+)
 from anodfd.train.loop import evaluate, inference_model, register_pairs
 
 PROTOCOL_VERSION = 3  # 2: defect-level scores; 3: mask fragments grouped into defects, specks ignored
@@ -123,20 +131,24 @@ def _progress(items, desc: str, show: bool):
 @torch.inference_mode()
 def score_native(
     model: nn.Module, data: DataConfig, split: str, device: torch.device | str = "cpu", batch_size: int = 8,
-    grid_pairs: int = 0, progress: bool = True, threshold: float = 0.5,
+    grid_pairs: int = 0, progress: bool = True, threshold: float = 0.5, boxes: BoxCounts | None = None,
 ) -> tuple[PixelHistogram, ImageScores, DefectCounts, list[tuple[np.ndarray, ...]]]:
     """Pixel histogram, pair scores and defect counts (maps cut at ``threshold``) of ``model`` over ``split``,
     counted on each mask's own pixels (`anodfd.train.loop.evaluate`, tiles ``batch_size`` at a time).
 
     The network sees each pair as `anodfd predict` feeds it (the checkpoint's view and window). Also returns the
-    first ``grid_pairs`` pairs as (history, current, mask, map) at display size, for the overlay grid.
+    first ``grid_pairs`` pairs as (history, current, mask, map) at display size, for the overlay grid. ``boxes``
+    is filled with the maps counted against each pair's own boxes (`read_boxes`), for the pairs that have a file.
     """
     dataset = make_dataset(data, split)  # checks every file of the split before any compute
+    pair_boxes = [read_boxes(p) for p in dataset.pairs] if boxes is not None else []  # bad lines fail up front
     grid = []
 
     def keep_for_grid(i: int, probs: np.ndarray, mask: np.ndarray) -> None:
         if i < grid_pairs:
             grid.append(_display(dataset.pairs[i], mask, probs))
+        if pair_boxes and pair_boxes[i] is not None:
+            boxes.update((probs >= threshold).astype(np.uint8), pair_boxes[i])
 
     pixels, images, defects = evaluate(model, dataset, torch.device(device), data.window, threshold,
                                        batch=batch_size, on_pair=keep_for_grid,

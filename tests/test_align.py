@@ -475,3 +475,32 @@ def test_a_pair_that_supports_only_a_shift_gets_the_shift_not_the_identity():
     assert result.ok, result.reason
     assert corner_error(result.matrix, true, 240, 200) < 0.5
     assert corner_error(register(current, current, "ecc").matrix, np.eye(3), 240, 200) < 0.1
+
+
+def test_eval_scores_against_boxes_when_the_dataset_has_them(tmp_path, capsys):
+    """`anodfd eval` on an A/B dataset that ships boxes reports both box rules beside the mask-level defects; a bad
+    box line fails in one line before any scoring, with nothing written."""
+    import json
+
+    from anodfd.cli import main as cli
+    from anodfd.train.loop import checkpoint_dict, save_checkpoint
+
+    current = scene(seed=5)
+    history = current.copy()
+    current[100:140, 150:200] = (250, 30, 30)  # a stain the mask marks
+    root = tmp_path / "d"
+    config, model = one_pair_dataset(root, history, current, tmp_path / "cache")
+    (root / "boxes").mkdir()
+    (root / "boxes" / "p.txt").write_text("150 100 199 139 5\n10 10 20 20 1\n")
+    ckpt = tmp_path / "c.pt"
+    save_checkpoint(checkpoint_dict(model, None, 1, config, {"calibrated_threshold": 0.5}, (0.0, 0.0)), ckpt)
+    out = tmp_path / "eval.json"
+    assert cli(["eval", "--checkpoint", str(ckpt), "--data", str(root), "--split", "test", "--json", str(out)]) == 0
+    assert "test boxes (1 pairs, 2 boxes)" in capsys.readouterr().out
+    boxes = json.loads(out.read_text())["boxes"]
+    assert boxes["strict_recall"] <= boxes["box_recall"] and {"box_recall_class_1", "box_recall_class_5"} <= set(boxes)
+    (root / "boxes" / "p.txt").write_text("150 100 199\n")
+    out.unlink()
+    assert cli(["eval", "--checkpoint", str(ckpt), "--data", str(root), "--split", "test", "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "p.txt line 1: expected 'x1 y1 x2 y2 [class]'" in err and "\n" not in err and not out.exists()

@@ -1,5 +1,6 @@
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -352,3 +353,65 @@ def test_derived_mask_groups_are_sorted_by_what_the_registered_pair_shows():
     assert kinds[truth[45, 35]] == "defect"
     assert kinds[truth[54, 58]] == "defect"
     assert kinds[truth[70, 7]] == "vanishes"
+
+
+# --- defect level against boxes ---------------------------------------------------------------------------------
+
+
+def test_box_counts_overlap_and_strict_rules_on_a_hand_counted_pair():
+    """Three boxes: A is covered by a region that fills most of it (IoU 0.64), B is touched by a 4x6 region (IoU
+    0.06), C gets only a 3 px speck (dropped, under 16 px); one region lies in no box."""
+    from anodfd.metrics import BoxCounts
+
+    binary = np.zeros((100, 100), np.uint8)
+    binary[12:28, 12:28] = 1  # in A
+    binary[60:66, 60:64] = 1  # in B
+    binary[5:15, 85:95] = 1  # in no box
+    binary[82, 42:45] = 1  # a speck in C
+    boxes = np.array([[10, 10, 29, 29, 1], [60, 60, 79, 79, 2], [40, 80, 49, 89, 1]])
+    counts = BoxCounts()
+    counts.update(binary, boxes)
+    m = counts.compute()
+    assert (m["box_recall"], m["box_precision"]) == pytest.approx((2 / 3, 2 / 3))
+    assert m["box_f"] == pytest.approx(2 / 3) and m["box_false_alarms_per_image"] == 1.0
+    assert (m["box_recall_class_1"], m["box_recall_class_2"]) == (0.5, 1.0)
+    assert (m["strict_recall"], m["strict_precision"]) == pytest.approx((1 / 3, 1 / 3))
+
+
+def test_strict_rule_matches_one_to_one_and_the_overlap_rule_does_not():
+    """One box split into two regions, each half of it (IoU 0.5 both): the overlap rule finds the box with no false
+    alarm; DeepPCB's rule matches one region and counts the other as a false positive."""
+    from anodfd.metrics import BoxCounts
+
+    binary = np.zeros((40, 40), np.uint8)
+    binary[0:10, 0:20] = 1
+    binary[11:20, 0:20] = 1  # a row apart: two regions
+    counts = BoxCounts()
+    counts.update(binary, np.array([[0, 0, 19, 19, 3]]))
+    m = counts.compute()
+    assert (m["box_recall"], m["box_precision"], m["box_false_alarms_per_image"]) == (1.0, 1.0, 0.0)
+    assert (m["strict_recall"], m["strict_precision"]) == (1.0, 0.5)
+    # Counts merge across ranks exactly: two copies of a pair equal the pair counted twice.
+    twice = BoxCounts()
+    twice.update(binary, np.array([[0, 0, 19, 19, 3]]))
+    twice.update(binary, np.array([[0, 0, 19, 19, 3]]))
+    assert torch.equal(BoxCounts.from_state(counts.state()).merge(counts).state(), twice.state())
+
+
+def test_boxes_are_read_beside_the_masks_and_bad_lines_are_named(tmp_path):
+    from anodfd.data.layouts import DatasetError, read_boxes, read_split
+
+    root = tmp_path / "pcb"
+    for sub in ("A", "B", "label", "list", "boxes"):
+        (root / sub).mkdir(parents=True)
+    for sub in ("A", "B", "label"):
+        cv2.imwrite(str(root / sub / f"p1.{'png' if sub == 'label' else 'jpg'}"), np.zeros((32, 32, 3), np.uint8))
+    (root / "list" / "train.txt").write_text("p1\n")
+    (root / "boxes" / "p1.txt").write_text("1 2 10 12 4\n3,4,8,9\n\n")
+    (pair,) = read_split(root, "train")
+    assert read_boxes(pair).tolist() == [[1, 2, 10, 12, 4], [3, 4, 8, 9, 0]]
+    (root / "boxes" / "p1.txt").write_text("1 2 10 12 4\n9 9 3 3 1\n")
+    with pytest.raises(DatasetError, match=r"p1\.txt line 2: expected 'x1 y1 x2 y2 \[class\]'"):
+        read_boxes(pair)
+    (root / "boxes" / "p1.txt").unlink()
+    assert read_boxes(pair) is None

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 SPLITS = ("train", "val", "test")
@@ -297,3 +298,34 @@ def fingerprint(root: Path, layout: str = "auto") -> str:
                     content = hashlib.file_digest(fh, "sha256").hexdigest()
                 h.update(f"{split}|{f.relative_to(root).as_posix()}|{content}\n".encode())
     return h.hexdigest()[:16]
+
+
+def boxes_path(pair: Pair) -> Path:
+    """Where a pair's defect boxes are read from: ``boxes/<id>.txt`` beside ``label/`` in the A/B layout (as DeepPCB
+    ships them), ``cur_boxes.txt`` in the pair's folder in the paper's."""
+    if pair.cur.stem == "cur":
+        return pair.cur.parent / "cur_boxes.txt"
+    return pair.mask.parent.parent / "boxes" / f"{pair.mask.stem}.txt"
+
+
+def read_boxes(pair: Pair) -> np.ndarray | None:
+    """The pair's boxes as an (N, 5) int array ``x1 y1 x2 y2 class`` (inclusive pixels of the current image; class
+    0 when a line gives none), or None when the pair has no boxes file. A line may separate its numbers by spaces
+    or commas."""
+    path = boxes_path(pair)
+    if not path.is_file():
+        return None
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        fields = line.replace(",", " ").split()
+        if not fields:
+            continue
+        try:
+            values = [int(float(v)) for v in fields]
+        except ValueError:
+            values = []
+        if len(values) not in (4, 5) or values[2] < values[0] or values[3] < values[1]:
+            raise DatasetError(f"{path} line {lineno}: expected 'x1 y1 x2 y2 [class]' with x2 >= x1 and y2 >= y1, got "
+                               f"{line.strip()!r}; fix the line")
+        rows.append(values + [0] * (5 - len(values)))
+    return np.array(rows, np.int64).reshape(-1, 5)
