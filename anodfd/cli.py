@@ -55,6 +55,16 @@ def _data_shift(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_boxmasks(args: argparse.Namespace) -> int:
+    from anodfd.data.shift import box_mask_dataset
+
+    c = box_mask_dataset(args.src, args.out, args.align, tuple(args.splits), args.layout)
+    print(f"{c['pairs']} masks derived from {c['boxes']} boxes on the registered pairs ({args.align}) in {args.out}; "
+          f"{c['empty_boxes']} boxes show no difference once registered; {c['align_failed']} pairs fell back to "
+          "the identity")
+    return 0
+
+
 # CLI flag -> dotted config keys it sets.
 _FLAGS = {
     "model": ["model.name"], "depth": ["model.depth"], "pretrained": ["model.pretrained"],
@@ -407,6 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="splits whose history images move (default: all the dataset has)")
     p.add_argument("--layout", choices=LAYOUTS, default="auto")
     p.set_defaults(func=_data_shift)
+    p = data.add_parser("boxmasks", help="copy a dataset with masks derived from its boxes on the registered pair "
+                                         "(|registered history - current| > half the range, inside each box)")
+    p.add_argument("src", help="dataset folder with boxes (boxes/<id>.txt, or cur_boxes.txt in the paper's layout)")
+    p.add_argument("--out", required=True, help="new folder for the copy (must not exist)")
+    p.add_argument("--align", choices=[m for m in ALIGN_METHODS if m != "none"], default="ecc",
+                   help="how history is registered onto current first")
+    p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
+                   help="splits whose masks are derived (default: all the dataset has)")
+    p.add_argument("--layout", choices=LAYOUTS, default="auto")
+    p.set_defaults(func=_data_boxmasks)
 
     p = sub.add_parser("train", help="train AnoDFDNet on Ray Train (the paper's recipe by default)")
     _add_train_flags(p)

@@ -504,3 +504,43 @@ def test_eval_scores_against_boxes_when_the_dataset_has_them(tmp_path, capsys):
     assert cli(["eval", "--checkpoint", str(ckpt), "--data", str(root), "--split", "test", "--json", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "p.txt line 1: expected 'x1 y1 x2 y2 [class]'" in err and "\n" not in err and not out.exists()
+
+
+def test_masks_derived_from_boxes_on_the_registered_pair_drop_the_misregistration_slivers(tmp_path, capsys):
+    """A binarised board whose test scan sits 2 px off its template, with one defect (a blob) in a box that also
+    crosses a track: |template - test| inside the box (how DeepPCB's masks were made) marks the track's edges as
+    well; `anodfd data boxmasks` registers first and marks the blob alone. Bad input writes nothing."""
+    from anodfd.cli import main as cli
+
+    rng = np.random.default_rng(3)
+    template = np.zeros((200, 240), np.uint8)
+    for _ in range(25):  # tracks and pads
+        x, y = int(rng.integers(0, 220)), int(rng.integers(0, 180))
+        cv2.rectangle(template, (x, y), (x + int(rng.integers(4, 60)), y + int(rng.integers(4, 30))), 255, -1)
+    template[60:140, 100:108] = 255  # the track the box crosses
+    test = np.roll(template, (2, 2), axis=(0, 1))
+    test[70:90, 120:140] = 255 - test[70:90, 120:140]  # the defect
+    blob = np.zeros_like(template, bool)
+    blob[70:90, 120:140] = True
+    root = tmp_path / "pcb"
+    for sub, img in (("A", template), ("B", test), ("label", np.zeros_like(template))):
+        (root / sub).mkdir(parents=True)
+        cv2.imwrite(str(root / sub / "00001.png"), cv2.cvtColor(img, cv2.COLOR_GRAY2BGR))
+    (root / "list").mkdir()
+    (root / "list" / "train.txt").write_text("00001\n")
+    box = (95, 65, 145, 95)  # x1 y1 x2 y2: the blob and the track's edges
+    unregistered = np.zeros_like(blob)
+    inside = (slice(box[1], box[3] + 1), slice(box[0], box[2] + 1))
+    unregistered[inside] = (np.abs(template.astype(int) - test) > 127)[inside]
+    assert (unregistered & ~blob).sum() > 60, "the shipped rule marks the track's edges"
+
+    assert cli(["data", "boxmasks", str(root), "--out", str(tmp_path / "none")]) == 2  # no boxes yet
+    assert "no pair has a boxes file" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    (root / "boxes").mkdir()
+    (root / "boxes" / "00001.txt").write_text(" ".join(map(str, box)) + " 4\n")
+    assert cli(["data", "boxmasks", str(root), "--out", str(tmp_path / "derived")]) == 0
+    assert "1 masks derived from 1 boxes" in capsys.readouterr().out
+    derived = cv2.imread(str(tmp_path / "derived" / "label" / "00001.png"), cv2.IMREAD_GRAYSCALE) > 127
+    assert (derived & blob).sum() >= 0.95 * blob.sum() and (derived & ~blob).sum() <= 10
+    assert cv2.imread(str(root / "label" / "00001.png"), cv2.IMREAD_GRAYSCALE).max() == 0, "the source is untouched"
+    assert cli(["data", "boxmasks", str(root), "--out", str(tmp_path / "derived")]) == 2  # never overwritten

@@ -1,6 +1,7 @@
-"""`anodfd data shift`: a copy of a dataset whose history images moved, to stress-test viewpoint robustness.
+"""Copies of a dataset with one kind of file rewritten: `anodfd data shift` (history images moved, to stress-test
+viewpoint robustness) and `anodfd data boxmasks` (masks derived from the dataset's boxes on the registered pair).
 
-Each listed history image of the chosen splits is warped by its own random homography: each corner moved by up to
+Shift: each listed history image of the chosen splits is warped by its own random homography: each corner moved by up to
 ``homography`` of the image side, independently in x and y. With ``photometric``, its brightness, contrast and
 noise change too. Current images and masks are untouched (the masks describe the current image), so they and every
 other file are hard-linked where the file system allows, else copied. The draw depends only on the seed and the
@@ -15,6 +16,7 @@ import json
 import os
 import shutil
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -22,8 +24,18 @@ import numpy as np
 from tqdm import tqdm
 
 from anodfd.config import ConfigError
-from anodfd.data.cache import read_bgr
-from anodfd.data.layouts import SPLITS, DatasetError, detect_layout, list_path, load_split
+from anodfd.data.align import prepare_history
+from anodfd.data.cache import read_bgr, read_rgb
+from anodfd.data.layouts import (
+    SPLITS,
+    DatasetError,
+    Pair,
+    boxes_path,
+    detect_layout,
+    list_path,
+    load_split,
+    read_boxes,
+)
 
 MAX_SHIFT = 0.25  # corners moved by a quarter of the side already fold most images over themselves
 MANIFEST = "shift.json"
@@ -67,31 +79,11 @@ def shift_dataset(
     splits: tuple[str, ...] = SPLITS, layout: str = "auto", progress: bool = True,
 ) -> dict[str, list[list[float]]]:
     """Write the shifted copy of ``src`` to ``out`` (which must not exist yet); returns the manifest."""
-    src, out = Path(src).resolve(), Path(out).resolve()
     if not 0.0 <= homography <= MAX_SHIFT:
         raise ConfigError(f"--homography {homography}: corners move by a fraction of the side in [0, {MAX_SHIFT}]; "
                           "0.02 is a 2% shift")
-    for split in splits:
-        if split not in SPLITS:
-            raise ConfigError(f"--splits {split!r}: choose from {', '.join(SPLITS)}")
-    if out.exists():
-        raise ConfigError(f"{out} already exists; pass a new --out folder (nothing is overwritten)")
-    if out == src or src in out.parents:
-        raise ConfigError(f"--out {out} is inside the dataset {src}; write the copy elsewhere")
-    layout = detect_layout(src, layout)
-    histories = []
-    for split in splits:
-        if split != "val" and not list_path(src, split, layout).is_file():
-            continue  # a split this dataset does not have
-        histories += [p.hist for p in load_split(src, split, layout)]  # every file checked before anything is written
-    if not histories:
-        have = [s for s in SPLITS if list_path(src, s, layout).is_file()]
-        raise DatasetError(f"{src} has no {' or '.join(splits)} list (it lists {', '.join(have) or 'nothing'}); "
-                           "choose --splits among those")
-
-    files = sorted(p for p in src.rglob("*") if p.is_file())
-    for f in files:
-        _link(f, out / f.relative_to(src))
+    src, out = Path(src).resolve(), Path(out).resolve()
+    histories = [p.hist for p in _copy(src, out, splits, layout)]
     manifest = {}
     for hist in tqdm(sorted(set(histories)), desc=f"shifting {src.name}", unit="pair", disable=not progress):
         relative = hist.relative_to(src).as_posix()
@@ -101,11 +93,81 @@ def shift_dataset(
         shifted = shift_image(image, matrix)
         if photometric_change:
             shifted = photometric(shifted, rng)
-        target = out / relative
-        target.unlink()  # the link made above: the original must stay as it was
-        if not cv2.imwrite(str(target), shifted, [cv2.IMWRITE_JPEG_QUALITY, 95]):
-            raise DatasetError(f"{target}: could not be written")
+        _replace(out / relative, shifted)
         manifest[relative] = matrix.tolist()
     (out / MANIFEST).write_text(json.dumps({"homography": homography, "photometric": photometric_change,
                                             "seed": seed, "splits": list(splits), "warps": manifest}, indent=1))
     return manifest
+
+
+def box_mask_dataset(src: str | Path, out: str | Path, align: str = "ecc", splits: tuple[str, ...] = SPLITS,
+                     layout: str = "auto", progress: bool = True) -> dict[str, int]:
+    """Write a copy of ``src`` to ``out`` whose masks are derived from the dataset's boxes on the registered pair:
+    a pixel is a defect where the history, registered onto the current image by ``align``, and the current image
+    differ by more than half the grey range, inside one of the pair's boxes (`read_boxes`). DeepPCB's shipped masks
+    apply the same rule without registration, so a track edge a pixel off marks a sliver inside every box it
+    crosses. Pairs without a boxes file keep their mask. Returns counts: pairs rewritten, boxes, boxes in which
+    nothing differs once registered (their mask stays empty there), and registrations that fell back."""
+    src, out = Path(src).resolve(), Path(out).resolve()
+    boxed: dict[Pair, np.ndarray] = {}
+
+    def read_every_box(pairs: list[Pair]) -> None:  # a bad line, or no boxes at all, fails before a file is written
+        boxed.update({p: b for p in pairs if (b := read_boxes(p)) is not None})
+        if not boxed:
+            raise DatasetError(f"{src}: no pair has a boxes file ({boxes_path(pairs[0]).relative_to(src)} for the "
+                               "first); boxmasks derives masks from boxes: add them, or choose a dataset that has them")
+
+    _copy(src, out, splits, layout, read_every_box)
+    counts = {"pairs": 0, "boxes": 0, "empty_boxes": 0, "align_failed": 0}
+    for pair, boxes in tqdm(sorted(boxed.items(), key=lambda kv: str(kv[0].mask)),
+                            desc=f"masks from boxes of {src.name}", unit="pair", disable=not progress):
+        hist, cur = read_rgb(pair.hist), read_rgb(pair.cur)
+        if hist.shape != cur.shape:
+            hist = cv2.resize(hist, cur.shape[1::-1], interpolation=cv2.INTER_AREA)
+        registered, registration = prepare_history(hist, cur, align, relight=False)
+        counts["align_failed"] += not registration.ok
+        differs = np.abs(cv2.cvtColor(registered, cv2.COLOR_RGB2GRAY).astype(np.int16)
+                         - cv2.cvtColor(cur, cv2.COLOR_RGB2GRAY)) > 127
+        mask = np.zeros(cur.shape[:2], np.uint8)
+        for x1, y1, x2, y2, _ in boxes:
+            inside = (slice(max(y1, 0), y2 + 1), slice(max(x1, 0), x2 + 1))
+            mask[inside] |= differs[inside]
+            counts["empty_boxes"] += not differs[inside].any()
+        _replace(out / pair.mask.relative_to(src), mask * 255)
+        counts["pairs"] += 1
+        counts["boxes"] += len(boxes)
+    return counts
+
+
+def _copy(src: Path, out: Path, splits: tuple[str, ...], layout: str,
+          check: Callable[[list[Pair]], None] | None = None) -> list[Pair]:
+    """Every file of ``src`` hard-linked (or copied) under ``out``, after every pair of ``splits`` was checked (and
+    ``check`` ran on them): the pairs, for the caller to rewrite one kind of their files with `_replace`."""
+    for split in splits:
+        if split not in SPLITS:
+            raise ConfigError(f"--splits {split!r}: choose from {', '.join(SPLITS)}")
+    if out.exists():
+        raise ConfigError(f"{out} already exists; pass a new --out folder (nothing is overwritten)")
+    if out == src or src in out.parents:
+        raise ConfigError(f"--out {out} is inside the dataset {src}; write the copy elsewhere")
+    layout = detect_layout(src, layout)
+    pairs = []
+    for split in splits:
+        if split != "val" and not list_path(src, split, layout).is_file():
+            continue  # a split this dataset does not have
+        pairs += load_split(src, split, layout)  # every file checked before anything is written
+    if not pairs:
+        have = [s for s in SPLITS if list_path(src, s, layout).is_file()]
+        raise DatasetError(f"{src} has no {' or '.join(splits)} list (it lists {', '.join(have) or 'nothing'}); "
+                           "choose --splits among those")
+    if check is not None:
+        check(pairs)
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        _link(f, out / f.relative_to(src))
+    return pairs
+
+
+def _replace(target: Path, image: np.ndarray) -> None:
+    target.unlink()  # the link `_copy` made: the original must stay as it was
+    if not cv2.imwrite(str(target), image, [cv2.IMWRITE_JPEG_QUALITY, 95]):
+        raise DatasetError(f"{target}: could not be written")
