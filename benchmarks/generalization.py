@@ -1,0 +1,174 @@
+"""Leave-groups-out folds: every method scored on groups (boards) that neither the model nor its threshold saw.
+
+    python benchmarks/generalization.py --data ../shared/data/deeppcb --epochs 10
+
+DeepPCB's trainval pairs come from 7 boards (the first five digits of an id). Each fold holds out 2-3 boards
+(every board is held out once); of the remaining boards one calibrates the threshold (``--val-groups``, so the
+threshold is also chosen on a board training never saw) and the others train. Rows, all scored on the same
+held-out pairs at the masks' native resolution:
+- template differencing: grey |current - history| after a 3x3 opening, above half the range (no learning);
+- ECC registration (as ``--align ecc``) and the same differencing;
+- the README's recipe: AnoDFDNet ``tiny``, ``--resize 0 --scale 1 --crop 256 --crop-pos-fraction 0.5 --align
+  ecc``, the smoke preset's losses, cosine schedule, ``--epochs``, at the threshold calibrated on the
+  calibration board.
+Columns, per held-out board and pooled: defect F under the overlap rule against the dataset's own boxes and under
+DeepPCB's rule (IoU > 0.33, one to one), box recall, false alarms per pair, pixel F1, and training minutes. The
+table is printed; ``--json`` keeps every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anodfd.config import PRESETS, SCHEDULES, Config, with_window
+from anodfd.data.align import align_pair
+from anodfd.data.cache import read_mask, read_rgb
+from anodfd.data.dataset import make_dataset
+from anodfd.data.layouts import read_boxes, read_split
+from anodfd.metrics import BoxCounts, PixelHistogram
+from anodfd.scoring import difference_map
+from anodfd.train.loop import evaluate, fit, inference_model, load_checkpoint
+
+DEEPPCB_FOLDS = ["00041,44000", "13000,50600,92000", "20085,77000"]
+
+
+class Tally:
+    """Pixel and box counts of one method, per group and pooled."""
+
+    def __init__(self) -> None:
+        self.pixels: dict[str, PixelHistogram] = defaultdict(lambda: PixelHistogram(bins=100))
+        self.boxes: dict[str, BoxCounts] = defaultdict(BoxCounts)
+
+    def add(self, group: str, binary: np.ndarray, mask: np.ndarray, boxes: np.ndarray) -> None:
+        for g in (group, "pooled"):
+            self.pixels[g].update(torch.from_numpy(binary.astype(np.float32))[None, None],
+                                  torch.from_numpy(mask)[None, None])
+            self.boxes[g].update(binary.astype(np.uint8), boxes)
+
+    def rows(self) -> dict[str, dict]:
+        out = {}
+        for g in sorted(self.boxes, key=lambda g: (g == "pooled", g)):
+            b = self.boxes[g].compute()
+            out[g] = {"pairs": self.boxes[g].counts["pairs"], "defect_f": b["box_f"], "strict_f": b["strict_f"],
+                      "recall": b["box_recall"], "false_alarms": b["box_false_alarms_per_image"],
+                      "pixel_f1": self.pixels[g].compute(0.5)["f1"]}
+        return out
+
+
+def fold_dataset(src: Path, root: Path, regex: str, held: set[str], calibrate: str) -> None:
+    """``root`` as a view of ``src``: its image, mask and box folders linked, its own lists (train: the other
+    boards but ``calibrate``, val: ``calibrate``, test: the held-out boards)."""
+    pairs = read_split(src, "train") + read_split(src, "val")
+    lists: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for p in pairs:
+        group = re.search(regex, p.name).group(1)
+        split = "test" if group in held else "val" if group == calibrate else "train"
+        lists[split].append(p.name)
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in ("A", "B", "label", "boxes"):
+        if not (root / sub).exists():
+            (root / sub).symlink_to(src / sub)
+    (root / "list").mkdir(exist_ok=True)
+    for split, names in lists.items():
+        (root / "list" / f"{split}.txt").write_text("\n".join(sorted(names)) + "\n")
+
+
+def differencing(data: Path, regex: str, tally: Tally, align: str) -> None:
+    for p in read_split(data, "test"):
+        hist, cur, mask = read_rgb(p.hist), read_rgb(p.cur), read_mask(p.mask)
+        if align != "none":
+            hist = align_pair(hist, cur, align)[0]
+        binary = difference_map(hist, cur) > 0.5
+        tally.add(re.search(regex, p.name).group(1), binary, mask, read_boxes(p))
+
+
+def network(data: Path, regex: str, tally: Tally, args: argparse.Namespace, out: Path) -> float:
+    """Trains the recipe on the fold, scores its best checkpoint on the held-out boards; returns training minutes."""
+    config = with_window(Config().with_flat({
+        **PRESETS["smoke"], "data.data": str(data), "model.name": "tiny", "train.epochs": args.epochs,
+        "train.seed": args.seed, "train.schedule": args.schedule, "data.align": "ecc",
+        "data.cache_dir": args.cache_dir or ""}),
+        {"data.resize": 0, "data.scale": 1.0, "data.crop": 256, "data.crop_pos_fraction": 0.5})
+    start = time.perf_counter()
+    best = fit(config, out, log=lambda line: print(f"    {line}", file=sys.stderr))["best"]
+    minutes = (time.perf_counter() - start) / 60
+    ckpt = load_checkpoint(best)
+    model, cfg = inference_model(ckpt)
+    threshold = float(ckpt["threshold"])
+    dataset = make_dataset(cfg.data, "test")
+
+    def on_pair(i: int, probs: np.ndarray, mask: np.ndarray) -> None:
+        pair = dataset.pairs[i]
+        tally.add(re.search(regex, pair.name).group(1), probs >= threshold, mask, read_boxes(pair))
+
+    evaluate(model, dataset, torch.device("cpu"), cfg.data.window, threshold, on_pair=on_pair,
+             progress="scoring the held-out boards")
+    return minutes
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="an A/B layout with boxes/ (DeepPCB's trainval)")
+    p.add_argument("--folds", nargs="+", default=DEEPPCB_FOLDS, help="held-out boards of each fold, comma-separated")
+    p.add_argument("--group-regex", default=r"^(\d{5})", help="a pair's board: this regex's first group on its id")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--schedule", choices=list(SCHEDULES), default="cosine")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-network", action="store_true", help="the differencing rows only")
+    p.add_argument("--cache-dir", default=None, help="decode cache (default $ANODFD_CACHE_DIR or ~/.cache/anodfd)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    src = args.data.resolve()
+    if not (src / "boxes").is_dir() or not (src / "A").is_dir():
+        sys.exit(f"{src}: no A/ and boxes/ folders; give --data an A/B layout that ships boxes (DeepPCB's trainval)")
+    groups = {re.search(args.group_regex, x.name).group(1) for x in read_split(src, "train") + read_split(src, "val")}
+    held_all = [set(f.split(",")) for f in args.folds]
+    unknown = set().union(*held_all) - groups
+    if unknown:
+        sys.exit(f"--folds names boards {', '.join(sorted(unknown))} that {src} does not have ({', '.join(sorted(groups))})")
+
+    methods = ["template differencing", "ECC + differencing"] + ([] if args.skip_network else ["AnoDFDNet recipe"])
+    tallies = {m: Tally() for m in methods}
+    minutes: dict[str, float] = defaultdict(float)
+    work = Path(tempfile.mkdtemp(prefix="anodfd-generalization-"))
+    try:
+        for k, held in enumerate(held_all):
+            calibrate = min(groups - held)
+            root = work / "fold"  # one path for every fold: the decode cache keeps each pair's registration
+            fold_dataset(src, root, args.group_regex, held, calibrate)
+            print(f"fold {k + 1}/{len(held_all)}: held out {', '.join(sorted(held))}; threshold on {calibrate}",
+                  flush=True)
+            differencing(root, args.group_regex, tallies["template differencing"], "none")
+            differencing(root, args.group_regex, tallies["ECC + differencing"], "ecc")
+            if not args.skip_network:
+                minutes["AnoDFDNet recipe"] += network(root, args.group_regex, tallies["AnoDFDNet recipe"], args,
+                                                       work / f"run{k}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    result = {m: {"rows": t.rows(), "train_minutes": minutes.get(m, 0.0)} for m, t in tallies.items()}
+    print("\n| method | board | pairs | defect F (overlap) | defect F (DeepPCB rule) | recall | false alarms / pair | "
+          "pixel F1 | train min |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for m, r in result.items():
+        for g, row in r["rows"].items():
+            train = f"{r['train_minutes']:.1f}" if g == "pooled" and r["train_minutes"] else ""
+            print(f"| {m} | {g} | {row['pairs']} | {row['defect_f']:.3f} | {row['strict_f']:.3f} | "
+                  f"{row['recall']:.3f} | {row['false_alarms']:.2f} | {row['pixel_f1']:.3f} | {train} |")
+    if args.json:
+        args.json.write_text(json.dumps({"folds": args.folds, "epochs": args.epochs, "results": result}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
