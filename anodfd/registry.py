@@ -237,6 +237,10 @@ def model_card(uri: str, name: str, version: int, tags: dict[str, str], experime
         (f"- **Defects** at that threshold: F {num('test_defect_f')}, recall {num('test_defect_recall')}, precision "
          f"{num('test_defect_precision')}; {num('test_false_alarms_per_image')} false alarms per pair; every defect "
          f"found in {num('test_all_found')} of the pairs that have any."),
+        *([(f"- **Against the dataset's boxes** at that threshold: overlap rule F {num('test_box_f')}, recall "
+            f"{num('test_box_recall')}, precision {num('test_box_precision')}, {num('test_box_false_alarms_per_image')} "
+            f"false alarms per pair; DeepPCB's rule (IoU > 0.33, one to one) F {num('test_strict_f')}, recall "
+            f"{num('test_strict_recall')}, precision {num('test_strict_precision')}.")] if "test_box_f" in tags else []),
         (f"- **Floor**: template differencing test F1 {num('floor_f1')} (threshold {num('floor_threshold')} fitted "
         f"on train); pixel AUC must reach {MIN_AUC:g}."),
         (f"- **Protocol** `{tags.get('protocol_id', '-')}`: data fingerprint {protocol.get('fingerprint', '-')}, "

@@ -98,7 +98,8 @@ class Scorecard:
     pairs: int
     split_sizes: dict[str, int] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)  # name -> picture (roc.png, overlays.jpg)
-    defects: dict[str, float] = field(default_factory=dict)  # `DefectCounts.compute()` at `threshold`
+    # `DefectCounts.compute()` at `threshold`, and `BoxCounts.compute()` where the split's pairs have boxes
+    defects: dict[str, float] = field(default_factory=dict)
 
     @property
     def shortfall(self) -> str | None:
@@ -225,8 +226,9 @@ def score_checkpoint(
     threshold = float(ckpt.get("threshold", 0.5))
     if not 0.0 < threshold < 1.0:
         threshold = 0.5
+    boxes = BoxCounts()
     pixels, _, defects, grid = score_native(model, data, split, device, grid_pairs=GRID_PAIRS if out else 0,
-                                            progress=progress, threshold=threshold)
+                                            progress=progress, threshold=threshold, boxes=boxes)
     floor, floor_threshold = template_difference(data, split, native=True, progress=progress)
     # The files were checked when the splits were scored above: only the counts are needed here.
     sizes = {s: len(load_split(Path(data_dir), s, data.layout, data.val_fraction, check=False,
@@ -234,7 +236,7 @@ def score_checkpoint(
              for s in ("train", "val", split)}
     card = Scorecard(protocol, pixels.compute(0.5), pixels.compute(threshold), threshold,
                      floor.compute(floor_threshold)["f1"], floor_threshold, sizes[split], sizes,
-                     defects=defects.compute())
+                     defects={**defects.compute(), **(boxes.compute() if boxes.counts["pairs"] else {})})
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -458,3 +458,14 @@ def test_champion_served_over_http_with_encoded_images(history, mlflow_server, s
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def test_the_card_reports_both_box_rules_when_the_test_split_has_boxes():
+    tags = {"test_defect_f": "0.9", "test_box_f": "0.8125", "test_box_recall": "0.75", "test_box_precision": "0.9",
+            "test_box_false_alarms_per_image": "0.25", "test_strict_f": "0.125", "test_strict_recall": "0.1",
+            "test_strict_precision": "0.2"}
+    card = registry.model_card("sqlite:///x.db", "anodfdnet-X", 1, tags)
+    (line,) = [line for line in card.splitlines() if "dataset's boxes" in line]
+    assert "overlap rule F 0.8125, recall 0.7500, precision 0.9000, 0.2500 false alarms" in line
+    assert "DeepPCB's rule (IoU > 0.33, one to one) F 0.1250, recall 0.1000, precision 0.2000" in line
+    assert "dataset's boxes" not in registry.model_card("sqlite:///x.db", "anodfdnet-X", 1, {"test_defect_f": "0.9"})
