@@ -354,7 +354,7 @@ def _shift_starts(cur: np.ndarray, hist: np.ndarray) -> list[np.ndarray]:
     peaks = np.where(surface >= cv2.dilate(surface, np.ones((5, 5), np.uint8)), surface, -np.inf)
     centre = np.array(surface.shape[::-1]) // 2
     for index in np.argsort(peaks, axis=None)[::-1]:
-        if len(shifts) > START_PEAKS:
+        if len(shifts) > START_PEAKS or not np.isfinite(peaks.flat[index]):
             break
         shift = np.array(np.unravel_index(index, surface.shape)[::-1]) - centre
         if min(np.abs(shift - s).max() for s in shifts) > 2:
