@@ -117,6 +117,23 @@ def network(data: Path, regex: str, tally: Tally, args: argparse.Namespace, out:
     return minutes
 
 
+def report(tallies: dict[str, Tally], minutes: dict[str, float], args: argparse.Namespace, folds_done: int) -> None:
+    """The table so far (printed after every fold: a fold takes minutes to an hour) and, with ``--json``, the file."""
+    result = {m: {"rows": t.rows(), "train_minutes": minutes.get(m, 0.0)} for m, t in tallies.items()}
+    print(f"\nafter {folds_done} of {len(args.folds)} folds:")
+    print("| method | board | pairs | defect F (overlap) | defect F (DeepPCB rule) | recall | false alarms / pair | "
+          "pixel F1 | train min |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for m, r in result.items():
+        for g, row in r["rows"].items():
+            train = f"{r['train_minutes']:.1f}" if g == "pooled" and r["train_minutes"] else ""
+            print(f"| {m} | {g} | {row['pairs']} | {row['defect_f']:.3f} | {row['strict_f']:.3f} | "
+                  f"{row['recall']:.3f} | {row['false_alarms']:.2f} | {row['pixel_f1']:.3f} | {train} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"folds": args.folds[:folds_done], "epochs": args.epochs, "results": result},
+                                        indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="an A/B layout with boxes/ (DeepPCB's trainval)")
@@ -145,7 +162,7 @@ def main() -> None:
     try:
         for k, held in enumerate(held_all):
             calibrate = min(groups - held)
-            root = work / "fold"  # one path for every fold: the decode cache keeps each pair's registration
+            root = work / "fold"  # its links resolve to --data: the decode cache keeps registrations across folds
             fold_dataset(src, root, args.group_regex, held, calibrate)
             print(f"fold {k + 1}/{len(held_all)}: held out {', '.join(sorted(held))}; threshold on {calibrate}",
                   flush=True)
@@ -154,20 +171,9 @@ def main() -> None:
             if not args.skip_network:
                 minutes["AnoDFDNet recipe"] += network(root, args.group_regex, tallies["AnoDFDNet recipe"], args,
                                                        work / f"run{k}")
+            report(tallies, minutes, args, k + 1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-    result = {m: {"rows": t.rows(), "train_minutes": minutes.get(m, 0.0)} for m, t in tallies.items()}
-    print("\n| method | board | pairs | defect F (overlap) | defect F (DeepPCB rule) | recall | false alarms / pair | "
-          "pixel F1 | train min |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for m, r in result.items():
-        for g, row in r["rows"].items():
-            train = f"{r['train_minutes']:.1f}" if g == "pooled" and r["train_minutes"] else ""
-            print(f"| {m} | {g} | {row['pairs']} | {row['defect_f']:.3f} | {row['strict_f']:.3f} | "
-                  f"{row['recall']:.3f} | {row['false_alarms']:.2f} | {row['pixel_f1']:.3f} | {train} |")
-    if args.json:
-        args.json.write_text(json.dumps({"folds": args.folds, "epochs": args.epochs, "results": result}, indent=1))
 
 
 if __name__ == "__main__":
