@@ -431,12 +431,13 @@ class BoxCounts:
 
     def update(self, binary: np.ndarray, boxes: np.ndarray, min_area: int = MIN_REGION_AREA) -> None:
         """Add one pair: its thresholded {0,1} map at native size and its boxes, an (N, 5) int array."""
+        boxes = np.asarray(boxes, np.int64).reshape(-1, 5)
         labels, stats, kept = detections(binary, min_area)
         h, w = binary.shape
         kept_set = set(kept)
         hit: set[int] = set()
         c = self.counts
-        for x1, y1, x2, y2, cls in np.asarray(boxes, np.int64).reshape(-1, 5):
+        for x1, y1, x2, y2, cls in boxes:
             inside = labels[max(y1, 0):min(y2, h - 1) + 1, max(x1, 0):min(x2, w - 1) + 1]
             regions = kept_set.intersection(np.unique(inside).tolist())
             hit |= regions
@@ -444,10 +445,10 @@ class BoxCounts:
             self.class_boxes[k] += 1
             self.class_found[k] += bool(regions)
             c["found"] += bool(regions)
-        c["boxes"] += len(np.asarray(boxes).reshape(-1, 5))
+        c["boxes"] += len(boxes)
         c["detections"] += len(kept)
         c["false_alarms"] += len(kept_set - hit)
-        c["strict_matches"] += _strict_matches(stats[kept], np.asarray(boxes, np.int64).reshape(-1, 5))
+        c["strict_matches"] += _strict_matches(stats[kept], boxes)
         c["pairs"] += 1
 
     def merge(self, other: BoxCounts) -> BoxCounts:
