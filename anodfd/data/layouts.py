@@ -142,6 +142,9 @@ def group_of(pair: Pair, regex: str) -> str:
 
 
 def _holdout(pairs: list[Pair], fraction: float, group_regex: str = "", val_groups: str = "") -> list[Pair]:
+    """The validation pairs among ``pairs``: the groups ``val_groups`` names, or whole groups until ``fraction``, or
+    (without groups) ``fraction`` of the pairs. Ordering by a hash of the name (a pair's or a group's) is
+    deterministic and stays stable when pairs are added to the list."""
     if val_groups:
         wanted = {g.strip() for g in val_groups.split(",") if g.strip()}
         groups = {p: group_of(p, group_regex) for p in pairs}
