@@ -37,15 +37,19 @@ demo: $(STAMP)
 	$(PY) -m anodfd data check data/OL
 	$(PY) tune/search.py --dataset OL --preset smoke
 
+# Two pytest workers, a test module to each at a time: much of a test's time is processes starting (Ray, MLflow,
+# imports), which leaves a core idle. One module stays on one worker, so its fixtures (a cluster) start once.
+XDIST := -n 2 --dist loadfile
+
 # Everything: what the README and .ci/run call.
 test: $(STAMP) sysdeps
 	$(PY) -m ruff check anodfd tests benchmarks tune cluster
-	$(PY) -m pytest -q --durations=20  # the slowest tests, so a slower suite says where
+	$(PY) -m pytest -q $(XDIST) --durations=20  # the slowest tests, so a slower suite says where
 
 # The loop while working: everything but the tests marked slow (Ray, MLflow servers, searches, clusters).
 test-fast: $(STAMP) sysdeps
 	$(PY) -m ruff check anodfd tests benchmarks tune cluster
-	$(PY) -m pytest -q -m "not slow" --durations=10
+	$(PY) -m pytest -q $(XDIST) -m "not slow" --durations=10
 
 # Drift before users meet it: the fast tier against the newest releases pyproject.toml's ranges allow, in a venv of
 # its own (.venv-latest), off the lock. A failure here is a release the lock must not take yet, or a fix to make.

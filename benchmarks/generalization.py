@@ -10,10 +10,14 @@ held-out pairs at the masks' native resolution:
 - ECC registration (as ``--align ecc``) and the same differencing;
 - the README's recipe: AnoDFDNet ``tiny``, ``--resize 0 --scale 1 --crop 256 --crop-pos-fraction 0.5 --align
   ecc``, the smoke preset's losses, cosine schedule, ``--epochs``, at the threshold calibrated on the
-  calibration board.
+  calibration board;
+- the same network gated by that differencing: a region the network detects is kept only where the registered
+  difference also fires somewhere inside it (the network's recall and pixels, the differencing's sparse
+  false alarms). It needs no other training and is scored from the same forward passes.
 Columns, per held-out board and pooled: defect F under the overlap rule against the dataset's own boxes and under
 DeepPCB's rule (IoU > 0.33, one to one), box recall, false alarms per pair, pixel F1, and training minutes. The
-table is printed; ``--json`` keeps every figure.
+table is printed; ``--json`` keeps every figure. ``--work DIR`` keeps each fold's trained run: a rerun with the same
+folder and folds scores finished runs again instead of training them, and resumes unfinished ones.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -38,7 +43,7 @@ from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import read_boxes, read_split
 from anodfd.metrics import BoxCounts, PixelHistogram
 from anodfd.scoring import difference_map
-from anodfd.train.loop import evaluate, fit, inference_model, load_checkpoint
+from anodfd.train.loop import check_resumable, evaluate, fit, inference_model, load_checkpoint
 
 DEEPPCB_FOLDS = ["00041,44000", "13000,50600,92000", "20085,77000"]
 
@@ -84,25 +89,47 @@ def fold_dataset(src: Path, root: Path, regex: str, held: set[str], calibrate: s
         (root / "list" / f"{split}.txt").write_text("\n".join(sorted(names)) + "\n")
 
 
-def differencing(data: Path, regex: str, tally: Tally, align: str) -> None:
+def differencing(data: Path, regex: str, tally: Tally, align: str) -> dict[str, np.ndarray]:
+    """Scores differencing on the held-out pairs; returns its binary map of each pair, by pair name."""
+    maps = {}
     for p in read_split(data, "test"):
         hist, cur, mask = read_rgb(p.hist), read_rgb(p.cur), read_mask(p.mask)
         if align != "none":
             hist = align_pair(hist, cur, align)[0]
-        binary = difference_map(hist, cur) > 0.5
+        maps[p.name] = binary = difference_map(hist, cur) > 0.5
         tally.add(re.search(regex, p.name).group(1), binary, mask, read_boxes(p))
+    return maps
 
 
-def network(data: Path, regex: str, tally: Tally, args: argparse.Namespace, out: Path) -> float:
-    """Trains the recipe on the fold, scores its best checkpoint on the held-out boards; returns training minutes."""
+def gated(binary: np.ndarray, evidence: np.ndarray) -> np.ndarray:
+    """The 8-connected regions of ``binary`` that share at least one pixel with ``evidence``."""
+    _, labels = cv2.connectedComponents(binary.astype(np.uint8), connectivity=8)
+    keep = np.unique(labels[binary & evidence])
+    return np.isin(labels, keep[keep > 0])
+
+
+def network(data: Path, regex: str, tally: Tally, args: argparse.Namespace, out: Path,
+            gate: tuple[Tally, dict[str, np.ndarray]]) -> float | None:
+    """Trains the recipe on the fold (or resumes its run in ``out``), scores its best checkpoint on the held-out
+    boards, alone and gated by ``gate``'s differencing maps; returns training minutes (None: trained earlier,
+    in a run that did not record them)."""
     config = with_window(Config().with_flat({
         **PRESETS["smoke"], "data.data": str(data), "model.name": "tiny", "train.epochs": args.epochs,
         "train.seed": args.seed, "train.schedule": args.schedule, "data.align": "ecc",
         "data.cache_dir": args.cache_dir or ""}),
         {"data.resize": 0, "data.scale": 1.0, "data.crop": 256, "data.crop_pos_fraction": 0.5})
+    record = out / "train_minutes.json"  # summed over the sessions that trained this run
+    earlier = json.loads(record.read_text())["minutes"] if record.exists() else 0.0 if not out.exists() else None
     start = time.perf_counter()
-    best = fit(config, out, log=lambda line: print(f"    {line}", file=sys.stderr))["best"]
-    minutes = (time.perf_counter() - start) / 60
+    last = load_checkpoint(out / "last.pt") if (out / "last.pt").exists() else None
+    if last and last["epoch"] >= args.epochs:  # trained: fit() would register every training pair again first
+        check_resumable(last, config, out / "last.pt")
+        best = out / "best.pt"
+    else:
+        best = fit(config, out, log=lambda line: print(f"    {line}", file=sys.stderr))["best"]
+    minutes = None if earlier is None else earlier + (time.perf_counter() - start) / 60
+    if minutes is not None:
+        record.write_text(json.dumps({"minutes": minutes}))
     ckpt = load_checkpoint(best)
     model, cfg = inference_model(ckpt)
     threshold = float(ckpt["threshold"])
@@ -110,7 +137,9 @@ def network(data: Path, regex: str, tally: Tally, args: argparse.Namespace, out:
 
     def on_pair(i: int, probs: np.ndarray, mask: np.ndarray) -> None:
         pair = dataset.pairs[i]
-        tally.add(re.search(regex, pair.name).group(1), probs >= threshold, mask, read_boxes(pair))
+        group, boxes, binary = re.search(regex, pair.name).group(1), read_boxes(pair), probs >= threshold
+        tally.add(group, binary, mask, boxes)
+        gate[0].add(group, gated(binary, gate[1][pair.name]), mask, boxes)
 
     evaluate(model, dataset, torch.device("cpu"), cfg.data.window, threshold, on_pair=on_pair,
              progress="scoring the held-out boards")
@@ -126,7 +155,8 @@ def report(tallies: dict[str, Tally], minutes: dict[str, float], args: argparse.
     print("|---|---|---|---|---|---|---|---|---|")
     for m, r in result.items():
         for g, row in r["rows"].items():
-            train = f"{r['train_minutes']:.1f}" if g == "pooled" and r["train_minutes"] else ""
+            minutes_ = r["train_minutes"]
+            train = "" if g != "pooled" or minutes_ == 0 else "?" if minutes_ is None else f"{minutes_:.1f}"
             print(f"| {m} | {g} | {row['pairs']} | {row['defect_f']:.3f} | {row['strict_f']:.3f} | "
                   f"{row['recall']:.3f} | {row['false_alarms']:.2f} | {row['pixel_f1']:.3f} | {train} |", flush=True)
     if args.json:
@@ -145,6 +175,8 @@ def main() -> None:
     p.add_argument("--skip-network", action="store_true", help="the differencing rows only")
     p.add_argument("--cache-dir", default=None, help="decode cache (default $ANODFD_CACHE_DIR or ~/.cache/anodfd)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--work", type=Path, default=None,
+                   help="keep fold views and trained runs here, reused by a rerun (default: a temporary folder)")
     args = p.parse_args()
     src = args.data.resolve()
     if not (src / "boxes").is_dir() or not (src / "A").is_dir():
@@ -155,10 +187,11 @@ def main() -> None:
     if unknown:
         sys.exit(f"--folds names boards {', '.join(sorted(unknown))} that {src} does not have ({', '.join(sorted(groups))})")
 
-    methods = ["template differencing", "ECC + differencing"] + ([] if args.skip_network else ["AnoDFDNet recipe"])
+    network_rows = ["AnoDFDNet recipe", "AnoDFDNet recipe, gated by ECC + differencing"]
+    methods = ["template differencing", "ECC + differencing"] + ([] if args.skip_network else network_rows)
     tallies = {m: Tally() for m in methods}
-    minutes: dict[str, float] = defaultdict(float)
-    work = Path(tempfile.mkdtemp(prefix="anodfd-generalization-"))
+    minutes: dict[str, float | None] = defaultdict(float)
+    work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="anodfd-generalization-"))
     try:
         for k, held in enumerate(held_all):
             calibrate = min(groups - held)
@@ -167,13 +200,17 @@ def main() -> None:
             print(f"fold {k + 1}/{len(held_all)}: held out {', '.join(sorted(held))}; threshold on {calibrate}",
                   flush=True)
             differencing(root, args.group_regex, tallies["template differencing"], "none")
-            differencing(root, args.group_regex, tallies["ECC + differencing"], "ecc")
+            ecc_maps = differencing(root, args.group_regex, tallies["ECC + differencing"], "ecc")
             if not args.skip_network:
-                minutes["AnoDFDNet recipe"] += network(root, args.group_regex, tallies["AnoDFDNet recipe"], args,
-                                                       work / f"run{k}")
+                run = work / f"run-{'-'.join(sorted(held))}"
+                spent = network(root, args.group_regex, tallies[network_rows[0]], args, run,
+                                (tallies[network_rows[1]], ecc_maps))
+                total = minutes[network_rows[0]]
+                minutes[network_rows[0]] = None if spent is None or total is None else total + spent
             report(tallies, minutes, args, k + 1)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -11,22 +11,15 @@ import pandas as pd
 import pytest
 
 from anodfd.cli import main
-from anodfd.config import PRESETS, Config
 from anodfd.data.layouts import read_split
-from anodfd.train.loop import fit
 
 pytestmark = pytest.mark.slow  # batch scoring on Ray Data
 
 
 @pytest.fixture(scope="module")
-def checkpoints(synth_ol, tmp_path_factory):
+def checkpoints(tiny_checkpoints):
     """Two tiny trained checkpoints with different weights (another seed)."""
-    out = []
-    for seed in (0, 1):
-        config = Config().with_flat({**PRESETS["smoke"], "data.data": str(synth_ol), "train.epochs": 1,
-                                     "train.max_steps_per_epoch": 3, "train.seed": seed})
-        out.append(fit(config, tmp_path_factory.mktemp(f"batch{seed}") / "run", log=lambda s: None)["best"])
-    return out
+    return tiny_checkpoints
 
 
 def test_score_writes_what_predict_writes_ranks_and_resumes(ray_local, synth_ol, checkpoints, tmp_path, capsys):

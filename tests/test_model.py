@@ -11,8 +11,8 @@ from conftest import load_benchmark
 from torch import nn
 
 from anodfd.config import ANODFD_NAMES, BASELINE_NAMES, DEPTHS, MODEL_NAMES, ModelConfig
-from anodfd.model import AnoDFDNet, PairSegmenter, build_model, count_parameters, optimize_for_inference
-from anodfd.model.baselines import _BatchOfOneBatchNorm2d
+from anodfd.model import AnoDFDNet, build_model, count_parameters, optimize_for_inference
+from anodfd.model.baselines import PairSegmenter, _BatchOfOneBatchNorm2d
 from anodfd.model.decoder import SubPixelConvTranspose2d
 from anodfd.model.encoders import build_encoder
 

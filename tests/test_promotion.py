@@ -18,8 +18,7 @@ import pytest
 from conftest import card, start_mlflow_server, stop_mlflow_server
 
 from anodfd import registry, tracking
-from anodfd.config import PRESETS, Config
-from anodfd.train.loop import fit
+from anodfd.config import Config
 
 PROCESSES = 6
 ROUNDS = 3
@@ -47,10 +46,8 @@ pytestmark = pytest.mark.slow  # gates in several processes against MLflow serve
 
 
 @pytest.fixture(scope="module")
-def checkpoint(synth_ol, tmp_path_factory):
-    config = Config().with_flat({**PRESETS["smoke"], "data.data": str(synth_ol), "train.epochs": 1,
-                                 "train.max_steps_per_epoch": 1})
-    return fit(config, tmp_path_factory.mktemp("promo") / "run", log=lambda s: None)["best"]
+def checkpoint(tiny_checkpoints):
+    return tiny_checkpoints[0]
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +120,10 @@ def test_a_fault_in_the_gate_promotes_nothing_and_a_retry_succeeds(checkpoint, t
         first = registry.log_and_register(uri, checkpoint, "FAULT", card(0.5), run_id)
         assert first.champion
         name, version = registry.register_version(uri, checkpoint, "FAULT", card(0.8), run_id)
-        # A promotion that crashed while holding the lease: it never releases it; it expires in 45 s.
+        # A promotion that crashed while holding the lease: it never releases it; it expires in 30 s, time enough to
+        # see the gate wait for it and to stop the server under it.
         tracking.client(uri).create_registered_model(name + registry.LEASE_SUFFIX, tags={
-            "owner": "crashed-host:1:dead", "expires": f"{time.time() + 45:.3f}"})
+            "owner": "crashed-host:1:dead", "expires": f"{time.time() + 30:.3f}"})
         env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
         def lease_reads() -> int:
             return (root / "server.log").read_text().count(f"get?name={name}{registry.LEASE_SUFFIX} HTTP")

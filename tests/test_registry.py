@@ -18,13 +18,13 @@ from conftest import card, free_port, same_state
 
 from anodfd import registry, tracking
 from anodfd.cli import main
-from anodfd.config import PRESETS, Config
+from anodfd.config import Config
 from anodfd.data.cache import decode_image
 from anodfd.data.dataset import to_chw
 from anodfd.data.layouts import fingerprint, read_split
 from anodfd.inference import predict_probs, resize_probs
 from anodfd.scoring import Protocol, score_checkpoint
-from anodfd.train.loop import fit, load_checkpoint, model_from_checkpoint
+from anodfd.train.loop import load_checkpoint, model_from_checkpoint
 
 # The session's server is shared with other test files, which may register models too: use our own dataset name.
 DATASET = f"OLreg{uuid.uuid4().hex[:6]}"
@@ -33,10 +33,8 @@ METRICS = {"iou": 0.3, "auc": 0.8, "eer": 0.25, "precision": 0.6, "recall": 0.4,
 
 
 @pytest.fixture(scope="module")
-def checkpoint(synth_ol, tmp_path_factory):
-    config = Config().with_flat({**PRESETS["smoke"], "data.data": str(synth_ol), "train.epochs": 1,
-                                 "train.max_steps_per_epoch": 2})
-    return fit(config, tmp_path_factory.mktemp("reg") / "run", log=lambda s: None)["best"]
+def checkpoint(tiny_checkpoints):
+    return tiny_checkpoints[0]
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +272,7 @@ def test_load_checkpoint_from_registry(history, mlflow_server, weights):
     (f"models:/{NAME}/99", "has no version 99"),
     ("models:/anodfdnet-NoSuchData@champion", "no registered model anodfdnet-NoSuchData"),
     (f"runs:/{NAME}", "expected models:/NAME@ALIAS or models:/NAME/VERSION"),
-])
+], ids=["no-alias", "no-version", "no-model", "runs-uri"])  # NAME is random: xdist workers must see the same ids
 def test_bad_model_uri_is_one_clear_line(history, mlflow_server, model_uri, message):
     with pytest.raises(registry.RegistryError, match=re.escape(message)):
         registry.load_checkpoint_from_registry(mlflow_server, model_uri)

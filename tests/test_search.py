@@ -46,28 +46,54 @@ def parent_and_children(uri: str, search_dir: Path):
     return parents[0], children
 
 
-def test_smoke_search_end_to_end(synth_ol, tmp_path, mlflow_server):
-    """Ranked by AUC (not the preset's metric), over 3 epochs of which Ray keeps 2: the epoch registered is the
-    trial's best-AUC epoch, scored on the test split, with its floor and card."""
+def test_smoke_search_end_to_end_through_a_killed_driver(synth_ol, tmp_path, mlflow_server):
+    """The main job, killed mid-search and resumed (one search does both: each costs minutes).
+
+    Ranked by AUC (not the preset's metric), over 3 epochs of which Ray keeps 2: the epoch registered is the
+    trial's best-AUC epoch, scored on the test split, with its floor and card. The driver is killed once a trial has
+    2 epochs; `--resume` continues every interrupted trial in its own MLflow run, logs no epoch twice and registers
+    once."""
     data = shutil.copytree(synth_ol, tmp_path / "OLsearch")  # its own registered model name: anodfdnet-OLsearch
     # One trial at a time: it gets the machine's cores (less the trial driver's 0.1), as `anodfd train` would.
     cmd = search_cmd(data, tmp_path / "runs", mlflow_server, "s1", "--metric", "auc", "--max-epochs", "3",
                      "--max-concurrent", "1")
-    proc = subprocess.run(cmd, env=env(), check=False, text=True, capture_output=True, timeout=900)
+    # A process group of its own: killing it kills the driver and the local Ray instance it started.
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        train_runs = tmp_path / "runs" / "s1" / "train_runs"
+        deadline = time.time() + 600
+        while not list(train_runs.glob("*/epoch_0002/checkpoint.pt")):  # a trial has 2 of its 3 epochs
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    # What the kill interrupted: trials whose MLflow runs were still open, and the epochs they had logged.
+    _, before = parent_and_children(mlflow_server, tmp_path / "runs" / "s1")
+    interrupted = {r.info.run_id: len(client(mlflow_server).get_metric_history(r.info.run_id, "f1"))
+                   for r in before if r.info.status == "RUNNING"}
+    assert interrupted, "the kill came after every trial had finished: nothing was left to resume"
+
+    proc = subprocess.run([*cmd, "--resume"], env=env(), check=False, text=True, capture_output=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming search s1" in proc.stdout
     assert "| rank | trial | auc | depth | lr |" in proc.stdout
     assert "registry: anodfdnet-OLsearch version 1 -> alias challenger" in proc.stdout
     assert "model card: anodfd models show --dataset OLsearch --version 1" in proc.stdout
 
     parent, children = parent_and_children(mlflow_server, tmp_path / "runs" / "s1")
     assert parent.info.status == "FINISHED" and parent.data.params["search.metric"] == "auc"
-    assert len(children) == 3
+    trial_ids = [r.data.tags["anodfd.trial_id"] for r in children]
+    assert len(trial_ids) == len(set(trial_ids)) == 3  # no duplicate MLflow run for any trial
     best_auc = {}  # trial run id -> its best validation AUC over the epochs it ran
     for run in children:
         assert run.info.status == "FINISHED"
-        assert run.data.tags["anodfd.stopped_early"] in ("true", "false")
+        stopped = run.data.tags["anodfd.stopped_early"]
+        assert stopped in ("true", "false")
         steps = [m.step for m in client(mlflow_server).get_metric_history(run.info.run_id, "f1")]
-        assert len(steps) == len(set(steps)) >= 1 and "model.depth" in run.data.params
+        assert steps and steps == list(range(1, len(steps) + 1)), f"epochs missing or logged twice: {steps}"
+        if run.info.run_id in interrupted:  # it went on after the resume, in the same MLflow run
+            assert len(steps) >= interrupted[run.info.run_id] and (len(steps) == 3 or stopped == "true"), steps
+        assert "model.depth" in run.data.params
         best_auc[run.info.run_id] = max(m.value for m in client(mlflow_server).get_metric_history(run.info.run_id, "auc"))
         threads = {m.value for m in client(mlflow_server).get_metric_history(run.info.run_id, "threads")}
         assert threads == {float(threads_for(get_num_cpus() - 0.1))}, threads
@@ -79,6 +105,7 @@ def test_smoke_search_end_to_end(synth_ol, tmp_path, mlflow_server):
     assert {"summary.md", "search_space.json", "best_trial.json", "optuna", "test"} <= names
     assert "optuna/optimization_history.png" in {a.path for a in c.list_artifacts(parent.info.run_id, "optuna")}
 
+    assert len(c.search_model_versions("name = 'anodfdnet-OLsearch'")) == 1
     version = c.get_model_version("anodfdnet-OLsearch", "1")
     tags = version.tags
     assert tags["trial"] == parent.data.tags["anodfd.best_trial"] and tags["selected_by"] == "validation auc"
@@ -174,41 +201,3 @@ def test_missing_dataset_fails_fast_with_the_fix(tmp_path):
     assert proc.returncode == 2
     assert str(tmp_path / "OL") in proc.stderr and "anodfd synth OL --out" in proc.stderr
     assert not (tmp_path / "runs").exists()
-
-
-def test_resume_after_killing_the_driver(synth_ol, tmp_path, mlflow_server):
-    data = shutil.copytree(synth_ol, tmp_path / "OLresume")
-    cmd = search_cmd(data, tmp_path / "runs", mlflow_server, "r1", samples=2)
-    # A process group of its own: killing it kills the driver and the local Ray instance it started.
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(cmd, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        train_runs = tmp_path / "runs" / "r1" / "train_runs"
-        deadline = time.time() + 600
-        while not list(train_runs.glob("*/epoch_0002/checkpoint.pt")):  # one trial has finished its epochs
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    # What the kill interrupted: trials whose MLflow runs were still open, and the epochs they had logged.
-    _, before = parent_and_children(mlflow_server, tmp_path / "runs" / "r1")
-    interrupted = {r.info.run_id: len(client(mlflow_server).get_metric_history(r.info.run_id, "f1"))
-                   for r in before if r.info.status == "RUNNING"}
-    assert interrupted, "the kill came after every trial had finished: nothing was left to resume"
-
-    again = subprocess.run([*cmd, "--resume"], env=env(), check=False, text=True, capture_output=True, timeout=900)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resuming search r1" in again.stdout
-
-    parent, children = parent_and_children(mlflow_server, tmp_path / "runs" / "r1")
-    assert parent.info.status == "FINISHED"
-    trial_ids = [r.data.tags["anodfd.trial_id"] for r in children]
-    assert len(trial_ids) == len(set(trial_ids)) == 2  # no duplicate MLflow run for any trial
-    for run in children:
-        steps = [m.step for m in client(mlflow_server).get_metric_history(run.info.run_id, "f1")]
-        assert steps and steps == list(range(1, len(steps) + 1)), f"epochs missing or logged twice: {steps}"
-        assert run.info.status == "FINISHED"
-        if run.info.run_id in interrupted:  # it went on after the resume, in the same MLflow run
-            stopped = run.data.tags["anodfd.stopped_early"] == "true"
-            assert len(steps) >= interrupted[run.info.run_id] and (len(steps) == 2 or stopped), (steps, run.data.tags)
-    versions = client(mlflow_server).search_model_versions("name = 'anodfdnet-OLresume'")
-    assert len(versions) == 1

@@ -15,7 +15,6 @@ from anodfd.model.anodfdnet import (
     optimize_for_inference,
 )
 from anodfd.model.anodfdnet import build_model as build_anodfdnet
-from anodfd.model.baselines import FCSiamDiff, PairSegmenter, SmpBaseline, build_baseline
 
 
 def build_model(config: ModelConfig) -> nn.Module:
@@ -25,12 +24,17 @@ def build_model(config: ModelConfig) -> nn.Module:
     return build_anodfdnet(config)
 
 
+def build_baseline(config: ModelConfig) -> nn.Module:
+    """A baseline network; `baselines.py` is imported only here, as its segmentation_models_pytorch and timm
+    add seconds to the start of every process (each Ray worker, each CLI call) that never builds one."""
+    from anodfd.model.baselines import build_baseline as build
+
+    return build(config)
+
+
 __all__ = [
     "TRANSFORMER_DEFAULTS",
     "AnoDFDNet",
-    "FCSiamDiff",
-    "PairSegmenter",
-    "SmpBaseline",
     "build_anodfdnet",
     "build_baseline",
     "build_model",

@@ -6,7 +6,6 @@ network can be sized without running it.
 
 from __future__ import annotations
 
-import timm
 import torch
 from torch import Tensor, nn
 
@@ -84,6 +83,8 @@ class TimmEncoder(nn.Module):
         super().__init__()
         if name not in TIMM_ENCODERS:
             raise ValueError(f"unknown timm encoder {name!r}; choose one of {', '.join(TIMM_ENCODERS)}")
+        import timm  # here, not at the top: importing it (and torchvision) costs every process ~2 s on 2 cores
+
         self.body = timm.create_model(name, pretrained=pretrained)
         info = self.body.feature_info
         self.indices = list(range(len(info)))
