@@ -119,7 +119,8 @@ def network(data: Path, regex: str, tally: Tally, args: argparse.Namespace, out:
         "data.cache_dir": args.cache_dir or ""}),
         {"data.resize": 0, "data.scale": 1.0, "data.crop": 256, "data.crop_pos_fraction": 0.5})
     record = out / "train_minutes.json"  # summed over the sessions that trained this run
-    earlier = json.loads(record.read_text())["minutes"] if record.exists() else 0.0 if not out.exists() else None
+    earlier = (json.loads(record.read_text())["minutes"] if record.exists()
+               else 0.0 if not (out / "last.pt").exists() else None)
     start = time.perf_counter()
     last = load_checkpoint(out / "last.pt") if (out / "last.pt").exists() else None
     if last and last["epoch"] >= args.epochs:  # trained: fit() would register every training pair again first
@@ -144,6 +145,17 @@ def network(data: Path, regex: str, tally: Tally, args: argparse.Namespace, out:
     evaluate(model, dataset, torch.device("cpu"), cfg.data.window, threshold, on_pair=on_pair,
              progress="scoring the held-out boards")
     return minutes
+
+
+def claim_run(run: Path, fold: dict) -> None:
+    """``run`` is this fold's: new, or made for the same held-out and calibration boards. A checkpoint cannot tell
+    (every fold's view has the same path), and a model scored on boards it trained on would look like a result."""
+    stamp = run / "fold.json"
+    if run.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != fold):
+        sys.exit(f"{run}: not a run of this fold (held out {', '.join(fold['held'])}, threshold on {fold['calibrate']}) "
+                 f"by its {stamp.name}; remove it or pass another --work")
+    run.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(fold))
 
 
 def report(tallies: dict[str, Tally], minutes: dict[str, float], args: argparse.Namespace, folds_done: int) -> None:
@@ -203,6 +215,7 @@ def main() -> None:
             ecc_maps = differencing(root, args.group_regex, tallies["ECC + differencing"], "ecc")
             if not args.skip_network:
                 run = work / f"run-{'-'.join(sorted(held))}"
+                claim_run(run, {"held": sorted(held), "calibrate": calibrate})
                 spent = network(root, args.group_regex, tallies[network_rows[0]], args, run,
                                 (tallies[network_rows[1]], ecc_maps))
                 total = minutes[network_rows[0]]

@@ -446,3 +446,20 @@ def test_generalization_gate_keeps_whole_regions_the_difference_touches_and_fold
     lists = {s: (tmp_path / "fold" / "list" / f"{s}.txt").read_text().split() for s in ("train", "val", "test")}
     assert lists == {"train": names[3:6], "val": names[:3], "test": names[6:]}
     assert (tmp_path / "fold" / "boxes").resolve() == src / "boxes"
+
+
+def test_generalization_reuses_a_run_only_for_the_fold_that_made_it(tmp_path):
+    """A kept run is scored again only for the same held-out and calibration boards: a model scored on boards it
+    trained on would pass for a held-out result."""
+    from conftest import load_benchmark
+
+    bench = load_benchmark("generalization")
+    run, fold = tmp_path / "run-00041-44000", {"held": ["00041", "44000"], "calibrate": "13000"}
+    bench.claim_run(run, fold)
+    (run / "last.pt").write_bytes(b"")
+    bench.claim_run(run, fold)  # the same fold again: reused
+    with pytest.raises(SystemExit, match="not a run of this fold .held out 00041, 44000, threshold on 20085."):
+        bench.claim_run(run, {**fold, "calibrate": "20085"})
+    (run / "fold.json").unlink()  # a run from before runs recorded their fold
+    with pytest.raises(SystemExit, match="remove it or pass another --work"):
+        bench.claim_run(run, fold)
