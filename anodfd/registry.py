@@ -189,11 +189,36 @@ def register_version(
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    mv = c.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
-                                tags=version_tags)
+    with _process_tracking_uri(uri):
+        mv = c.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
+                                    tags=version_tags)
     c.update_model_version(name, mv.version, description=model_card(uri, name, int(mv.version), version_tags,
                                                                     experiment))
     return name, int(mv.version)
+
+
+@contextmanager
+def _process_tracking_uri(uri: str) -> Iterator[None]:
+    """The process's tracking URI set to ``uri`` for the block, then put back as it was (its environment variable too).
+
+    A local (SQL) registry store resolves a ``models:/<id>`` source through a fresh ``MlflowClient()``, i.e. the
+    process's tracking URI, not the client's: a store at any path but ./mlflow.db fails with "Logged model with ID
+    ... not found". A server resolves it on its side, so this matters only for local stores.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    if uri.startswith(("http://", "https://")):
+        yield
+        return
+    before, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None unsets the variable, which the user may have set: restore it
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def view_text(data: dict) -> str:

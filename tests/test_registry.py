@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import os
 import re
 import uuid
 from pathlib import Path
@@ -105,6 +106,28 @@ def test_first_registration_is_champion_with_tags(history, mlflow_server, search
     run = c.get_run(search_run)
     assert run.info.status == "RUNNING"
     assert len(run.outputs.model_outputs) == len(history)
+
+
+def test_registration_in_a_local_store_away_from_the_working_directory(checkpoint, tmp_path, monkeypatch):
+    """A SQLite store that is not ./mlflow.db: MLflow's local registry finds the logged model through the process's
+    tracking URI, so registration failed ("Logged model ... not found") unless the store sat in the working
+    directory. The process's URI and MLFLOW_TRACKING_URI are left as they were."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the user's own, which must survive
+    uri = f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}"
+    (tmp_path / "elsewhere").mkdir()
+    run_id, _ = tracking.start_run(uri, Config(), str(tmp_path / "search"), "search")
+
+    reg = registry.log_and_register(uri, checkpoint, "OLsqlite", card(0.5), run_id)
+
+    assert (reg.version, reg.champion) == (1, True)
+    served = registry.load_checkpoint_from_registry(uri, "models:/anodfdnet-OLsqlite@champion")
+    assert same_state(served["model"], load_checkpoint(checkpoint)["model"])
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:9"
+    assert mlflow.get_tracking_uri() == "http://127.0.0.1:9"
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_champion_gate(history):
