@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 LOCK := requirements.lock
 PIP_QUIET := --quiet
 
-.PHONY: install sysdeps demo test test-fast test-latest lock bench clean
+.PHONY: install sysdeps demo test test-fast test-latest lock bench docs clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,12 +43,12 @@ XDIST := -n 2 --dist loadfile
 
 # Everything: what the README and .ci/run call.
 test: $(STAMP) sysdeps
-	$(PY) -m ruff check anodfd tests benchmarks tune cluster
+	$(PY) -m ruff check anodfd tests benchmarks tune cluster docs
 	$(PY) -m pytest -q $(XDIST) --durations=20  # the slowest tests, so a slower suite says where
 
 # The loop while working: everything but the tests marked slow (Ray, MLflow servers, searches, clusters).
 test-fast: $(STAMP) sysdeps
-	$(PY) -m ruff check anodfd tests benchmarks tune cluster
+	$(PY) -m ruff check anodfd tests benchmarks tune cluster docs
 	$(PY) -m pytest -q $(XDIST) -m "not slow" --durations=10
 
 # Drift before users meet it: the fast tier against the newest releases pyproject.toml's ranges allow, in a venv of
@@ -62,6 +62,10 @@ test-latest: sysdeps
 bench: $(STAMP)
 	$(PY) benchmarks/bench_loading.py
 	$(PY) benchmarks/bench_model.py
+
+# docs/reference/*.md: the --help of anodfd, tune/search.py and cluster/submit.py; tests/test_readme.py fails when stale.
+docs: $(STAMP)
+	$(PY) docs/reference/generate.py
 
 clean:
 	rm -rf $(VENV) .venv-latest .pytest_cache .ruff_cache

@@ -96,7 +96,8 @@ class _Scorer:
     """A Ray Data actor: the model loaded once, then each pair scored and its files written."""
 
     def __init__(self, ckpt: dict, threshold: float, out: str, threads: int) -> None:
-        from anodfd.train.loop import inference_model, resolve_device
+        from anodfd.checkpoint import inference_model
+        from anodfd.inference import resolve_device
 
         torch.set_num_threads(threads)
         self.device = resolve_device("auto")
@@ -151,7 +152,7 @@ def size_actors(opts: ScoreOptions, joined: bool) -> tuple[int, float, float, bo
 def score_pairs(ckpt: dict, source: str, pairs: list[tuple[str, Path, Path]], out: str | Path, threshold: float,
                 address: str | None = None, opts: ScoreOptions | None = None, progress: bool = True) -> Path:
     """Score ``pairs`` not yet in ``out`` on Ray Data, then rank every pair's result into ``out``/scores.parquet."""
-    from anodfd.train.launch import init_ray, threads_for
+    from anodfd.ray_connect import init_ray, threads_for
 
     opts = opts or ScoreOptions()
     out = Path(out)

@@ -20,7 +20,7 @@ from anodfd.data.layouts import LAYOUTS, SPLITS, DatasetError
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from anodfd.data.synthetic import parse_size, synthesize
+    from anodfd.synth import parse_size, synthesize
 
     try:
         size = parse_size(args.size) if args.size else None
@@ -92,12 +92,30 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return with_window(config, overrides)
 
 
-def _add_data_flags(p: argparse.ArgumentParser) -> None:
+def add_data_flags(p: argparse.ArgumentParser, layout: bool = True) -> None:
+    """Which dataset: `anodfd train`, `eval`, `data check` and the search (which reads the layout from the folder)."""
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--data", default=None, help="dataset folder (paper or A/B/label layout)")
     g.add_argument("--dataset", default=None, help="named dataset under the data root: OL, FB or Diff")
     p.add_argument("--data-root", default=None, help="folder holding named datasets (default $ANODFD_DATA_ROOT or ./data)")
-    p.add_argument("--layout", choices=LAYOUTS, default=None)
+    if layout:
+        p.add_argument("--layout", choices=LAYOUTS, default=None)
+
+
+def add_view_flags(p: argparse.ArgumentParser) -> None:
+    """How the network sees a pair (each default: the preset's): `anodfd train` and the search."""
+    p.add_argument("--resize", type=int, default=None,
+                   help="squash every pair to N x N (the paper: 256); 0 keeps the aspect ratio (needs --crop)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="with --resize 0: scale both sides by S (1 = native pixels)")
+    p.add_argument("--crop", type=int, default=None,
+                   help="train on random N x N crops; validation and inference slide N x N tiles")
+    p.add_argument("--crop-pos-fraction", type=float, default=None,
+                   help="share of training crops placed around a defect, each defect equally likely")
+    p.add_argument("--align", choices=list(ALIGN_METHODS), default=None,
+                   help="register history onto current before the network: none, ecc or features")
+    p.add_argument("--relight", action="store_true", default=None,
+                   help="after --align, match history's local lighting to current's (for tiles of large images)")
 
 
 def add_group_flags(p: argparse.ArgumentParser) -> None:
@@ -110,24 +128,13 @@ def add_group_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    _add_data_flags(p)
+    add_data_flags(p)
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
                    help="starting point; explicit flags override it (default: the paper's recipe)")
     p.add_argument("--model", choices=MODEL_NAMES, default=None)
     p.add_argument("--depth", type=int, choices=DEPTHS, default=None, help="Transformer layers (0 = none); AnoDFDNet only")
     p.add_argument("--pretrained", action="store_true", default=None, help="download ImageNet encoder weights (timm, U-Net, DeepLabV3+)")
-    p.add_argument("--resize", type=int, default=None,
-                   help="squash every pair to N x N (the paper: 256); 0 keeps the aspect ratio (needs --crop)")
-    p.add_argument("--scale", type=float, default=None,
-                   help="with --resize 0: scale both sides by S (default 1 = native pixels)")
-    p.add_argument("--crop", type=int, default=None,
-                   help="train on random N x N crops; validation and inference slide N x N tiles")
-    p.add_argument("--crop-pos-fraction", type=float, default=None,
-                   help="share of training crops placed around a defect, each defect equally likely (default 0)")
-    p.add_argument("--align", choices=list(ALIGN_METHODS), default=None,
-                   help="register history onto current before the network: none (default), ecc or features")
-    p.add_argument("--relight", action="store_true", default=None,
-                   help="after --align, match history's local lighting to current's (for tiles of large images)")
+    add_view_flags(p)
     p.add_argument("--augment", choices=["none", "paper", "strong"], default=None)
     p.add_argument("--misregister", type=float, default=None, help="max independent history misalignment (0.03 = 3%%)")
     add_group_flags(p)
@@ -177,10 +184,11 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
+    from anodfd.checkpoint import inference_model
+    from anodfd.inference import resolve_device
     from anodfd.metrics import BoxCounts, format_row, plot_roc
     from anodfd.predict import check_threshold
     from anodfd.scoring import score_native
-    from anodfd.train.loop import inference_model, resolve_device
 
     device = resolve_device(args.device)
     ckpt = _load_checkpoint_for(args)
@@ -241,7 +249,7 @@ def _load_checkpoint_for(args: argparse.Namespace) -> dict:
         from anodfd.tracking import resolve_tracking_uri
 
         return load_checkpoint_from_registry(resolve_tracking_uri(args.mlflow_uri), args.model)
-    from anodfd.train.loop import load_checkpoint
+    from anodfd.checkpoint import load_checkpoint
 
     return load_checkpoint(args.checkpoint)
 
@@ -266,7 +274,8 @@ def _models_list(args: argparse.Namespace) -> int:
 
 
 def _models_promote(args: argparse.Namespace) -> int:
-    from anodfd.registry import model_name, promote
+    from anodfd.gate import promote
+    from anodfd.registry import model_name
     from anodfd.tracking import resolve_tracking_uri
 
     promote(resolve_tracking_uri(args.mlflow_uri), args.dataset, args.version, args.alias, args.reason)
@@ -276,7 +285,8 @@ def _models_promote(args: argparse.Namespace) -> int:
 
 def _models_gate(args: argparse.Namespace) -> int:
     from anodfd.data.layouts import fingerprint, resolve_data_dir
-    from anodfd.registry import gate, list_versions
+    from anodfd.gate import gate
+    from anodfd.registry import list_versions
     from anodfd.scoring import Protocol, score_checkpoint
     from anodfd.tracking import resolve_tracking_uri
 
@@ -324,8 +334,9 @@ def resolve_data_dir_for(args: argparse.Namespace) -> Path:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from anodfd.checkpoint import inference_model
+    from anodfd.inference import resolve_device
     from anodfd.predict import check_threshold, find_pairs, predict_pairs
-    from anodfd.train.loop import inference_model, resolve_device
 
     if not args.list and not (args.hist and args.cur):
         raise ConfigError("give --hist H --cur C (files or folders), or --list FILE")
@@ -363,8 +374,8 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from anodfd.checkpoint import model_from_checkpoint
     from anodfd.export import export_onnx, parity
-    from anodfd.train.loop import model_from_checkpoint
 
     ckpt = _load_checkpoint_for(args)
     model, config = model_from_checkpoint(ckpt, "cpu")
@@ -446,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="the paper's metrics of a checkpoint on a split")
     _add_model_source_flags(p)
-    _add_data_flags(p)
+    add_data_flags(p)
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--threshold", type=float, default=0.5, help="the paper's fixed 0.5 by default")
     p.add_argument("--batch-size", type=int, default=8)

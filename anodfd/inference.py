@@ -26,13 +26,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from anodfd.config import ConfigError, DataConfig
-from anodfd.data.align import Registration, prepare_history
-from anodfd.data.cache import View, preprocess
+from anodfd.data.align import Registration
+from anodfd.data.cache import View, view_pair
 from anodfd.data.dataset import normalize, to_chw
 from anodfd.metrics import image_scores
 
 OVERLAP = 0.25  # the least share of a window that neighbouring tiles share
 TILE_BATCH = 8  # tiles per forward pass: bounds memory whatever the image size
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
 
 
 def autocast(device: torch.device):
@@ -116,16 +124,10 @@ def pair_map(
 ) -> PairMap:
     """One decoded RGB pair of any size -> its probability map at the current image's size, score and registration.
 
-    The pair is brought to the config's view exactly as training saw it (`preprocess`, then `prepare_history` as
-    the decode cache does), then slid over.
+    The pair is brought to the config's view exactly as the decode cache brings it for training (`view_pair`),
+    then slid over.
     """
-    view = View.of(data)
-    hist, cur = preprocess(hist_rgb, view), preprocess(cur_rgb, view)
-    if hist.shape != cur.shape:
-        raise ConfigError(f"history is {hist_rgb.shape[1]}x{hist_rgb.shape[0]} but current is {cur_rgb.shape[1]}x"
-                          f"{cur_rgb.shape[0]}: a model that keeps the aspect ratio (resize 0) needs the two images "
-                          "of a pair at the same size")
-    hist, registration = prepare_history(hist, cur, data.align, data.relight)
+    hist, cur, registration = view_pair(hist_rgb, cur_rgb, View.of(data))
     probs = sliding_probs(model, hist, cur, data.window, device, batch)
     full = resize_probs(probs[None, None], *cur_rgb.shape[:2])[0, 0].numpy()
     return PairMap(full, float(image_scores(probs[None, None])[0]), registration)

@@ -126,7 +126,7 @@ def predict_pair(
     """One decoded pair scored and its files written: `predict`'s loop body, and each `anodfd score` actor's."""
     try:
         result = analyse(model, data, hist_rgb, cur_rgb, threshold, device, min_area)
-    except ConfigError as e:
+    except (ConfigError, DatasetError) as e:
         raise DatasetError(f"{hist_path} and {cur_path}: {e}") from None
     return write_outputs(name, hist_path, cur_path, cur_rgb, result, out, threshold, data.align, data.relight)
 

@@ -26,10 +26,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from anodfd.checkpoint import inference_model
 from anodfd.config import DataConfig
 from anodfd.data.cache import PairCache, View, read_mask
 from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import Pair, fingerprint, load_split, read_boxes
+from anodfd.evaluation import evaluate, register_pairs
 from anodfd.metrics import (
     DEFECT_GAP,
     MIN_REGION_AREA,
@@ -39,7 +41,6 @@ from anodfd.metrics import (
     PixelHistogram,
     plot_roc,
 )
-from anodfd.train.loop import evaluate, inference_model, register_pairs
 
 PROTOCOL_VERSION = 3  # 2: defect-level scores; 3: mask fragments grouped into defects, specks ignored
 MIN_AUC = 0.6  # pixel AUC a version needs to take champion: 0.5 is a coin toss, 0.6 is clearly more
@@ -135,7 +136,7 @@ def score_native(
     grid_pairs: int = 0, progress: bool = True, threshold: float = 0.5, boxes: BoxCounts | None = None,
 ) -> tuple[PixelHistogram, ImageScores, DefectCounts, list[tuple[np.ndarray, ...]]]:
     """Pixel histogram, pair scores and defect counts (maps cut at ``threshold``) of ``model`` over ``split``,
-    counted on each mask's own pixels (`anodfd.train.loop.evaluate`, tiles ``batch_size`` at a time).
+    counted on each mask's own pixels (`anodfd.evaluation.evaluate`, tiles ``batch_size`` at a time).
 
     The network sees each pair as `anodfd predict` feeds it (the checkpoint's view and window). Also returns the
     first ``grid_pairs`` pairs as (history, current, mask, map) at display size, for the overlay grid. ``boxes``

@@ -30,11 +30,11 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
+from anodfd.checkpoint import inference_model, load_checkpoint
 from anodfd.config import ConfigError
 from anodfd.data.layouts import DatasetError
-from anodfd.inference import pair_map
+from anodfd.inference import pair_map, resolve_device
 from anodfd.predict import analyse, check_threshold, map_png
-from anodfd.train.loop import inference_model, load_checkpoint, resolve_device
 
 CHECKPOINT_KEY = "checkpoint"  # the name of the checkpoint in the model's `artifacts`
 INPUTS = ("history", "current")
@@ -137,7 +137,7 @@ class AnomalyMapModel(mlflow.pyfunc.PythonModel):
             # One pair at a time, its tiles batched: memory stays bounded however many or large the pairs are.
             try:
                 maps.append(pair_map(self.model, self.data, h, c, self.device)[0].astype(np.float32))
-            except ConfigError as e:
+            except (ConfigError, DatasetError) as e:
                 raise ConfigError(f"pair {i}: {e}") from None
         cur = np.asarray(cur)
         if cur.dtype == object:

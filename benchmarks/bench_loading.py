@@ -78,7 +78,7 @@ def main() -> None:
 
     data = Path(args.data) if args.data else Path(tempfile.gettempdir()) / f"anodfd-bench-OL-{args.pairs}"
     if not (data / "train.txt").exists() and not args.data:
-        from anodfd.data.synthetic import synthesize
+        from anodfd.synth import synthesize
 
         synthesize("OL", data, pairs=args.pairs, seed=0, size=(2048, 1536))
     pairs = load_split(data, "train")

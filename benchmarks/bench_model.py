@@ -401,8 +401,8 @@ def anodfd_train_rate(size: int, batch: int, depth: int, epochs: int) -> float:
     import tempfile
     from pathlib import Path
 
-    from anodfd.data.synthetic import synthesize
-    from anodfd.train.loop import load_checkpoint
+    from anodfd.checkpoint import load_checkpoint
+    from anodfd.synth import synthesize
 
     with tempfile.TemporaryDirectory(prefix="anodfd-bench-train-") as tmp:
         data = Path(tmp) / "OL"

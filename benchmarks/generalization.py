@@ -36,14 +36,16 @@ import cv2
 import numpy as np
 import torch
 
+from anodfd.checkpoint import inference_model, load_checkpoint
 from anodfd.config import PRESETS, SCHEDULES, Config, with_window
 from anodfd.data.align import align_pair
 from anodfd.data.cache import read_mask, read_rgb
 from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import read_boxes, read_split
+from anodfd.evaluation import evaluate
 from anodfd.metrics import BoxCounts, PixelHistogram
 from anodfd.scoring import difference_map
-from anodfd.train.loop import check_resumable, evaluate, fit, inference_model, load_checkpoint
+from anodfd.train.loop import check_resumable, fit
 
 DEEPPCB_FOLDS = ["00041,44000", "13000,50600,92000", "20085,77000"]
 

@@ -29,14 +29,15 @@ from pathlib import Path
 import torch
 
 from anodfd import tracking
+from anodfd.checkpoint import load_checkpoint, model_from_checkpoint
 from anodfd.config import BASELINE_NAMES, DEPTHS, MODEL_NAMES, Config, ConfigError
 from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import DatasetError, available_splits, resolve_data_dir
+from anodfd.evaluation import evaluate_split
 from anodfd.metrics import PixelHistogram, plot_roc
 from anodfd.model import count_parameters
 from anodfd.scoring import template_difference
 from anodfd.train.launch import RayOptions, train_on_ray
-from anodfd.train.loop import evaluate_split, load_checkpoint, model_from_checkpoint
 
 TEMPLATE_DIFF = "template-diff"
 COLUMNS = ("precision", "recall", "oa", "f1", "iou", "auc")

@@ -46,11 +46,13 @@ import cv2
 import numpy as np
 import torch
 
+from anodfd.checkpoint import inference_model, load_checkpoint, model_from_checkpoint
 from anodfd.config import PRESETS, SCHEDULES, Config, with_window
 from anodfd.data.cache import View
 from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import DatasetError, load_split
 from anodfd.data.transforms import AUGMENTS
+from anodfd.evaluation import evaluate
 from anodfd.inference import sliding_probs
 from anodfd.metrics import (
     DEFECT_GAP,
@@ -61,7 +63,7 @@ from anodfd.metrics import (
     detections,
 )
 from anodfd.scoring import difference_map, template_difference
-from anodfd.train.loop import evaluate, fit, inference_model, load_checkpoint, model_from_checkpoint
+from anodfd.train.loop import fit
 
 SQUASHED = {"AnoDFDNet --resize 256 (squashed)": {"data.resize": 256}}
 
@@ -96,7 +98,7 @@ class Tally:
 
     def add_extras(self, probs: np.ndarray, mask: np.ndarray) -> None:
         """Small-defect recall and the sweep only, for maps whose pixels and defects are counted elsewhere
-        (`loop.evaluate`)."""
+        (`evaluation.evaluate`)."""
         self.add_small((probs >= self.threshold).astype(np.uint8), mask)
         for tally in self.swept.values():
             binary = (probs >= tally.threshold).astype(np.uint8)

@@ -28,15 +28,17 @@ import cv2
 import numpy as np
 import torch
 
+from anodfd.checkpoint import load_checkpoint, model_from_checkpoint
 from anodfd.config import PRESETS, Config, with_window
 from anodfd.data.align import align_pair
 from anodfd.data.cache import read_mask, read_rgb
 from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import load_split
 from anodfd.data.shift import shift_dataset
+from anodfd.evaluation import evaluate
 from anodfd.metrics import PixelHistogram
 from anodfd.scoring import difference_map, template_difference
-from anodfd.train.loop import evaluate, fit, load_checkpoint, model_from_checkpoint
+from anodfd.train.loop import fit
 
 SHIFTS = (0.0, 0.005, 0.01, 0.02, 0.04)
 NETWORKS = {

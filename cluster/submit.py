@@ -140,8 +140,7 @@ def build_runtime_env(path: Path, search: argparse.Namespace) -> dict:
 
 def check_search_args(argv: list[str]) -> argparse.Namespace:
     """Parse the search's flags with the search's own parser (a typo fails here, not on the cluster)."""
-    sys.path.insert(0, str(ROOT / "tune"))
-    from search import parse_args as search_parse_args
+    from tune.search import parse_args as search_parse_args
 
     _refuse_address(argv, "search")
     ns = search_parse_args(argv)

@@ -48,7 +48,7 @@ def _private_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synth_ol(tmp_path_factory):
     """A few dozen OL stand-in pairs at 128x128, in the paper's layout."""
-    from anodfd.data.synthetic import synthesize
+    from anodfd.synth import synthesize
 
     return synthesize("OL", tmp_path_factory.mktemp("data") / "OL", pairs=48, seed=1, size=(128, 128),
                       workers=2, progress=False)
@@ -152,7 +152,7 @@ def ray_local():
     """
     import ray
 
-    from anodfd.train.launch import start_local_ray
+    from anodfd.ray_connect import start_local_ray
 
     if not ray.is_initialized():
         start_local_ray(num_cpus=2)

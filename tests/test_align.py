@@ -65,7 +65,7 @@ def full_size_image(tmp_path_factory) -> np.ndarray:
     """One current image of the OL stand-in at 2048x1536: the size registration works on a reduced copy of."""
     from anodfd.data.cache import read_rgb
     from anodfd.data.layouts import load_split
-    from anodfd.data.synthetic import synthesize
+    from anodfd.synth import synthesize
 
     root = synthesize("OL", tmp_path_factory.mktemp("ol"), pairs=3, seed=0, size=(2048, 1536), workers=1,
                       progress=False)
@@ -209,7 +209,7 @@ def test_ddp_workers_of_a_node_split_registration_through_the_disk_cache(tmp_pat
     from anodfd.data.cache import PairCache, View
     from anodfd.data.dataset import PairDataset
     from anodfd.data.layouts import Pair
-    from anodfd.train.loop import register_pairs
+    from anodfd.evaluation import register_pairs
 
     current = scene(seed=3)
     names = []
@@ -402,11 +402,11 @@ def test_predict_eval_and_pyfunc_register_the_same_way(tmp_path, relight):
     The same with `--relight`; `predict`'s JSON says which were applied."""
     from types import SimpleNamespace
 
+    from anodfd.checkpoint import checkpoint_dict, save_checkpoint
     from anodfd.data.dataset import make_dataset
     from anodfd.inference import pair_map, resize_probs, sliding_probs
     from anodfd.predict import predict_pairs
     from anodfd.serving import AnomalyMapModel
-    from anodfd.train.loop import checkpoint_dict, save_checkpoint
 
     current = scene(seed=11)
     history = shift_image(current, random_homography(320, 240, 0.02, np.random.default_rng(11)))
@@ -482,8 +482,8 @@ def test_eval_scores_against_boxes_when_the_dataset_has_them(tmp_path, capsys):
     box line fails in one line before any scoring, with nothing written."""
     import json
 
+    from anodfd.checkpoint import checkpoint_dict, save_checkpoint
     from anodfd.cli import main as cli
-    from anodfd.train.loop import checkpoint_dict, save_checkpoint
 
     current = scene(seed=5)
     history = current.copy()

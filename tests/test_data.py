@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import cv2
@@ -333,12 +332,13 @@ def test_predict_eval_and_pyfunc_see_the_same_pixels(tmp_path, view):
     for a model that squashes pairs and one that scales them (512x384 -> 128x96) and slides 64 px tiles."""
     from types import SimpleNamespace
 
+    from anodfd.checkpoint import checkpoint_dict, save_checkpoint
     from anodfd.config import PRESETS, Config, with_window
     from anodfd.data.dataset import make_dataset
     from anodfd.inference import resize_probs, sliding_probs
     from anodfd.predict import predict_pairs
     from anodfd.serving import AnomalyMapModel
-    from anodfd.train.loop import build_training, checkpoint_dict, save_checkpoint
+    from anodfd.train.loop import build_training
 
     rng = np.random.default_rng(3)
     yy, xx = np.mgrid[0:384, 0:512]
@@ -642,11 +642,6 @@ def test_train_and_the_search_take_the_group_options_into_the_config(tmp_path):
 
 
 def load_search():
-    import importlib.util
+    from tune import search
 
-    path = Path(__file__).resolve().parents[1] / "tune" / "search.py"
-    spec = importlib.util.spec_from_file_location("anodfd_test_search", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return search

@@ -53,7 +53,7 @@ def test_two_worker_ddp_run_logs_everything_to_mlflow(synth_ol, tmp_path, mlflow
     assert all(v == 0.0 for _, v in history(mlflow_server, out.mlflow_run_id, "param_spread"))
     # The failure count every epoch logs is the one a single process finds over both splits.
     from anodfd.data.dataset import make_dataset
-    from anodfd.train.loop import register_pairs
+    from anodfd.evaluation import register_pairs
 
     one_process = register_pairs([make_dataset(config.data, split, check=False) for split in ("train", "val")],
                                  lambda line: None)
@@ -80,14 +80,10 @@ def _eval_per_worker(loop_config: dict) -> None:
     """Evaluate one fixed model on this rank's shard; counts are summed across ranks inside `evaluate`."""
     import ray.train
 
+    from anodfd.checkpoint import load_checkpoint, model_from_checkpoint
     from anodfd.data.dataset import make_dataset
-    from anodfd.train.loop import (
-        epoch_metrics,
-        evaluate,
-        load_checkpoint,
-        model_from_checkpoint,
-        val_shard,
-    )
+    from anodfd.evaluation import evaluate
+    from anodfd.train.loop import epoch_metrics, val_shard
 
     ctx = ray.train.get_context()
     model, config = model_from_checkpoint(load_checkpoint(loop_config["checkpoint"]))
@@ -106,14 +102,10 @@ def test_two_worker_metrics_equal_one_process(synth_ol, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from anodfd.checkpoint import load_checkpoint, model_from_checkpoint
     from anodfd.data.dataset import make_dataset
-    from anodfd.train.loop import (
-        epoch_metrics,
-        evaluate,
-        fit,
-        load_checkpoint,
-        model_from_checkpoint,
-    )
+    from anodfd.evaluation import evaluate
+    from anodfd.train.loop import epoch_metrics, fit
 
     config = smoke(synth_ol, **{"train.epochs": 2})
     fit(config, tmp_path / "run", log=lambda s: None)
@@ -191,8 +183,8 @@ def test_rerun_with_same_name_resumes_bit_identically(synth_ol, tmp_path, mlflow
     state equal those of 3 epochs straight. A single worker on this 2-CPU instance runs 2 torch threads."""
     from conftest import same_state
 
+    from anodfd.checkpoint import load_checkpoint
     from anodfd.train.launch import backfill_accepted_epochs
-    from anodfd.train.loop import load_checkpoint
 
     opts = RayOptions(workers=1, storage=str(tmp_path), name="again", mlflow_uri=mlflow_server)
     first = train_on_ray(smoke(synth_ol, **{"train.epochs": 2}), opts)

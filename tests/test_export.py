@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from anodfd.checkpoint import checkpoint_dict, save_checkpoint
 from anodfd.cli import main as cli
 from anodfd.config import PRESETS, Config, ConfigError, with_window
 from anodfd.export import OnnxModel, export_onnx, parity
 from anodfd.model import build_model
-from anodfd.train.loop import checkpoint_dict, save_checkpoint
 
 
 def trained_like(config: Config, seed: int = 0, nudge: float = 0.05) -> torch.nn.Module:

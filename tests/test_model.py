@@ -221,8 +221,8 @@ def test_optimize_for_inference_folds_batchnorm_and_keeps_the_output(name: str) 
 def test_inference_paths_load_checkpoints_folded(name: str) -> None:
     """`inference_model`, which eval, predict, the pyfunc and score load checkpoints with: an AnoDFDNet comes back
     with its BatchNorm folded and the same output as the eval-mode model; a baseline comes back as it was."""
+    from anodfd.checkpoint import inference_model, model_from_checkpoint
     from anodfd.config import Config
-    from anodfd.train.loop import inference_model, model_from_checkpoint
 
     config = Config().with_flat({"model.name": name, "model.depth": 1, "model.image_size": 64})
     model = build_model(config.model)

@@ -17,7 +17,7 @@ import uuid
 import pytest
 from conftest import card, start_mlflow_server, stop_mlflow_server
 
-from anodfd import registry, tracking
+from anodfd import gate, registry, tracking
 from anodfd.config import Config
 
 PROCESSES = 6
@@ -28,7 +28,7 @@ ROUNDS = 3
 CONTENDER = """
 import json, sys, time
 from pathlib import Path
-from anodfd import registry
+from anodfd import gate, registry
 from anodfd.scoring import Protocol, Scorecard
 uri, checkpoint, run_id, barrier, processes, index, f1, *datasets = sys.argv[1:]
 scores = {"f1": float(f1), "auc": 0.9}
@@ -38,7 +38,7 @@ for r, (name, version) in enumerate(versions):
     (Path(barrier) / f"{r}-{index}").touch()
     while len(list(Path(barrier).glob(f"{r}-*"))) < int(processes):
         time.sleep(0.01)
-    reg = registry.gate(uri, name, version)
+    reg = gate.gate(uri, name, version)
     print(json.dumps({"round": r, "version": reg.version, "champion": reg.champion, "reason": reg.reason}), flush=True)
 """
 
@@ -105,7 +105,7 @@ def test_concurrent_promotions_leave_champion_on_the_best(mlflow_server, checkpo
             assert versions[rep["version"]] == rep["f1"]
             if not rep["champion"]:
                 assert "does not beat" in rep["reason"]
-    assert not c.search_registered_models(f"name LIKE '%{registry.LEASE_SUFFIX}'"), "every lease was released"
+    assert not c.search_registered_models(f"name LIKE '%{gate.LEASE_SUFFIX}'"), "every lease was released"
 
 
 def test_a_fault_in_the_gate_promotes_nothing_and_a_retry_succeeds(checkpoint, tmp_path):
@@ -117,28 +117,28 @@ def test_a_fault_in_the_gate_promotes_nothing_and_a_retry_succeeds(checkpoint, t
     port = int(uri.rsplit(":", 1)[1])
     try:
         run_id, _ = tracking.start_run(uri, Config(), str(tmp_path / "runs"), "fault")
-        first = registry.log_and_register(uri, checkpoint, "FAULT", card(0.5), run_id)
+        first = gate.log_and_register(uri, checkpoint, "FAULT", card(0.5), run_id)
         assert first.champion
         name, version = registry.register_version(uri, checkpoint, "FAULT", card(0.8), run_id)
         # A promotion that crashed while holding the lease: it never releases it; it expires in 30 s, time enough to
         # see the gate wait for it and to stop the server under it.
-        tracking.client(uri).create_registered_model(name + registry.LEASE_SUFFIX, tags={
+        tracking.client(uri).create_registered_model(name + gate.LEASE_SUFFIX, tags={
             "owner": "crashed-host:1:dead", "expires": f"{time.time() + 30:.3f}"})
         env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
         def lease_reads() -> int:
-            return (root / "server.log").read_text().count(f"get?name={name}{registry.LEASE_SUFFIX} HTTP")
+            return (root / "server.log").read_text().count(f"get?name={name}{gate.LEASE_SUFFIX} HTTP")
 
         seen = lease_reads()
-        gate = subprocess.Popen([sys.executable, "-m", "anodfd", "models", "gate", "--dataset", "fault",
-                                 "--version", str(version), "--mlflow-uri", uri],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        gating = subprocess.Popen([sys.executable, "-m", "anodfd", "models", "gate", "--dataset", "fault",
+                                   "--version", str(version), "--mlflow-uri", uri],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
         while lease_reads() == seen:  # it is waiting for the crashed holder's lease now
-            assert gate.poll() is None and time.time() < deadline, gate.communicate()
+            assert gating.poll() is None and time.time() < deadline, gating.communicate()
             time.sleep(0.2)
         stop_mlflow_server(proc)
-        out, err = gate.communicate(timeout=120)
-        assert gate.returncode == 2, out + err
+        out, err = gating.communicate(timeout=120)
+        assert gating.returncode == 2, out + err
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and "anodfd: error:" in lines[0] and "nothing was promoted" in lines[0], err
 
@@ -155,15 +155,15 @@ def test_a_fault_in_the_gate_promotes_nothing_and_a_retry_succeeds(checkpoint, t
         assert int(c.get_registered_model(name).aliases["champion"]) == version
         moves = champion_moves(uri, "fault")
         assert [(m["version"], m["previous"]) for m in moves] == [(first.version, None), (version, first.version)]
-        assert not c.search_registered_models(f"name LIKE '%{registry.LEASE_SUFFIX}'")
+        assert not c.search_registered_models(f"name LIKE '%{gate.LEASE_SUFFIX}'")
     finally:
         stop_mlflow_server(proc)
 
 
 def test_dataset_names_are_case_insensitive(mlflow_server, checkpoint, search_run, capsys):
     tag = uuid.uuid4().hex[:6]
-    first = registry.log_and_register(mlflow_server, checkpoint, f"Case{tag}", card(0.5), search_run)
-    second = registry.log_and_register(mlflow_server, checkpoint, f"case{tag.upper()}", card(0.6), search_run)
+    first = gate.log_and_register(mlflow_server, checkpoint, f"Case{tag}", card(0.5), search_run)
+    second = gate.log_and_register(mlflow_server, checkpoint, f"case{tag.upper()}", card(0.6), search_run)
     assert first.name == second.name == f"anodfdnet-Case{tag}" and second.version == 2 and second.champion
     from anodfd.cli import main
 

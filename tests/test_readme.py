@@ -1,9 +1,12 @@
-"""The README cannot drift from the code: every command it (and docs/*.md) shows parses with the parser that runs it.
+"""The README and docs/ cannot drift from the code: every command they show parses with the parser that runs it.
 
 Fast: nothing is trained, no Ray instance starts and nothing touches the network. Each command line of a ```bash,
-```sh or ```console block is checked by the parser of the program it names (`anodfd`, `tune/search.py`,
-`cluster/submit.py`, the benchmarks), by the Makefile (`make X`), or is skipped on purpose (SKIP). Any other
-command fails, so a new kind of command cannot slip into the README unchecked.
+```sh or ```console block, in README.md and in every page under docs/ (guides, reference, results, design), is
+checked by the parser of the program it names (`anodfd`, `tune/search.py`, `cluster/submit.py`, the benchmarks), by
+the Makefile (`make X`), or is skipped on purpose (SKIP). Any other command fails, so a new kind of command cannot
+slip into the docs unchecked. Also checked: the README stays a user's guide (at most 300 lines, none over 200
+characters, no first person), relative links and #anchors resolve, every docs page is listed in docs/README.md, the
+tests the docs name exist, and docs/reference/ is what the parsers print now (`make docs` rewrites it).
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from anodfd.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [README, *sorted((ROOT / "docs").rglob("*.md"))]  # recursive: guides/, reference/, results/, design/
+DOCS_INDEX = ROOT / "docs" / "README.md"
+README_MAX_LINES = 300
+README_MAX_LINE_CHARS = 200
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 FENCE = re.compile(r"^\s*```\s*([\w+-]*)")
 
@@ -214,7 +220,7 @@ def make_targets() -> set[str]:
             for t in m.group(1).split()}
 
 
-@pytest.mark.parametrize("cmd", ALL, ids=[f"{c.path.name}:{c.line} {c.text[:60]}" for c in ALL])
+@pytest.mark.parametrize("cmd", ALL, ids=[f"{c.path.relative_to(ROOT)}:{c.line} {c.text[:60]}" for c in ALL])
 def test_command_parses(cmd: Command, monkeypatch) -> None:
     argv = list(cmd.argv)
     prog = argv[0]
@@ -294,7 +300,7 @@ def anchors(path: Path) -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("path", DOCS, ids=[p.name for p in DOCS])
+@pytest.mark.parametrize("path", DOCS, ids=[str(p.relative_to(ROOT)) for p in DOCS])
 def test_links_resolve(path: Path) -> None:
     """Relative links point at files that exist, and #anchors at headings that exist."""
     text = "\n".join(line for _, line in prose(path, code_spans=True))
@@ -309,3 +315,42 @@ def test_links_resolve(path: Path) -> None:
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             bad.append(f"{target}: no heading with anchor #{anchor} in {dest.relative_to(ROOT)}")
     assert not bad, f"{path.relative_to(ROOT)}:\n" + "\n".join(bad)
+
+
+def test_readme_is_a_short_guide() -> None:
+    """A user's guide, not a notebook: evidence goes to docs/design/, measurements to docs/results/."""
+    lines = README.read_text().splitlines()
+    long = [f"README.md:{n}: {len(line)} characters"
+            for n, line in enumerate(lines, 1) if len(line) > README_MAX_LINE_CHARS]
+    assert len(lines) <= README_MAX_LINES, (
+        f"README.md has {len(lines)} lines, over {README_MAX_LINES}: move detail to a page under docs/ and link it")
+    assert not long, f"README lines over {README_MAX_LINE_CHARS} characters (wrap them):\n" + "\n".join(long)
+
+
+def test_every_docs_page_is_listed_in_the_index() -> None:
+    """docs/README.md lists every page, so none is orphaned by a move."""
+    text = "\n".join(line for _, line in prose(DOCS_INDEX, code_spans=True))
+    linked = {(DOCS_INDEX.parent / t.partition("#")[0]).resolve() for t in re.findall(r"\]\(([^)\s]+)\)", text)}
+    missing = [str(p.relative_to(ROOT)) for p in DOCS if p not in (README, DOCS_INDEX) and p.resolve() not in linked]
+    assert not missing, "pages not listed in docs/README.md:\n" + "\n".join(missing)
+
+
+def test_cli_reference_is_current() -> None:
+    """docs/reference/*.md is the --help the parsers print now, regenerated here in memory (at a fixed width)."""
+    generate = load(ROOT / "docs" / "reference" / "generate.py", "anodfd_readme_reference")
+    stale = [str(path.relative_to(ROOT)) for path, text in generate.pages().items()
+             if not path.is_file() or path.read_text() != text]
+    assert not stale, f"out of date: {', '.join(stale)}; run `make docs` (python docs/reference/generate.py)"
+
+
+def test_named_tests_exist() -> None:
+    """A page that says `tests/test_x.py::test_name` holds a claim names a test that exists (a trailing * matches a
+    prefix), so docs/design/tests.md cannot point at a renamed or deleted test."""
+    bad = []
+    for path in DOCS:
+        for file, name in re.findall(r"(tests/test_\w+\.py)::(test_\w+\*?)", path.read_text()):
+            source = (ROOT / file).read_text() if (ROOT / file).is_file() else ""
+            pattern = rf"def {name[:-1]}\w*\(" if name.endswith("*") else rf"def {name}\("
+            if not re.search(pattern, source):
+                bad.append(f"{path.relative_to(ROOT)}: {file}::{name}")
+    assert not bad, "tests named in the docs that do not exist:\n" + "\n".join(bad)

@@ -17,7 +17,9 @@ import pytest
 import torch
 from conftest import card, free_port, same_state
 
-from anodfd import registry, tracking
+from anodfd import gate, registry, tracking
+from anodfd.card import model_card
+from anodfd.checkpoint import load_checkpoint, model_from_checkpoint
 from anodfd.cli import main
 from anodfd.config import Config
 from anodfd.data.cache import decode_image
@@ -25,7 +27,6 @@ from anodfd.data.dataset import to_chw
 from anodfd.data.layouts import fingerprint, read_split
 from anodfd.inference import predict_probs, resize_probs
 from anodfd.scoring import Protocol, score_checkpoint
-from anodfd.train.loop import load_checkpoint, model_from_checkpoint
 
 # The session's server is shared with other test files, which may register models too: use our own dataset name.
 DATASET = f"OLreg{uuid.uuid4().hex[:6]}"
@@ -75,7 +76,7 @@ def history(mlflow_server, weights, search_run, synth_ol):
              card(0.9, "0123456789abcdef", **METRICS), card(0.7, fp, **{**METRICS, "auc": 0.55})]
     out = []
     for trial, (scores, path) in enumerate(zip(steps, weights), 1):
-        reg = registry.log_and_register(mlflow_server, path, DATASET, scores, search_run, tags={"trial": str(trial)})
+        reg = gate.log_and_register(mlflow_server, path, DATASET, scores, search_run, tags={"trial": str(trial)})
         out.append((reg, aliases(mlflow_server)))
     return out
 
@@ -120,7 +121,7 @@ def test_registration_in_a_local_store_away_from_the_working_directory(checkpoin
     (tmp_path / "elsewhere").mkdir()
     run_id, _ = tracking.start_run(uri, Config(), str(tmp_path / "search"), "search")
 
-    reg = registry.log_and_register(uri, checkpoint, "OLsqlite", card(0.5), run_id)
+    reg = gate.log_and_register(uri, checkpoint, "OLsqlite", card(0.5), run_id)
 
     assert (reg.version, reg.champion) == (1, True)
     served = registry.load_checkpoint_from_registry(uri, "models:/anodfdnet-OLsqlite@champion")
@@ -158,21 +159,21 @@ def test_decide_champion_floor_protocol_and_ties():
 
     new = {"test_f1": "0.5", "test_auc": "0.9", "floor_f1": "0.3", "protocol_id": "p1"}
     held = version(test_f1="0.5", protocol_id="p1")
-    assert registry.decide_champion(new, None)[0] is True
-    assert registry.decide_champion(new, held)[0] is False  # a tie keeps the incumbent
-    assert registry.decide_champion({**new, "test_f1": "0.5000001"}, held)[0] is True
-    take, reason = registry.decide_champion({**new, "test_f1": "0.25"}, None)  # even with no champion at all
+    assert gate.decide_champion(new, None)[0] is True
+    assert gate.decide_champion(new, held)[0] is False  # a tie keeps the incumbent
+    assert gate.decide_champion({**new, "test_f1": "0.5000001"}, held)[0] is True
+    take, reason = gate.decide_champion({**new, "test_f1": "0.25"}, None)  # even with no champion at all
     assert not take and "test F1 0.2500 is 0.0500 short of the template-differencing floor 0.3000" in reason
-    take, reason = registry.decide_champion({**new, "test_auc": "nan"}, None)
+    take, reason = gate.decide_champion({**new, "test_auc": "nan"}, None)
     assert not take and "pixel AUC nan" in reason
-    take, reason = registry.decide_champion({k: v for k, v in new.items() if k != "floor_f1"}, None)
+    take, reason = gate.decide_champion({k: v for k, v in new.items() if k != "floor_f1"}, None)
     assert not take and "no template-differencing floor" in reason
-    take, reason = registry.decide_champion({**new, "test_f1": "0.9"}, version(test_f1="0.5", protocol_id="p0"))
+    take, reason = gate.decide_champion({**new, "test_f1": "0.9"}, version(test_f1="0.5", protocol_id="p0"))
     assert not take and "protocol p0" in reason and "not comparable" in reason
-    take, reason = registry.decide_champion(new, version(protocol_id="p1"))  # promoted by hand, untagged
+    take, reason = gate.decide_champion(new, version(protocol_id="p1"))  # promoted by hand, untagged
     assert not take and "no test_f1" in reason
     with pytest.raises(registry.RegistryError, match="needs a test F1"):
-        registry.log_and_register("http://unused", "unused.pt", DATASET, card(float("nan")), "run")
+        gate.log_and_register("http://unused", "unused.pt", DATASET, card(float("nan")), "run")
 
 
 def test_champion_under_another_protocol_is_rescored_before_the_comparison(mlflow_server, checkpoint, search_run,
@@ -182,7 +183,7 @@ def test_champion_under_another_protocol_is_rescored_before_the_comparison(mlflo
     dataset = f"{DATASET}rs"
     old = card(0.99, fingerprint(synth_ol))
     old = dataclasses.replace(old, protocol=dataclasses.replace(old.protocol, resolution="training size"))
-    first = registry.log_and_register(mlflow_server, checkpoint, dataset, old, search_run)
+    first = gate.log_and_register(mlflow_server, checkpoint, dataset, old, search_run)
     assert first.champion
 
     def rescore(ckpt: dict):
@@ -193,7 +194,7 @@ def test_champion_under_another_protocol_is_rescored_before_the_comparison(mlflo
     # Same checkpoint, so its true F1 is real.metrics["f1"]; the challenger is a hair better and clears its floor.
     better = dataclasses.replace(real, metrics={**real.metrics, "f1": real.metrics["f1"] + 0.01, "auc": 0.9},
                                  floor_f1=0.0)
-    second = registry.log_and_register(mlflow_server, checkpoint, dataset, better, search_run, rescore=rescore)
+    second = gate.log_and_register(mlflow_server, checkpoint, dataset, better, search_run, rescore=rescore)
     assert "re-scoring it under this one" in capsys.readouterr().out
     assert second.champion, second.reason
     assert f"beats champion v1's {real.metrics['f1']:.4f} under protocol {real.protocol.id}" in second.reason
@@ -202,11 +203,11 @@ def test_champion_under_another_protocol_is_rescored_before_the_comparison(mlflo
     name = registry.model_name(dataset)
     v1 = c.get_model_version(name, "1").tags
     assert v1["protocol_id"] == real.protocol.id and float(v1["test_f1"]) == pytest.approx(real.metrics["f1"])
-    (kept,) = [json.loads(v) for k, v in v1.items() if k.startswith(registry.RESCORED_PREFIX)]
+    (kept,) = [json.loads(v) for k, v in v1.items() if k.startswith(gate.RESCORED_PREFIX)]
     assert kept["test_f1"] == "0.99" and kept["protocol_id"] == old.protocol.id
 
     # The model card: description, pictures among the model's artifacts, and `anodfd models show`.
-    third = registry.log_and_register(mlflow_server, checkpoint, dataset, real, search_run,
+    third = gate.log_and_register(mlflow_server, checkpoint, dataset, real, search_run,
                                       tags={"trial_run_id": search_run})
     location = c.get_model_version_download_uri(name, str(third.version))
     import mlflow
@@ -485,8 +486,8 @@ def test_the_card_reports_both_box_rules_when_the_test_split_has_boxes():
     tags = {"test_defect_f": "0.9", "test_box_f": "0.8125", "test_box_recall": "0.75", "test_box_precision": "0.9",
             "test_box_false_alarms_per_image": "0.25", "test_strict_f": "0.125", "test_strict_recall": "0.1",
             "test_strict_precision": "0.2"}
-    card = registry.model_card("sqlite:///x.db", "anodfdnet-X", 1, tags)
-    (line,) = [line for line in card.splitlines() if "dataset's boxes" in line]
+    text = model_card("sqlite:///x.db", "anodfdnet-X", 1, tags)
+    (line,) = [line for line in text.splitlines() if "dataset's boxes" in line]
     assert "overlap rule F 0.8125, recall 0.7500, precision 0.9000, 0.2500 false alarms" in line
     assert "DeepPCB's rule (IoU > 0.33, one to one) F 0.1250, recall 0.1000, precision 0.2000" in line
-    assert "dataset's boxes" not in registry.model_card("sqlite:///x.db", "anodfdnet-X", 1, {"test_defect_f": "0.9"})
+    assert "dataset's boxes" not in model_card("sqlite:///x.db", "anodfdnet-X", 1, {"test_defect_f": "0.9"})

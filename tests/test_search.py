@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from ray._private.utils import get_num_cpus
 
+from anodfd.ray_connect import threads_for
 from anodfd.tracking import RUN_DIR_TAG, client
-from anodfd.train.launch import threads_for
 
 pytestmark = pytest.mark.slow  # searches run as subprocesses
 
@@ -133,8 +133,7 @@ def test_smoke_search_end_to_end_through_a_killed_driver(synth_ol, tmp_path, mlf
 
 
 def load_search_module():
-    sys.path.insert(0, str(SEARCH.parent))
-    import search
+    from tune import search
 
     return search
 

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from anodfd.data.synthetic import FB_SIZE_RANGE, KINDS, _split_counts, parse_size, synthesize
+from anodfd.synth import FB_SIZE_RANGE, KINDS, _split_counts, parse_size, synthesize
 
 SIZE = (96, 64)
 PREFIX = {"OL": "oil_leak", "FB": "foreign_body", "Diff": "diff"}

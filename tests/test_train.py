@@ -10,20 +10,13 @@ import torch
 from conftest import same_state
 
 import anodfd
+from anodfd.checkpoint import checkpoint_dict, load_checkpoint, model_from_checkpoint
 from anodfd.cli import main as cli
 from anodfd.config import PRESETS, Config, ConfigError, with_window
 from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import read_split
-from anodfd.train.loop import (
-    checkpoint_dict,
-    epoch_line,
-    epoch_metrics,
-    evaluate,
-    fit,
-    load_checkpoint,
-    make_loader,
-    model_from_checkpoint,
-)
+from anodfd.evaluation import evaluate
+from anodfd.train.loop import epoch_line, epoch_metrics, fit, make_loader
 
 
 def smoke(data, **overrides) -> Config:

@@ -9,10 +9,10 @@ import cv2
 import numpy as np
 import torch
 
+from anodfd.checkpoint import checkpoint_dict, inference_model, load_checkpoint, save_checkpoint
 from anodfd.cli import main as cli
 from anodfd.config import PRESETS, Config
 from anodfd.model import build_model
-from anodfd.train.loop import checkpoint_dict, inference_model, load_checkpoint, save_checkpoint
 from anodfd.versions import NUMERIC_PACKAGES, mismatches, package_versions
 
 

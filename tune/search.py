@@ -21,26 +21,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `space` lives beside this file
-
-from space import PAPER_POINT, SPACE
-
 from anodfd import tracking
-from anodfd.cli import add_group_flags
-from anodfd.config import ALIGN_METHODS, MODEL_NAMES, PRESETS, Config, ConfigError, with_window
+from anodfd.cli import add_data_flags, add_group_flags, add_view_flags
+from anodfd.config import MODEL_NAMES, PRESETS, Config, ConfigError, with_window
 from anodfd.data.layouts import DatasetError, load_split, resolve_data_dir
 from anodfd.preflight import check_cluster
+from anodfd.ray_connect import init_ray
 from anodfd.registry import RegistryError
 from anodfd.train.launch import (
     RayOptions,
     best_checkpoint_file,
     check_resources,
     fetch_checkpoints,
-    init_ray,
     prepare,
     run_trainer,
     start_tracked_run,
 )
+from tune.space import PAPER_POINT, SPACE
 
 SEARCH_PRESETS = {
     # The paper's network at the paper's size; 20 trials of up to 100 epochs.
@@ -59,23 +56,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # No abbreviations: a flag the search does not know must fail, not be taken as one that it does.
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--dataset", help="named dataset under the data root: OL, FB or Diff")
-    g.add_argument("--data", help="any dataset folder (paper or A/B/label layout)")
-    p.add_argument("--data-root", default=None, help="folder holding named datasets (default $ANODFD_DATA_ROOT or ./data)")
+    add_data_flags(p, layout=False)
     p.add_argument("--preset", choices=sorted(SEARCH_PRESETS), default="paper")
     p.add_argument("--model", choices=MODEL_NAMES, default=None,
                    help="network to search (default: the preset's); baselines ignore the depth dimension")
-    p.add_argument("--resize", type=int, default=None,
-                   help="squash every pair to N x N (default: the preset's); 0 keeps the aspect ratio (needs --crop)")
-    p.add_argument("--scale", type=float, default=None, help="with --resize 0: scale both sides by S (default 1)")
-    p.add_argument("--crop", type=int, default=None,
-                   help="train on random N x N crops; validation and promotion slide N x N tiles")
-    p.add_argument("--crop-pos-fraction", type=float, default=None, help="share of crops placed around a defect, each defect equally likely")
-    p.add_argument("--align", choices=list(ALIGN_METHODS), default=None,
-                   help="register history onto current before the network (default none)")
-    p.add_argument("--relight", action="store_true", default=None,
-                   help="after --align, match history's local lighting to current's (for tiles of large images)")
+    add_view_flags(p)
     add_group_flags(p)
     p.add_argument("--num-samples", type=int, default=None, help="trials (default: the preset's)")
     p.add_argument("--max-epochs", type=int, default=None, help="epochs of a trial ASHA lets finish")
@@ -394,10 +379,11 @@ def promote(uri: str, parent_run_id: str, dataset: str, data_dir: Path, train_ru
             metric: str, experiment: str) -> None:
     """Score the best trial's checkpoint (the epoch that won on ``metric``) on the test split at native resolution,
     beside the template-differencing floor, then register it (once per search, also on resume)."""
+    from anodfd.checkpoint import load_checkpoint
+    from anodfd.gate import log_and_register
+    from anodfd.inference import resolve_device
     from anodfd.metrics import format_row
-    from anodfd.registry import log_and_register
     from anodfd.scoring import score_checkpoint
-    from anodfd.train.loop import load_checkpoint, resolve_device
 
     c = tracking.client(uri)
     tags = c.get_run(parent_run_id).data.tags

@@ -192,7 +192,7 @@ def _black_level(cur: np.ndarray, hist: np.ndarray, weight: np.ndarray, local_me
 def prepare_history(history: np.ndarray, current: np.ndarray, align: str, relight: bool
                     ) -> tuple[np.ndarray, Registration]:
     """``history`` as the network sees it beside ``current``: registered by ``align``, then, with ``relight``, relit.
-    The decode cache (training, eval) and `anodfd.inference.pair_map` (predict, pyfunc, score) both call it."""
+    `anodfd.data.cache.view_pair`, which the decode cache and inference share, calls it."""
     history, registration, filled = align_pair(history, current, align)
     return (match_lighting(history, current, filled) if relight else history), registration
 

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from anodfd.config import ConfigError, DataConfig
-from anodfd.data.align import prepare_history
+from anodfd.data.align import Registration, prepare_history
 from anodfd.data.layouts import DatasetError, Pair
 
 _VERSION = "v5"  # bump when the decoding below changes, so stale entries are not reused
@@ -112,6 +112,21 @@ def preprocess(rgb: np.ndarray, view: View | int) -> np.ndarray:
         return rgb
     enlarge = not view.resize and view.scale > 1
     return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR if enlarge else cv2.INTER_AREA)
+
+
+def view_pair(hist_rgb: np.ndarray, cur_rgb: np.ndarray, view: View | int) -> tuple[np.ndarray, np.ndarray, Registration]:
+    """A decoded RGB pair at its own size -> the network's input: both images in ``view`` (`preprocess`), then the
+    history registered and relit onto the current image (`prepare_history`). The decode cache (training, eval) and
+    `anodfd.inference.pair_map` (predict, the pyfunc, score) both call it, so what a model trained on and what it
+    serves on cannot drift apart. Returns (history, current, how history was registered)."""
+    view = as_view(view)
+    hist, cur = preprocess(hist_rgb, view), preprocess(cur_rgb, view)
+    if hist.shape != cur.shape:
+        raise DatasetError(f"history is {hist_rgb.shape[1]}x{hist_rgb.shape[0]} but current is {cur_rgb.shape[1]}x"
+                           f"{cur_rgb.shape[0]}, so they differ in this view ({view}); give both images of a pair the "
+                           "same size, or use a model that squashes pairs (--resize N)")
+    hist, registration = prepare_history(hist, cur, view.align, view.relight)
+    return hist, cur, registration
 
 
 def decode_image(path: Path, view: View | int) -> np.ndarray:
@@ -206,12 +221,10 @@ class PairCache:
             self.stats["disk_hits"] += 1
             _mark_used(path)
         else:
-            hist, cur = decode_image(pair.hist, view), decode_image(pair.cur, view)
-            if hist.shape != cur.shape:
-                raise DatasetError(f"{pair.hist} and {pair.cur}: history is {hist.shape[1]}x{hist.shape[0]} but "
-                                   f"current is {cur.shape[1]}x{cur.shape[0]} in this view ({view}); give both "
-                                   "images of a pair the same size, or use --resize N")
-            hist, registration = prepare_history(hist, cur, view.align, view.relight)
+            try:
+                hist, cur, registration = view_pair(read_rgb(pair.hist), read_rgb(pair.cur), view)
+            except DatasetError as e:
+                raise DatasetError(f"{pair.hist} and {pair.cur}: {e}") from None
             failed = registration.reason
             self.stats["aligned"] += view.align != "none"
             arr = np.concatenate([hist, cur, decode_mask(pair.mask, view)[..., None]], axis=2)

@@ -17,10 +17,12 @@ from pathlib import Path
 from ray.train import UserCallback  # Ray
 
 from anodfd import tracking
+from anodfd.checkpoint import load_checkpoint
 from anodfd.config import Config, ConfigError
 from anodfd.data.cache import default_cache_dir
 from anodfd.data.dataset import make_dataset
-from anodfd.train.loop import check_resumable, load_checkpoint, selection_key
+from anodfd.ray_connect import init_ray, threads_for
+from anodfd.train.loop import check_resumable, selection_key
 from anodfd.train.worker import CHECKPOINT_FILE, train_func_per_worker
 
 
@@ -145,48 +147,6 @@ def best_checkpoint_file(run_dir: Path, metric: str = "f1") -> Path | None:
     ASHA killed)."""
     found = sorted(run_dir.glob(f"epoch_*/{CHECKPOINT_FILE}"))
     return max(found, key=lambda p: selection_key(load_checkpoint(p)["metrics"], metric), default=None)
-
-
-def start_local_ray(num_cpus: int | None = None, dashboard: bool = True) -> None:
-    """Start a local Ray instance that its own processes can tell apart from any other on this host.
-
-    Ray's state API, which Train's placement-group cleaner calls from inside the instance, finds "its" instance
-    by scanning the host; with two local runs it finds two and fails ("Found multiple active Ray instances").
-    Pinning the dashboard to a free port and exporting that address before Ray starts makes every process of
-    this instance (they inherit the environment) ask its own dashboard. Without ``dashboard`` (Ray Data, which does
-    not place groups) it starts in a third of the time.
-    """
-    import socket
-
-    import ray
-
-    if not dashboard:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             log_to_driver=True)
-
-
-def init_ray(address: str | None, dashboard: bool = True) -> bool:
-    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``), else start a local instance; True if joined."""
-    import ray
-
-    joined = bool(address or os.environ.get("RAY_ADDRESS"))
-    if not ray.is_initialized():
-        if joined:
-            ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
-        else:  # the embedded default; a second run on this machine gets its own instance
-            start_local_ray(dashboard=dashboard)
-    return joined
-
-
-def threads_for(cpus: float) -> int:
-    """Torch threads of a worker given ``cpus`` CPUs: its share rounded, at least one (0.9 -> 1, 1.9 -> 2)."""
-    return max(1, math.floor(cpus + 0.5))
 
 
 def size_workers(opts: RayOptions, joined: bool) -> None:

@@ -1,7 +1,8 @@
-"""Plain PyTorch: one epoch of training, one pass of evaluation, checkpoints, and a single-process `fit`.
+"""Plain PyTorch: one epoch of training, one epoch with validation, and a single-process `fit`.
 
-Nothing here knows Ray or MLflow. The Ray Train worker calls the same `train_one_epoch` and `evaluate`, with
-a DDP-wrapped model and a distributed sampler, and sums the evaluation histograms across ranks.
+Nothing here knows Ray or MLflow. The Ray Train worker calls the same `run_epoch`, with a DDP-wrapped model and a
+distributed sampler; `evaluation.evaluate` sums the validation histograms across ranks. Checkpoints are written
+and read by `anodfd.checkpoint`.
 """
 
 from __future__ import annotations
@@ -15,29 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
-from tqdm import tqdm
 
-from anodfd.config import Config, ConfigError, DataConfig, TrainConfig
+from anodfd.checkpoint import checkpoint_dict, load_checkpoint, save_checkpoint
+from anodfd.config import Config, ConfigError, TrainConfig
 from anodfd.data.cache import View
 from anodfd.data.dataset import PairDataset, make_dataset, normalize, worker_init_fn
-from anodfd.inference import TILE_BATCH, autocast, resize_probs, sliding_probs
+from anodfd.evaluation import all_reduce_sum, evaluate, register_pairs
+from anodfd.inference import autocast, resolve_device
 from anodfd.losses import CombinedLoss
-from anodfd.metrics import DefectCounts, ImageScores, PixelHistogram, image_scores
-from anodfd.model import AnoDFDNet, build_model, optimize_for_inference
-from anodfd.versions import package_versions, warn_if_trained_elsewhere
-
-CHECKPOINT_VERSION = 1
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
+from anodfd.metrics import ImageScores, PixelHistogram
+from anodfd.model import build_model
 
 
 def make_loader(
@@ -63,17 +53,6 @@ def _to_device(batch, device: torch.device, channels_last: bool):
         normalize(cur).contiguous(memory_format=fmt),
         mask.float(),
     )
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (in place); the identity in a single process."""
-    if _distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 @dataclass
@@ -119,71 +98,6 @@ def train_one_epoch(
     if sums[1] == 0:
         raise ConfigError("the training split gave no batch; check the dataset and --batch-size")
     return EpochStats(sums[0] / sums[1], int(sums[1]), time.perf_counter() - start, data_time)
-
-
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module, dataset: PairDataset, device: torch.device, window: int, threshold: float = 0.5,
-    indices: range | list[int] | None = None, bins: int = 1000, batch: int = TILE_BATCH, progress: str | None = None,
-    on_pair: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
-) -> tuple[PixelHistogram, ImageScores, DefectCounts]:
-    """Pixel histogram, pair scores and defect counts (maps cut at ``threshold``) over ``dataset``, or the pairs
-    ``indices`` of it, counted on each mask's own pixels.
-
-    Each pair is seen in the dataset's view through ``window`` x ``window`` tiles (`sliding_probs`), and its map is
-    resized to its mask's native size before counting: a 64 px model and a 640 px one are scored on the same
-    pixels. Under DDP each rank passes its own shard (see `val_shard`) and the integer counts are summed over
-    ranks, so the metrics are exactly those of one process seeing the whole split. ``progress`` names a
-    progress bar. ``on_pair(i, probs, mask)`` sees each pair's map and mask at native size, for callers that
-    draw or count more (the overlay grid, small-defect recall) without scoring the pair twice.
-    """
-    pixels, images, defects = PixelHistogram(bins), ImageScores(), DefectCounts()
-    order = range(len(dataset)) if indices is None else indices
-    for i in tqdm(order, desc=progress, unit="pair", disable=progress is None, leave=False):
-        hist, cur, _ = dataset.arrays(i)
-        mask = dataset.native_mask(i)
-        probs = sliding_probs(model, hist, cur, window, device, batch)[None, None]
-        full = resize_probs(probs, *mask.shape)
-        truth = torch.from_numpy(mask)[None, None]
-        pixels.update(full, truth)
-        images.add(image_scores(probs), torch.tensor([bool(mask.any())]))
-        defects.update((full[0, 0].numpy() >= threshold).astype(np.uint8), mask)
-        if on_pair is not None:
-            on_pair(i, full[0, 0].numpy(), mask)
-    if _distributed():
-        device = torch.device(device)
-        pixels = PixelHistogram.from_state(all_reduce_sum(pixels.state().to(device)).cpu())
-        images = ImageScores.from_state(all_reduce_sum(images.state().to(device)).cpu())
-        defects = DefectCounts.from_state(all_reduce_sum(defects.state().to(device)).cpu())
-    return pixels, images, defects
-
-
-def register_pairs(datasets: list[PairDataset], log: Callable[[str], None] = print,
-                   share: tuple[int, int] = (0, 1)) -> int | None:
-    """With ``--align``, register every pair of ``datasets`` once, up front, and return how many fell back to the
-    identity (None without ``--align``). The registered pairs land in the decode cache, so loader workers and later
-    epochs only read them; each failure is named in the log, and the count is logged to MLflow as
-    ``align_failed`` with every epoch's metrics.
-
-    ``share=(i, n)`` registers only every n-th pair from the i-th and returns None: the DDP workers of one node
-    split the work this way, then call it again without ``share`` after a barrier, reading the others' pairs
-    from the node's disk cache instead of registering each pair once per worker."""
-    if all(ds.view.align == "none" for ds in datasets):
-        return None
-    index, count = share
-    failed = []
-    for ds in datasets:
-        for pair in tqdm(ds.pairs[index::count], desc=f"registering pairs ({ds.view.align})", unit="pair", leave=False):
-            reason = ds.cache.align_failure(pair, ds.view)
-            if reason:
-                failed.append(f"{pair.hist} -> {pair.cur}: {reason}")
-    if count > 1:
-        return None  # a share's failures are counted, over every pair, by the call after the barrier
-    for line in failed[:5]:
-        log(f"registration fell back to the identity: {line}")
-    if len(failed) > 5:
-        log(f"... and {len(failed) - 5} more pairs: {len(failed)} of {sum(len(ds) for ds in datasets)} unregistered")
-    return len(failed)
 
 
 def val_shard(dataset: PairDataset, rank: int, world: int) -> range:
@@ -276,53 +190,6 @@ def selection_key(metrics: dict[str, float], metric: str = "f1") -> tuple[float,
     return (value if math.isfinite(value) else -math.inf, metrics["calibrated_f1"])
 
 
-# --- checkpoints ---------------------------------------------------------------------------------------
-
-
-def checkpoint_dict(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None, epoch: int, config: Config,
-    metrics: dict[str, float], best: tuple[float, float],
-) -> dict:
-    """Self-describing: enough on its own to rebuild the model, report on it, or resume training."""
-    model = getattr(model, "module", model)  # unwrap DDP
-    return {
-        "version": CHECKPOINT_VERSION,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "epoch": epoch,
-        "config": config.to_dict(),
-        "metrics": {k: float(v) for k, v in metrics.items()},
-        "threshold": float(metrics.get("calibrated_threshold", config.train.threshold)),
-        "best": [float(v) for v in best],  # selection key of the best epoch so far, see `selection_key`
-        "versions": package_versions(),  # predict, score and serving warn when they run under others
-    }
-
-
-def save_checkpoint(ckpt: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)  # atomic: a crash mid-write never leaves a half checkpoint under the real name
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {path} not found; pass the .pt file written by `anodfd train`")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        # torch's message runs to a page; what the safe unpickler met is the line after "WeightsUnpickler error".
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        marker = next((i for i, line in enumerate(lines) if "WeightsUnpickler error" in line), None)
-        first = ("not a checkpoint torch can load safely: " + lines[marker + 1]
-                 if marker is not None and marker + 1 < len(lines) else lines[0])[:160]
-        raise ConfigError(f"{path}: not a readable anodfd checkpoint ({first}); pass a .pt file written by "
-                          "`anodfd train`") from None
-
-
 def build_training(config: Config, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
     """Model (seeded, on ``device``), the paper's Adam and the configured loss: what every training run starts from."""
     t = config.train
@@ -339,29 +206,6 @@ def restore(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> t
     getattr(model, "module", model).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     return ckpt["epoch"] + 1, tuple(ckpt["best"])
-
-
-def evaluate_split(
-    model: nn.Module, data: DataConfig, split: str, device: torch.device | str = "cpu",
-) -> tuple[PixelHistogram, ImageScores, DefectCounts]:
-    """`evaluate` over one whole split of ``data``, un-augmented: how a trained model is scored after training."""
-    return evaluate(model, make_dataset(data, split), torch.device(device), data.window)
-
-
-def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
-    config = Config.from_dict(ckpt["config"])
-    model = build_model(config.model)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), config
-
-
-def inference_model(ckpt: dict, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
-    """The checkpoint's network as eval, predict, the pyfunc and score run it: for AnoDFDNet, BatchNorm folded
-    into the convolutions and weights channels_last (`optimize_for_inference`; about 6% more pairs/s on CPU),
-    equal to the eval-mode model up to float rounding. Export and training keep `model_from_checkpoint`'s."""
-    warn_if_trained_elsewhere(ckpt)
-    model, config = model_from_checkpoint(ckpt, device)
-    return (optimize_for_inference(model) if isinstance(model, AnoDFDNet) else model), config
 
 
 # --- single-process training ---------------------------------------------------------------------------

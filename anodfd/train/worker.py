@@ -20,24 +20,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from anodfd.checkpoint import checkpoint_dict, load_checkpoint, save_checkpoint
 from anodfd.config import Config
 from anodfd.data import layouts
 from anodfd.data.dataset import PairDataset, make_dataset
+from anodfd.evaluation import register_pairs
 from anodfd.inference import sliding_probs
 from anodfd.metrics import PixelHistogram, plot_roc
 from anodfd.predict import overlay_grid
 from anodfd.preflight import driver_version, gpu_problem
-from anodfd.train.loop import (
-    build_training,
-    checkpoint_dict,
-    epoch_line,
-    load_checkpoint,
-    register_pairs,
-    restore,
-    run_epoch,
-    save_checkpoint,
-    selection_key,
-)
+from anodfd.train.loop import build_training, epoch_line, restore, run_epoch, selection_key
 
 CHECKPOINT_FILE = "checkpoint.pt"
 OVERLAY_PAIRS = 4  # the first validation pairs, drawn every epoch

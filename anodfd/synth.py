@@ -1030,7 +1030,7 @@ def _write_readme(root: Path, kind: str, seed: int, size: tuple[int, int] | None
         *(100 * a for a in SMALL_AREA)) if small else "the paper's sizes"
     (root / "README.txt").write_text(
         f"SYNTHETIC data: a procedural stand-in for the paper's private {kind} dataset, not real images.\n"
-        f"generator: anodfd.data.synthetic.synthesize (anodfd synth {kind})\n"
+        f"generator: anodfd.synth.synthesize (anodfd synth {kind})\n"
         f"kind: {kind}\nseed: {seed}\nsize: {size_text}\n"
         f"pairs: {len(results)} ({counts}); {normal} normal (empty mask)\n"
         f"anomalies: {anomalies}\n"
