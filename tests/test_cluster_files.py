@@ -229,6 +229,35 @@ def test_unanchored_excludes_would_drop_the_data_package(working_copy, tmp_path)
     assert "anodfd/data/layouts.py" not in files and "anodfd/train/loop.py" in files
 
 
+def docker_context(root: Path) -> set[str]:
+    """The files a plain `docker build .` of ``root`` sends, by .dockerignore's rules as Docker applies them: a
+    pattern is matched from the context's root (a leading / changes nothing), `*` stays within a folder, `**/` spans
+    any folders, and an excluded folder takes everything under it."""
+    def regex(pattern: str) -> re.Pattern:
+        out = re.escape(pattern.strip().lstrip("/")).replace(r"\*\*/", "(?:.*/)?").replace(r"\*", "[^/]*")
+        return re.compile(out.replace(r"\?", "[^/]") + "(?:/.*)?")
+
+    patterns = [regex(line) for line in (root / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    return {f for f in files if not any(p.fullmatch(f) for p in patterns)}
+
+
+def test_a_plain_docker_build_gets_what_the_job_package_gets(working_copy, tmp_path):
+    """.dockerignore keeps data, runs, MLflow stores, caches and the virtualenv out of an image built with a plain
+    `docker build .`, like the job package's excludes: both leave out the same local clutter, and keep all code."""
+    context = docker_context(working_copy)
+    package = job_package(working_copy, runtime_env_excludes(), False, tmp_path / "pkg.zip")
+    assert not set(LOCAL_ONLY) & context, f"baked into the image: {sorted(set(LOCAL_ONLY) & context)}"
+    assert set(tracked()) <= context | {".git/HEAD"}
+    assert context - {".dockerignore"} == package - {".dockerignore"}, (
+        f"only in the image: {sorted(context - package)}; only in the job: {sorted(package - context)}")
+    # Every exclude of the job is one of the image's, anchored the same way.
+    ignore = [line.strip() for line in (working_copy / ".dockerignore").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert {e if e.startswith("/") else f"**/{e}" for e in runtime_env_excludes()} <= set(ignore)
+
+
 def rsync_copy(source: Path, target: Path, options: dict) -> set[str]:
     """rsync as `ray up` runs it for a file mount (Ray's own filter arguments), to a local folder."""
     from ray.autoscaler._private.command_runner import SSHCommandRunner
@@ -297,3 +326,27 @@ def test_iam_policies_grant_what_the_autoscaler_and_the_storage_need():
     assert not [a for a in head if a.endswith("*")], "no wildcard actions"
     readme = (ROOT / "README.md").read_text()
     assert "cluster/iam-policy.json" in readme and "cluster/iam-policy-worker.json" in readme
+
+
+def test_the_head_launches_tags_and_terminates_only_its_own_clusters_instances():
+    """Ray tags every instance it launches with ray-cluster-name = the cluster's name, in the launch request itself;
+    the head's policy allows launching, retagging and terminating instances only under that tag, so a head (or
+    whoever takes its role) cannot terminate the account's other instances."""
+    from ray.autoscaler.tags import TAG_RAY_CLUSTER_NAME
+
+    source = (Path(ray.__file__).parent / "autoscaler" / "_private" / "aws" / "node_provider.py").read_text()
+    assert '"Key": TAG_RAY_CLUSTER_NAME' in source and '"TagSpecifications": tag_specs' in source
+    cluster = yaml.safe_load((CLUSTER / "aws.yaml").read_text())["cluster_name"]
+    tag = {"StringEquals": {f"ec2:ResourceTag/{TAG_RAY_CLUSTER_NAME}": cluster}}
+    head = allowed(json.loads((CLUSTER / "iam-policy.json").read_text()))
+
+    def on_instances(action: str) -> list[dict]:
+        return [st for st in head[action] if "instance/" in str(st["Resource"]) or st["Resource"] == "*"]
+
+    assert [st["Condition"] for st in on_instances("ec2:TerminateInstances")] == [tag]
+    assert [st["Condition"] for st in on_instances("ec2:RunInstances")] == [
+        {"StringEquals": {f"aws:RequestTag/{TAG_RAY_CLUSTER_NAME}": cluster}}]
+    assert sorted(map(str, (st["Condition"] for st in on_instances("ec2:CreateTags")))) == sorted(
+        map(str, [tag, {"StringEquals": {"ec2:CreateAction": "RunInstances"}}]))
+    assert all(st["Resource"] != "*" for a in ("ec2:RunInstances", "ec2:CreateTags", "ec2:TerminateInstances")
+               for st in head[a]), "no mutating EC2 call on every resource"
