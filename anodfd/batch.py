@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -51,6 +52,14 @@ class ScoreOptions:
     def __post_init__(self) -> None:
         if self.decode not in DECODE_MODES:
             raise ConfigError(f"--decode {self.decode!r}: choose one of {', '.join(DECODE_MODES)}")
+        if self.actors is not None and not (isinstance(self.actors, int) and self.actors >= 1):
+            raise ConfigError(f"--actors {self.actors!r}: must be 1 or more (left out: one per GPU, else the CPUs "
+                              "shared out)")
+        if self.cpus_per_actor is not None and not (self.cpus_per_actor > 0 and math.isfinite(self.cpus_per_actor)):
+            raise ConfigError(f"--cpus-per-actor {self.cpus_per_actor!r}: must be above 0 (fractions such as 0.5 "
+                              "work)")
+        if not (self.gpus_per_actor >= 0 and math.isfinite(self.gpus_per_actor)):
+            raise ConfigError(f"--gpus-per-actor {self.gpus_per_actor!r}: must be 0 (CPU actors) or more")
 
 
 def weights_digest(ckpt: dict) -> str:
@@ -152,15 +161,12 @@ def size_actors(opts: ScoreOptions, joined: bool) -> tuple[int, float, float, bo
 def score_pairs(ckpt: dict, source: str, pairs: list[tuple[str, Path, Path]], out: str | Path, threshold: float,
                 address: str | None = None, opts: ScoreOptions | None = None, progress: bool = True) -> Path:
     """Score ``pairs`` not yet in ``out`` on Ray Data, then rank every pair's result into ``out``/scores.parquet."""
+    from anodfd.predict import check_pairs
     from anodfd.ray_connect import init_ray, threads_for
 
     opts = opts or ScoreOptions()
     out = Path(out)
-    names = [n for n, _, _ in pairs]
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})[:3]
-        raise ConfigError(f"pairs share output names ({', '.join(dup)}): their files would overwrite each other; "
-                          "score them into separate --out folders")
+    check_pairs(pairs, done={n for n, _, _ in pairs} - {n for n, _, _ in pending(pairs, out)})
     claim_output(out, {"source": source, "weights": weights_digest(ckpt), "threshold": threshold})
     todo = pending(pairs, out)
     print(f"{len(todo)} of {len(pairs)} pairs to score ({len(pairs) - len(todo)} already in {out})", flush=True)

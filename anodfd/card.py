@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from anodfd.scoring import MIN_AUC
+from anodfd.tracking import redact
 
 CARD_DIR = "card"  # the model's pictures (roc.png, overlays.jpg) sit here among its artifacts
 
@@ -23,6 +24,8 @@ def view_text(data: dict) -> str:
 
 def model_card(uri: str, name: str, version: int, tags: dict[str, str], experiment: str | None = None) -> str:
     """The version's description: what it scored, under which rules, against which floor, from which run."""
+    uri = redact(uri)  # every version's description is readable by anyone who can read the registry
+
     def num(key: str) -> str:
         return f"{float(tags[key]):.4f}" if is_number(tags.get(key, "")) else "-"
 

@@ -14,6 +14,7 @@ from anodfd.config import (
     SCHEDULES,
     Config,
     ConfigError,
+    check_output,
     with_window,
 )
 from anodfd.data.layouts import LAYOUTS, SPLITS, DatasetError
@@ -26,8 +27,9 @@ def _synth(args: argparse.Namespace) -> int:
         size = parse_size(args.size) if args.size else None
     except ValueError as e:
         raise ConfigError(f"--size {args.size!r}: {e}") from None
+    check_output(args.out, "--out")
     out = synthesize(args.kind, args.out, pairs=args.pairs, seed=args.seed, size=size, workers=args.workers,
-                     small=args.small_anomalies)
+                     small=args.small_anomalies, force=args.force)
     print(f"wrote {out} (contact sheet: {out / 'contact_sheet.png'})")
     return 0
 
@@ -191,6 +193,11 @@ def _eval(args: argparse.Namespace) -> int:
     from anodfd.scoring import score_native
 
     device = resolve_device(args.device)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be 1 or more (tiles scored at once)")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output(path, flag, folder=False)  # found now, not after all the scoring
     ckpt = _load_checkpoint_for(args)
     model, config = inference_model(ckpt, device)
     data_cfg = config.data
@@ -286,7 +293,7 @@ def _models_promote(args: argparse.Namespace) -> int:
 def _models_gate(args: argparse.Namespace) -> int:
     from anodfd.data.layouts import fingerprint, resolve_data_dir
     from anodfd.gate import gate
-    from anodfd.registry import list_versions
+    from anodfd.registry import list_versions, model_name, require_model
     from anodfd.scoring import Protocol, score_checkpoint
     from anodfd.tracking import resolve_tracking_uri
 
@@ -305,7 +312,8 @@ def _models_gate(args: argparse.Namespace) -> int:
         def rescore(ckpt: dict):
             return score_checkpoint(ckpt, data_dir, protocol.split)
 
-    reg = gate(uri, f"anodfdnet-{row['tags']['dataset']}", args.version, rescore=rescore)
+    # By the model's own name: a version registered some other way may carry no dataset tag.
+    reg = gate(uri, require_model(uri, model_name(args.dataset)).name, args.version, rescore=rescore)
     print(f"{reg.name} v{reg.version}: challenger; champion {'moved to it' if reg.champion else 'unchanged'}: "
           f"{reg.reason}")
     return 0
@@ -336,11 +344,13 @@ def resolve_data_dir_for(args: argparse.Namespace) -> Path:
 def _predict(args: argparse.Namespace) -> int:
     from anodfd.checkpoint import inference_model
     from anodfd.inference import resolve_device
-    from anodfd.predict import check_threshold, find_pairs, predict_pairs
+    from anodfd.predict import check_pairs, check_threshold, find_pairs, predict_pairs
 
     if not args.list and not (args.hist and args.cur):
         raise ConfigError("give --hist H --cur C (files or folders), or --list FILE")
     pairs = find_pairs(args.hist, args.cur, args.list)
+    check_pairs(pairs)  # every image, before the first output is written
+    check_output(args.out, "--out")
     if args.onnx:
         from anodfd.export import OnnxModel
 
@@ -363,10 +373,11 @@ def _score(args: argparse.Namespace) -> int:
 
     if not args.list and not (args.hist and args.cur):
         raise ConfigError("give --hist DIR --cur DIR (folders, matched by file name), or --list FILE")
+    opts = ScoreOptions(args.actors, args.cpus_per_actor, args.gpus_per_actor, args.decode)
     pairs = find_pairs(args.hist, args.cur, args.list)  # every file checked before Ray starts
+    check_output(args.out, "--out")
     ckpt = _load_checkpoint_for(args)
     threshold = check_threshold(args.threshold if args.threshold is not None else ckpt.get("threshold", 0.5))
-    opts = ScoreOptions(args.actors, args.cpus_per_actor, args.gpus_per_actor, args.decode)
     table = score_pairs(ckpt, args.model or str(Path(args.checkpoint).resolve()), pairs, args.out, threshold,
                         args.address, opts)
     print(f"ranked {len(pairs)} pairs by score: {table}")
@@ -375,13 +386,13 @@ def _score(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from anodfd.checkpoint import model_from_checkpoint
-    from anodfd.export import export_onnx, parity
+    from anodfd.export import export_checked
 
+    check_output(args.out, "--out")
     ckpt = _load_checkpoint_for(args)
     model, config = model_from_checkpoint(ckpt, "cpu")
     print(f"exporting {config.model.name} to ONNX (dynamic batch, height and width) ...", flush=True)
-    path = export_onnx(model, config, float(ckpt.get("threshold", config.train.threshold)), args.out)
-    worst = parity(model, path)
+    path, worst = export_checked(model, config, float(ckpt.get("threshold", config.train.threshold)), args.out)
     print(f"wrote {path}: ONNX Runtime matches PyTorch to {worst:.1e} on the probability maps")
     if args.model:
         from anodfd.registry import log_export
@@ -400,10 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (the paper's layout)")
     p.add_argument("--pairs", type=int, default=None, help="total pairs (default: the paper's count)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", default=None, help="WxH for every pair, e.g. 512x384 (default: the paper's sizes)")
+    p.add_argument("--size", default=None,
+                   help="WxH for every pair, e.g. 512x384, sides 32 to 8192 (default: the paper's sizes)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--small-anomalies", action="store_true",
                    help="every anomaly 0.001-0.03%% of the image's area (at 2048x1536, about 6-60 px across)")
+    p.add_argument("--force", action="store_true", help="write into --out even where it holds files already")
     p.set_defaults(func=_synth)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
@@ -509,7 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = models.add_parser("promote", help="point an alias (default champion) at a version, bypassing the F1 gate")
     p.add_argument("--dataset", required=True, help="dataset name, e.g. OL (registered model anodfdnet-OL)")
     p.add_argument("--version", type=int, required=True)
-    p.add_argument("--alias", default="champion")
+    p.add_argument("--alias", default="champion", type=str.lower,
+                   help="alias to point at the version (default champion); aliases are lower case: Champion means "
+                        "champion")
     p.add_argument("--reason", default=None, help="recorded with the move (default: promoted by hand)")
     p.add_argument("--mlflow-uri", default=None, help="registry (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.set_defaults(func=_models_promote)
@@ -537,8 +552,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DatasetError, ConfigError) as e:
+        from anodfd.tracking import redact  # a URI quoted in an error may carry a password
+
         # Bad input is the user's to fix: one clear line, no traceback.
-        print(f"anodfd: error: {e}", file=sys.stderr)
+        print(f"anodfd: error: {redact(str(e))}", file=sys.stderr)
         return 2
     except Exception as e:
         from mlflow.exceptions import MlflowException
@@ -546,7 +563,9 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, MlflowException):
             raise
         # The tracking server failed (down, timed out, refused): one line; nothing was changed by the command.
-        print(f"anodfd: error: MLflow failed: {e.message.strip().splitlines()[0][:300]}", file=sys.stderr)
+        from anodfd.tracking import redact
+
+        print(f"anodfd: error: MLflow failed: {redact(e.message.strip().splitlines()[0])[:300]}", file=sys.stderr)
         return 2
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -26,6 +28,11 @@ ALIGN_METHODS = ("none", "ecc", "features")  # anodfd.data.align
 SCHEDULES = ("constant", "cosine")  # anodfd.train.loop.epoch_lr
 # The deepest feature map's stride of each AnoDFDNet variant: its input side must be a multiple of it.
 STRIDES = {"paper": 16, "tiny": 16}  # the timm variants: 32; the baselines pad any size themselves
+# Bounds that catch a slipped digit before a run starts: the paper trains 100 epochs at batch 4.
+MAX_EPOCHS = 10_000
+MAX_BATCH = 1024  # per worker; a batch is also refused when larger than the train split (`anodfd.train.launch`)
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit and must not be negative
+DEVICES = r"auto|cpu|mps|cuda(:\d+)?"
 
 
 def _require(key: str, value: Any, ok: bool, rule: str) -> None:
@@ -41,6 +48,27 @@ def _compiles(pattern: str) -> bool:
     except re.error:
         return False
     return True
+
+
+def check_output(path: str | Path, flag: str, folder: bool = True) -> None:
+    """Refuse an output path that cannot be written, before any compute is spent; creates nothing. A file's folder
+    must exist already: a mistyped folder fails here, not after the work."""
+    p = Path(path).expanduser().absolute()
+    if p.exists() and p.is_dir() != folder:
+        raise ConfigError(f"{flag} {path}: is {'a file' if folder else 'a folder'}; pass "
+                          f"{'a folder' if folder else 'a file name'} to write to")
+    parent = p if folder else p.parent
+    if not folder and not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: folder {parent} does not exist; create it first, or pass another path")
+    existing = next(a for a in (parent, *parent.parents) if a.exists())
+    try:  # what the process may do, which for root differs from the permission bits os.access reads
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "a file, not a folder")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write in {existing} ({e.strerror}); pass a path you can write "
+                          "to") from None
 
 
 def _number(x: Any) -> bool:
@@ -128,6 +156,9 @@ class ModelConfig:
             raise ConfigError(f"unknown model {self.name!r}; choose one of {', '.join(MODEL_NAMES)}")
         if self.depth not in DEPTHS:
             raise ConfigError(f"depth {self.depth} is not one of {DEPTHS}")
+        for key in ("hidden", "heads", "mlp"):
+            _require(f"model.{key}", getattr(self, key), _whole(getattr(self, key)) and getattr(self, key) >= 0,
+                     "must be 0 (the variant's default) or a positive whole number")
         if self.name in ANODFD_NAMES:
             stride = STRIDES.get(self.name, 32)
             _require("model.image_size", self.image_size,
@@ -155,13 +186,15 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # 0 = whole epoch; small values make smoke runs and tests quick
 
     def __post_init__(self) -> None:
-        def whole(key: str, low: int, rule: str) -> None:
+        def whole(key: str, low: int, rule: str, high: float = math.inf) -> None:
             value = getattr(self, key)
-            _require(f"train.{key}", value, isinstance(value, int) and not isinstance(value, bool) and value >= low,
-                     rule)
+            _require(f"train.{key}", value, _whole(value) and low <= value <= high, rule)
 
-        whole("epochs", 1, "must be 1 or more")
-        whole("batch_size", 1, "must be 1 or more")
+        whole("epochs", 1, f"must be 1 or more (at most {MAX_EPOCHS})", MAX_EPOCHS)
+        whole("batch_size", 1, f"must be 1 or more (at most {MAX_BATCH} pairs per worker)", MAX_BATCH)
+        whole("seed", 0, f"must be 0 or more (at most {MAX_SEED})", MAX_SEED)
+        _require("train.device", self.device, isinstance(self.device, str) and bool(re.fullmatch(DEVICES, self.device)),
+                 "must be auto, cpu, cuda, cuda:N or mps")
         whole("max_steps_per_epoch", 0, "must be 0 (whole epochs) or more")
         whole("log_every", 0, "must be 0 (once per epoch) or more")
         _require("train.lr", self.lr, _number(self.lr) and 0 < self.lr <= 1, "must be in (0, 1]")

@@ -7,9 +7,10 @@
   data to do it; otherwise champion stays. `promote` moves an alias explicitly.
 
 Several searches may promote into one registry at once. The gate runs under a lease held in the registry itself
-(a registered model ``<name>.promotion-lease`` that only one process can create), re-checks after moving the
-alias, and treats any MLflow error as "promote nothing": a champion is never chosen on a failed lookup. Every
-alias move is recorded on the version it lands on (previous holder, reason, time); `registry.history` lists them.
+(a registered model ``<name>.promotion-lease`` that only one process can create), renewed while it works; every
+alias move first checks that the lease is still held, and a holder that finds it lost puts back what it moved.
+Any MLflow error means "promote nothing": a champion is never chosen on a failed lookup. Every alias move is
+recorded on the version it lands on (previous holder, reason, time); `registry.history` lists them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,12 +28,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from anodfd.card import model_card
+from anodfd.card import is_number, model_card
 from anodfd.registry import (
     AUDIT_PREFIX,
     CHALLENGER,
     CHAMPION,
     PREFIX,
+    ArtifactMissing,
     RegistryError,
     load_checkpoint_from_registry,
     model_name,
@@ -40,10 +43,10 @@ from anodfd.registry import (
     version_by_alias,
 )
 from anodfd.scoring import Scorecard, shortfall
-from anodfd.tracking import client
+from anodfd.tracking import client, redact
 
 LEASE_SUFFIX = ".promotion-lease"
-LEASE_TTL_S = 120.0  # a gate takes seconds; a holder that crashed loses its lease after this
+LEASE_TTL_S = 120.0  # a holder renews its lease every TTL/5; one that crashed loses it TTL after its last renewal
 LEASE_WAIT_S = 600.0  # how long a promotion waits for another one to finish
 RESCORED_PREFIX = "rescored."  # version tags rescored.<time_ns> = the scores it had under its earlier protocol
 
@@ -60,6 +63,10 @@ class PromotionFailed(RegistryError):
     """An MLflow error during the champion gate: nothing was promoted; promoting again later is safe."""
 
 
+class LeaseLost(PromotionFailed):
+    """The promotion lease was broken while its holder worked (it stalled longer than the lease lasts)."""
+
+
 def _mlflow_errors() -> tuple[type[BaseException], ...]:
     import requests
     from mlflow.exceptions import MlflowException
@@ -73,6 +80,9 @@ def decide_champion(tags: dict[str, str], champion) -> tuple[bool, str]:
     It must clear the floor (`anodfd.scoring.shortfall`) and, when there is a champion, beat its test F1 under the
     same protocol; a tie keeps the incumbent.
     """
+    if not is_number(tags.get("test_f1", "")):
+        return False, ("stays challenger: it has no test F1 (tag test_f1) to compare, so it was not registered by "
+                       "anodfd; move champion by hand if it should serve (anodfd models promote)")
     f1, auc = float(tags["test_f1"]), float(tags.get("test_auc", "nan"))
     if "floor_f1" not in tags:
         return False, "stays challenger: no template-differencing floor was recorded for it"
@@ -116,8 +126,8 @@ def gate(uri: str, name: str, version: int, rescore: Rescore | None = None, leas
 
     A champion scored under another protocol is re-scored first with ``rescore`` (outside the lease: it can take
     minutes). The decision runs under the registry's promotion lease, so two searches promoting at once cannot
-    both read the old champion and both write; after the aliases move it checks that the lease was still held
-    and champion is where it was put. Any MLflow error raises PromotionFailed, with champion left where it was.
+    both read the old champion and both write; a gate that lost the lease meanwhile raises LeaseLost and leaves
+    the aliases as it found them. Any MLflow error raises PromotionFailed, with champion left where it was.
     """
     c = client(uri)
     try:
@@ -132,18 +142,18 @@ def gate(uri: str, name: str, version: int, rescore: Rescore | None = None, leas
                     continue  # champion moved while we re-scored the one before: re-score the new one
                 already = champion is not None and int(champion.version) == version
                 take, reason = (True, "already champion") if already else decide_champion(tags, champion)
-                c.set_model_version_tag(name, str(version), "registration_decision", reason)
-                _move_alias(c, name, CHALLENGER, version, "registered by a search")
+                lease.move(name, CHALLENGER, version, "registered by a search")
                 if take and not already:
-                    _move_alias(c, name, CHAMPION, version, reason)
-                lease.check()  # still ours: nobody else can have moved an alias meanwhile
+                    lease.move(name, CHAMPION, version, reason)
+                lease.check()  # the moves landed while the lease was ours: nobody else moved an alias meanwhile
+                c.set_model_version_tag(name, str(version), "registration_decision", reason)
                 if take and int(c.get_registered_model(name).aliases.get(CHAMPION, -1)) != version:
                     raise PromotionFailed(f"{name}: champion is not v{version} right after the gate moved it there")
                 return Registration(name, version, take, reason)
         raise PromotionFailed(f"{name}: champion kept moving while v{version} waited to be compared with it")
     except _mlflow_errors() as e:
-        raise PromotionFailed(f"{name} v{version}: the champion gate failed at {uri} ({_one_line(e)}); nothing was "
-                              "promoted, and the version is registered: promote it again once MLflow answers "
+        raise PromotionFailed(f"{name} v{version}: the champion gate failed at {redact(uri)} ({_one_line(e)}); "
+                              "nothing was promoted, and the version is registered: promote it again once MLflow answers "
                               f"(anodfd models gate --dataset {name.removeprefix(PREFIX)} --version {version})"
                               ) from None
 
@@ -159,7 +169,15 @@ def _rescore(uri: str, name: str, champion, rescore: Rescore) -> None:
     v = str(champion.version)
     print(f"registry: champion v{v} was scored under protocol {champion.tags.get('protocol_id', '(none)')}; "
           "re-scoring it under this one before comparing", flush=True)
-    card = rescore(load_checkpoint_from_registry(uri, f"models:/{name}/{v}"))
+    try:
+        ckpt = load_checkpoint_from_registry(uri, f"models:/{name}/{v}")
+    except ArtifactMissing as e:
+        raise PromotionFailed(
+            f"{e}: champion v{v} cannot be re-scored, and no version can be compared with it. Register its checkpoint "
+            "again if you have it (a new version; then `anodfd models gate` it), or move champion by hand to a "
+            f"version that loads: anodfd models promote --dataset {name.removeprefix(PREFIX)} --version N --reason "
+            f"'v{v} lost its checkpoint'") from None
+    card = rescore(ckpt)
     c = client(uri)
     before = {k: val for k, val in champion.tags.items()
               if k.startswith("test_") or k in ("protocol_id", "floor_f1", "fingerprint")}
@@ -172,18 +190,85 @@ def _rescore(uri: str, name: str, champion, rescore: Rescore) -> None:
 
 def _one_line(e: BaseException) -> str:
     text = getattr(e, "message", None) or str(e) or type(e).__name__
-    return text.strip().splitlines()[0][:300]
+    return redact(text.strip().splitlines()[0])[:300]
 
 
 class _Lease:
-    def __init__(self, c, lock: str, owner: str) -> None:
-        self.c, self.lock, self.owner = c, lock, owner
+    """A held promotion lease. A heartbeat thread renews it; `check` (which `move` calls first) fences off a holder
+    that lost it, and `undo` puts back what such a holder moved."""
+
+    def __init__(self, c, lock: str, owner: str, ttl: float, renewed: float) -> None:
+        self.c, self.lock, self.owner, self.ttl = c, lock, owner, ttl
+        self.renewed = renewed  # monotonic start of the last renewal known to have landed while the lease was ours
+        self.lost = False
+        self.moves: list[tuple[str, int, str | None, str]] = []  # (alias, version, previous, audit tag) for undo
+        self._stop = threading.Event()
+        # A daemon, never joined: a renewal stuck on a dead server must not hold up the release or the exit.
+        threading.Thread(target=self._heartbeat, daemon=True, name=f"renews {lock}").start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl / 5):
+            start = time.monotonic()
+            try:
+                self.c.set_registered_model_tag(self.lock, "expires", f"{time.time() + self.ttl:.3f}")
+                if _lease_owner(self.c, self.lock) != self.owner:
+                    self.lost = True
+                    return
+            except _mlflow_errors():
+                continue  # not renewed: `check` refuses once the last renewal is too old
+            self.renewed = start
 
     def check(self) -> None:
-        held = _lease_owner(self.c, self.lock)
-        if held != self.owner:
-            raise PromotionFailed(f"the promotion lease {self.lock} was lost to {held or 'nobody'}: its holder took "
-                                  "longer than the lease lasts; promote again")
+        held = None if self.lost else _lease_owner(self.c, self.lock)
+        # Contenders break a lease only after seeing its heartbeat unchanged for ttl on their own clocks, so a move
+        # acknowledged within ttl of our last confirmed renewal landed while the lease was ours. Checked before and
+        # after every move; a move that fails the check after it is undone.
+        age = time.monotonic() - self.renewed
+        if held != self.owner or age > self.ttl:
+            self.lost = True
+            why = f"not renewed for {age:.1f} s" if held == self.owner else f"now held by {held}" if held else "broken"
+            raise LeaseLost(f"the promotion lease {self.lock} was lost ({why}): its holder stalled for longer than the "
+                            f"lease's {self.ttl:g} s; nothing was promoted, promote again")
+
+    def move(self, name: str, alias: str, version: int, reason: str) -> None:
+        """Point ``alias`` at ``version`` if the lease is still ours, and record the move (`_move_alias`)."""
+        self.check()
+        previous = self.c.get_registered_model(name).aliases.get(alias)
+        key = f"{AUDIT_PREFIX}{time.time_ns()}"
+        self.moves.append((alias, version, previous, key))  # before the move: a failed request may still land
+        _move_alias(self.c, name, alias, version, reason, previous, key)
+
+    def release(self) -> None:
+        if self._stop.is_set():
+            return  # released already
+        self._stop.set()
+        try:
+            if _lease_owner(self.c, self.lock) == self.owner:
+                self.c.delete_registered_model(self.lock)
+        except _mlflow_errors():
+            pass  # MLflow is away: the lease dies when its renewals stop
+
+    def undo(self, name: str, wait: float) -> None:
+        """Under the lease again: each alias this holder moved that still points where it put it goes back, and the
+        move's record goes; an alias someone has moved since stays theirs. A gate that lost its lease leaves no
+        trace."""
+        if not self.moves:
+            return
+        try:
+            with promotion_lease(self.c, name, self.ttl, wait):
+                aliases = self.c.get_registered_model(name).aliases
+                for alias, version, previous, key in reversed(self.moves):
+                    if str(aliases.get(alias)) != str(version):
+                        continue
+                    if previous is None:
+                        self.c.delete_registered_model_alias(name, alias)
+                    else:
+                        self.c.set_registered_model_alias(name, alias, str(previous))
+                    self.c.delete_model_version_tag(name, str(version), key)
+        except (*_mlflow_errors(), PromotionFailed) as e:
+            raise LeaseLost(f"the promotion lease of {name} was lost while it moved aliases, and putting them back "
+                            f"failed ({_one_line(e)}): check `anodfd models history` and move them by hand "
+                            "(anodfd models promote)") from None
 
 
 def _lease_owner(c, lock: str) -> str | None:
@@ -200,16 +285,21 @@ def _lease_owner(c, lock: str) -> str | None:
 @contextmanager
 def promotion_lease(c, name: str, ttl: float = LEASE_TTL_S, wait: float = LEASE_WAIT_S) -> Iterator[_Lease]:
     """Hold ``<name>.promotion-lease`` for the block: a registered model, which the registry lets exactly one
-    process create (the name is unique). It carries its owner and expiry; an expired one (its holder crashed)
-    is deleted by the next contender. Released on every exit path."""
+    process create (the name is unique). Its holder renews its ``expires`` tag every ttl/5 s. A contender breaks it
+    only after seeing that tag unchanged for the lease's ``ttl`` on its own monotonic clock, so hosts whose wall
+    clocks disagree cannot expire a live lease, and a crashed holder's lease dies ttl after its last renewal.
+    Released on every exit path; a holder that lost it puts back what it moved (`_Lease.undo`)."""
     from mlflow.exceptions import MlflowException
 
     lock = name + LEASE_SUFFIX
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     deadline = time.monotonic() + wait
+    seen, since = None, time.monotonic()  # the holder's last heartbeat we saw, and when we first saw it
     while True:
+        start = time.monotonic()
         try:
-            c.create_registered_model(lock, tags={"owner": owner, "expires": f"{time.time() + ttl:.3f}"},
+            c.create_registered_model(lock, tags={"owner": owner, "expires": f"{time.time() + ttl:.3f}",
+                                                  "ttl": f"{ttl:g}"},
                                       description=f"held while a promotion into {name} runs; deleted after it")
             break
         except MlflowException as e:
@@ -222,45 +312,51 @@ def promotion_lease(c, name: str, ttl: float = LEASE_TTL_S, wait: float = LEASE_
             if e.error_code == "RESOURCE_DOES_NOT_EXIST":
                 continue  # released meanwhile: try again at once
             raise
+        now, beat = time.monotonic(), (held.tags.get("owner"), held.tags.get("expires"))
         # A read that races a release can see the lease without its tags (MLflow reads them in a second query):
-        # that is a lease in flux, not an expired one.
-        expires = held.tags.get("expires")
-        if expires is not None and float(expires) < time.time() and _lease_owner(c, lock) == held.tags["owner"]:
+        # that is a lease in flux, not a dead one.
+        if beat != seen or None in beat:
+            seen, since = beat, now
+        elif now - since > float(held.tags.get("ttl", ttl)) and _lease_owner(c, lock) == beat[0]:
             try:
-                c.delete_registered_model(lock)  # its holder died: the lease has expired
+                c.delete_registered_model(lock)  # no heartbeat for a whole ttl: its holder is gone
             except MlflowException as e:
                 if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
             continue
-        if time.monotonic() > deadline:
-            raise PromotionFailed(f"another promotion into {name} holds {lock} ({held.tags.get('owner')}) "
-                                  f"after {wait:g} s; it expires at {held.tags.get('expires')}, or delete it")
+        if now > deadline:
+            raise PromotionFailed(f"another promotion into {name} holds {lock} ({beat[0]}) after {wait:g} s, and "
+                                  f"renewed it {now - since:.0f} s ago; wait for it, or delete {lock} if that "
+                                  "process is gone")
         time.sleep(random.uniform(0.05, 0.3))
+    lease = _Lease(c, lock, owner, ttl, start)
     try:
-        yield _Lease(c, lock, owner)
+        yield lease
+    except LeaseLost:
+        lease.release()
+        lease.undo(name, wait)
+        raise
     finally:
-        try:
-            if _lease_owner(c, lock) == owner:
-                c.delete_registered_model(lock)
-        except _mlflow_errors():
-            pass  # MLflow is away: the lease expires on its own
+        lease.release()
 
 
-def _move_alias(c, name: str, alias: str, version: int, reason: str) -> None:
-    """Point ``alias`` at ``version`` and record the move on that version: previous holder, reason, time, who."""
-    previous = c.get_registered_model(name).aliases.get(alias)
+def _move_alias(c, name: str, alias: str, version: int, reason: str, previous: str | None, key: str) -> None:
+    """Point ``alias`` at ``version`` and record the move on that version under tag ``key``: previous holder,
+    reason, time, who."""
     c.set_registered_model_alias(name, alias, str(version))
-    now = time.time_ns()
     record = {"alias": alias, "previous": None if previous is None else int(previous), "reason": reason,
-              "time": datetime.fromtimestamp(now / 1e9).isoformat(timespec="seconds"),
+              "time": datetime.fromtimestamp(int(key[len(AUDIT_PREFIX):]) / 1e9).isoformat(timespec="seconds"),
               "by": f"{os.environ.get('USER') or os.environ.get('USERNAME') or 'unknown'}@{socket.gethostname()}"}
-    c.set_model_version_tag(name, str(version), f"{AUDIT_PREFIX}{now}", json.dumps(record))
+    c.set_model_version_tag(name, str(version), key, json.dumps(record))
 
 
 def promote(uri: str, dataset: str, version: int, alias: str = CHAMPION, reason: str | None = None) -> None:
-    """Point ``alias`` at ``version`` explicitly (no F1 gate: a person decided), under the promotion lease."""
+    """Point ``alias`` at ``version`` explicitly (no F1 gate: a person decided), under the promotion lease.
+    Aliases are lower case (``Champion`` means ``champion``): MLflow's are case-sensitive, and a second alias that
+    differs only in case would leave the real one where it was."""
     from mlflow.exceptions import MlflowException
 
+    alias = alias.lower()
     name = require_model(uri, model_name(dataset)).name
     c = client(uri)
     try:
@@ -269,7 +365,8 @@ def promote(uri: str, dataset: str, version: int, alias: str = CHAMPION, reason:
         versions = sorted(int(mv.version) for mv in c.search_model_versions(f"name = '{name}'"))
         raise RegistryError(f"{name} has no version {version}; versions: {versions or 'none'}") from None
     try:
-        with promotion_lease(c, name):
-            _move_alias(c, name, alias, version, reason or "promoted by hand (anodfd models promote)")
+        with promotion_lease(c, name) as lease:
+            lease.move(name, alias, version, reason or "promoted by hand (anodfd models promote)")
+            lease.check()
     except MlflowException as e:
         raise RegistryError(f"cannot set alias {alias!r} on {name} v{version}: {e.message}") from None

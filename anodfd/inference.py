@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anodfd.config import ConfigError, DataConfig
+from anodfd.config import DEVICES, ConfigError, DataConfig
 from anodfd.data.align import Registration
 from anodfd.data.cache import View, view_pair
 from anodfd.data.dataset import normalize, to_chw
@@ -38,9 +39,14 @@ TILE_BATCH = 8  # tiles per forward pass: bounds memory whatever the image size
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(name, str) or not re.fullmatch(DEVICES, name):
+        raise ConfigError(f"--device {name!r}: not a device; use auto, cpu, cuda, cuda:N or mps")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name!r}: PyTorch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
+    return device
 
 
 def autocast(device: torch.device):

@@ -16,6 +16,7 @@ from torch import nn
 from anodfd.config import Config, ConfigError, DataConfig
 from anodfd.data.align import Registration
 from anodfd.data.cache import read_rgb
+from anodfd.data.check import check_image
 from anodfd.data.layouts import IMAGE_EXTS, DatasetError
 from anodfd.inference import pair_map
 from anodfd.metrics import MIN_REGION_AREA, detections
@@ -36,7 +37,15 @@ def find_pairs(hist: str, cur: str | None = None, list_file: str | None = None) 
     if list_file:
         root = Path(list_file).resolve().parent
         pairs = []
-        for n, line in enumerate(Path(list_file).read_text().splitlines(), 1):
+        if not Path(list_file).is_file():
+            raise DatasetError(f"--list {list_file}: {'a folder' if Path(list_file).is_dir() else 'no such file'}; "
+                               "pass a list file of 'cur,hist[,gt]' lines")
+        try:
+            text = Path(list_file).read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"--list {list_file}: not UTF-8 text (byte {e.start}); pass a list file of "
+                               "'cur,hist[,gt]' lines") from None
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 fields = [f.strip().replace("\\", "/") for f in line.split(",")]
                 if len(fields) < 2:
@@ -57,6 +66,21 @@ def find_pairs(hist: str, cur: str | None = None, list_file: str | None = None) 
     if not pairs:
         raise DatasetError(f"no images found in {cur}; pass files or folders of .jpg/.png images")
     return pairs
+
+
+def check_pairs(pairs: list[tuple[str, Path, Path]], done: set[str] = frozenset()) -> None:
+    """Every image whole and decodable, every pair with outputs of its own: checked before the first output is
+    written, so a bad input never leaves a run half done (`predict`, and `score` before Ray starts). The images of
+    pairs in ``done`` (scored by an earlier run of `score`) are not read again."""
+    seen: dict[str, Path] = {}
+    for name, hist, cur in pairs:
+        if name in seen:
+            raise DatasetError(f"{seen[name]} and {cur} would both write {name}.json, {name}_map.png and "
+                               f"{name}_overlay.jpg; rename one, or run them into separate --out folders")
+        seen[name] = cur
+        if name not in done:
+            check_image(hist)
+            check_image(cur)
 
 
 @dataclass

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from anodfd.card import is_number, model_card
 from anodfd.config import ConfigError
-from anodfd.pyfunc import CHECKPOINT_ARTIFACT, log_pyfunc
+from anodfd.pyfunc import CHECKPOINT_ARTIFACT, CHECKPOINT_FILE, log_pyfunc
 from anodfd.scoring import Scorecard
-from anodfd.tracking import check_tracking, client
+from anodfd.tracking import check_tracking, client, redact
 
 PREFIX = "anodfdnet-"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -37,6 +37,10 @@ MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<vers
 
 class RegistryError(ConfigError):
     """A registered model, version or alias that does not exist, or cannot be used as asked."""
+
+
+class ArtifactMissing(RegistryError):
+    """A registered version whose checkpoint is gone from the artifact store: no retry brings it back."""
 
 
 def model_name(dataset: str) -> str:
@@ -87,7 +91,7 @@ def register_version(
     try:
         experiment = c.get_run(run_id).info.experiment_id
     except MlflowException as e:
-        raise RegistryError(f"MLflow run {run_id} not found at {uri} ({e.message})") from None
+        raise RegistryError(f"MLflow run {run_id} not found at {redact(uri)} ({redact(e.message)})") from None
 
     version_tags = {
         **card.tags(), "dataset": name.removeprefix(PREFIX), "search_run_id": run_id,
@@ -220,14 +224,14 @@ def require_model(uri: str, name: str):
     check_tracking(uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         # Looking something up must not create an empty store as a side effect.
-        raise RegistryError(f"no MLflow store at {uri}; pass --mlflow-uri or set MLFLOW_TRACKING_URI")
+        raise RegistryError(f"no MLflow store at {redact(uri)}; pass --mlflow-uri or set MLFLOW_TRACKING_URI")
     c = client(uri)
     try:
         return c.get_registered_model(_canonical(c, name))
     except MlflowException:
         known = sorted(m.name for m in c.search_registered_models())
         raise RegistryError(
-            f"no registered model {name} at {uri}; registered there: {', '.join(known) or 'none'}"
+            f"no registered model {name} at {redact(uri)}; registered there: {', '.join(known) or 'none'}"
         ) from None
 
 
@@ -298,10 +302,18 @@ def load_checkpoint_from_registry(uri: str, model_uri: str) -> dict:
     # Through the version's storage location: a models:/ artifact URI would be resolved against the process's
     # global registry URI, not ``uri``.
     location = client(uri).get_model_version_download_uri(name, str(version))
+    artifact = f"{location.rstrip('/')}/{CHECKPOINT_ARTIFACT}"
     with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{location.rstrip('/')}/{CHECKPOINT_ARTIFACT}", dst_path=tmp, tracking_uri=uri,
-        )
+        try:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=artifact, dst_path=tmp, tracking_uri=uri)
+        except Exception:
+            # A missing file and an unreachable store fail alike; the listing tells them apart.
+            folder = artifact.rpartition("/")[0]
+            listed = mlflow.artifacts.list_artifacts(artifact_uri=folder, tracking_uri=uri)
+            if any(f.path.endswith(CHECKPOINT_FILE) for f in listed):
+                raise
+            raise ArtifactMissing(f"{name} v{version}: its checkpoint {redact(artifact)} is missing from the artifact "
+                                  "store (deleted or never uploaded), so this version cannot be loaded") from None
         return load_checkpoint(path)
 
 

@@ -11,7 +11,8 @@ Two inputs, told apart by type:
 The logged signature declares only that param: MLflow signatures are either tensor- or column-based and would
 refuse one of the two inputs, so `predict` checks its input itself. A bad request raises an `MlflowException` with
 INVALID_PARAMETER_VALUE, which the scoring server answers with HTTP 400 and the message (which column, which row,
-what to send instead).
+what to send instead): an empty batch, a pair of two sizes, an image of more than `MAX_PIXELS` (read from the file's
+header, before anything is decoded).
 
 This file is logged as MLflow "models from code" (see `anodfd.registry`): MLflow copies it into the model and runs
 it at load time, so nothing is pickled. The weights, config and calibrated threshold come from the checkpoint
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
+import warnings
 from typing import Any
 
 import cv2
@@ -29,6 +32,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from PIL import Image, UnidentifiedImageError
 
 from anodfd.checkpoint import inference_model, load_checkpoint
 from anodfd.config import ConfigError
@@ -39,6 +43,22 @@ from anodfd.predict import analyse, check_threshold, map_png
 CHECKPOINT_KEY = "checkpoint"  # the name of the checkpoint in the model's `artifacts`
 INPUTS = ("history", "current")
 ENCODED_OUTPUTS = ("score", "anomalous_fraction", "boxes", "map_png")
+# Pixels of one image: 2048x1536 is 3.1 M. A 2.6 MB PNG can hold 30000x30000, 2.7 GB once decoded, and the maps
+# take four times that in float32: one request must not be able to exhaust the server's memory.
+MAX_PIXELS = 50_000_000
+
+
+def check_pixels(width: int, height: int, where: str) -> None:
+    if width * height > MAX_PIXELS:
+        raise ConfigError(f"{where}: {width}x{height} is {width * height / 1e6:.0f} megapixels, over the served "
+                          f"limit of {MAX_PIXELS / 1e6:g}; send it downscaled, or cut it into tiles")
+
+
+def check_pair(i: int, h: np.ndarray, c: np.ndarray) -> None:
+    """Both inputs refuse a pair of two sizes with this one message."""
+    if h.shape[:2] != c.shape[:2]:
+        raise ConfigError(f"row {i}: history is {h.shape[1]}x{h.shape[0]} but current is {c.shape[1]}x"
+                          f"{c.shape[0]}; send the two images of a pair at the same size")
 
 
 def as_image_list(x: Any, name: str) -> list[np.ndarray]:
@@ -55,9 +75,12 @@ def as_image_list(x: Any, name: str) -> list[np.ndarray]:
         images = list(x)
     else:
         raise ConfigError(f"{name}: expected HxWx3 or NxHxWx3 uint8 RGB, got shape {x.shape}")
-    for im in images:
+    if not images:
+        raise ConfigError(f"{name}: an empty batch; send at least one pair")
+    for i, im in enumerate(images):
         if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
             raise ConfigError(f"{name}: expected HxWx3 uint8 RGB images, got {im.dtype} {im.shape}")
+        check_pixels(im.shape[1], im.shape[0], f"row {i}, {name}")
     return images
 
 
@@ -72,6 +95,17 @@ def decode_image(value: Any, where: str) -> np.ndarray:
     if not isinstance(value, (bytes, bytearray)) or not value:
         raise ConfigError(f"{where}: expected a JPEG or PNG file (bytes, or base64 text in JSON), got "
                           f"{type(value).__name__ if value is not None else 'nothing'}")
+    try:  # the size from the header alone; PIL refuses outright what it deems a decompression bomb
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(value)) as im:
+                size = im.size
+        check_pixels(*size, where)
+    except Image.DecompressionBombError:
+        raise ConfigError(f"{where}: far over the served limit of {MAX_PIXELS / 1e6:g} megapixels; send it "
+                          "downscaled, or cut it into tiles") from None
+    except (UnidentifiedImageError, OSError):
+        pass  # not for PIL to judge: OpenCV decides below
     bgr = cv2.imdecode(np.frombuffer(value, np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
         raise ConfigError(f"{where}: {len(value)} bytes that OpenCV cannot decode as an image; send a JPEG or PNG "
@@ -105,6 +139,8 @@ class AnomalyMapModel(mlflow.pyfunc.PythonModel):
     def predict_encoded(self, frame: pd.DataFrame, threshold: float | None = None) -> pd.DataFrame:
         """Columns ``history`` and ``current`` of JPEG/PNG files -> one row per pair: ``score``,
         ``anomalous_fraction``, ``boxes`` (regions above ``threshold``, in current-image pixels) and ``map_png``."""
+        if frame.empty:
+            raise ConfigError("an empty batch; send at least one pair (columns 'history' and 'current')")
         missing = [c for c in INPUTS if c not in frame.columns]
         if missing:
             raise ConfigError(f"missing column {', '.join(map(repr, missing))}: send columns 'history' and 'current' "
@@ -113,9 +149,7 @@ class AnomalyMapModel(mlflow.pyfunc.PythonModel):
         rows = []
         for i, (hist, cur) in enumerate(zip(frame["history"], frame["current"])):
             h, c = decode_image(hist, f"row {i}, column 'history'"), decode_image(cur, f"row {i}, column 'current'")
-            if h.shape != c.shape:
-                raise ConfigError(f"row {i}: history is {h.shape[1]}x{h.shape[0]} but current is {c.shape[1]}x"
-                                  f"{c.shape[0]}; send the two images of a pair at the same size")
+            check_pair(i, h, c)
             result = analyse(self.model, self.data, h, c, threshold, self.device)
             rows.append({"score": result.score, "anomalous_fraction": result.anomalous_fraction,
                          "boxes": result.boxes, "map_png": map_png(result.probs)})
@@ -132,6 +166,8 @@ class AnomalyMapModel(mlflow.pyfunc.PythonModel):
         hists, curs = as_image_list(hist, "history"), as_image_list(cur, "current")
         if len(hists) != len(curs):
             raise ConfigError(f"{len(hists)} history images but {len(curs)} current images")
+        for i, (h, c) in enumerate(zip(hists, curs)):  # all checked before the first is scored
+            check_pair(i, h, c)
         maps = []
         for i, (h, c) in enumerate(zip(hists, curs)):
             # One pair at a time, its tiles batched: memory stays bounded however many or large the pairs are.

@@ -37,12 +37,15 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from anodfd.config import ConfigError
+
 KINDS = ("OL", "FB", "Diff")
 
 JPEG_QUALITY = 92  # fixed, so the same seed gives byte-identical files
 NORMAL_FRACTION = 0.2  # pairs without an anomaly (empty mask)
 VAL_FRACTION = 0.2  # train+val is cut 8:2, as in the paper
 MIN_SIDE = 32  # smaller images cannot hold a recognisable scene
+MAX_SIDE = 8192  # about twice the paper's largest side (FB, 4247): far larger pairs take hours and gigabytes each
 VISIBLE = 8  # grey levels a pixel must change by (before nuisance) to count as changed
 FB_SIZE_RANGE = ((123, 271), (4247, 1282))  # the paper's FB extremes, (width, height)
 
@@ -88,6 +91,7 @@ def synthesize(
     workers: int | None = None,
     progress: bool = True,
     small: bool = False,
+    force: bool = False,
 ) -> Path:
     """Write a synthetic ``kind`` dataset (OL, FB or Diff) to ``out`` in the paper's layout; return ``out``.
 
@@ -96,17 +100,21 @@ def synthesize(
     ``workers`` processes draw pairs in parallel (None = all cores, 1 = inline, no processes).
     ``small`` draws every anomaly a few pixels to a few tens of pixels across (`SMALL_AREA`), the defects that
     vanish when a large image is squashed; the paper's sizes start at 0.1% of the image's area.
+    ``out`` must be new or empty unless ``force``: a dataset there would be overwritten in part.
     """
     if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+        raise ConfigError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise ConfigError(f"--seed {seed}: must be 0 or more")
     if size is not None:
         w, h = (int(v) for v in size)
-        if w < MIN_SIDE or h < MIN_SIDE:
-            raise ValueError(f"size {w}x{h} is too small; both sides must be at least {MIN_SIDE}")
+        if not (MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE):
+            raise ConfigError(f"--size {w}x{h}: both sides must be {MIN_SIDE} to {MAX_SIDE} pixels")
         size = (w, h)
     root = Path(out)
+    if root.is_file() or (root.is_dir() and not force and any(root.iterdir())):
+        raise ConfigError(f"--out {root}: already holds {'a file' if root.is_file() else 'files'}; pass a new or "
+                          "empty folder, or --force to write over it")
     jobs, splits = _plan(kind, pairs, seed, size, root, small)
     root.mkdir(parents=True, exist_ok=True)
     workers = (os.cpu_count() or 1) if workers is None else max(1, workers)
@@ -158,7 +166,7 @@ def _split_counts(kind: str, pairs: int | None) -> tuple[int, int, int]:
         trainval, test = spec.trainval, spec.test
     else:
         if pairs < 1:
-            raise ValueError(f"pairs must be >= 1, got {pairs}")
+            raise ConfigError(f"--pairs {pairs}: must be 1 or more")
         test = round(pairs * spec.test / (spec.trainval + spec.test))
         if pairs >= 3:
             test = max(1, test)

@@ -6,14 +6,17 @@ same run is written from the driver and from a Ray worker process.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from anodfd.config import Config, ConfigError
 
@@ -33,7 +36,40 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
-    return uri
+    return use_credentials(uri)
+
+
+_USERINFO = re.compile(r"(?P<start>\b[a-zA-Z][\w+.-]*://[^/\s:@]*):[^/\s@]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` (a URI, or a message quoting one) with every password in a URI replaced by ``***``."""
+    return _USERINFO.sub(r"\g<start>:***@", text)
+
+
+def use_credentials(uri: str) -> str:
+    """An HTTP(S) URI without its ``user:password@``, which go into MLflow's own variables for this process
+    (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD), so the URI that is printed, logged, stored and handed
+    to Ray workers carries no secret; local Ray workers inherit the variables."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or parts.password is None:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _auth_header(uri: str) -> dict[str, str]:
+    """The Authorization header MLflow's client sends: basic auth from the URI or the variables, else a token."""
+    parts = urlsplit(uri)
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if parts.password is not None:
+        user, password = unquote(parts.username or ""), unquote(parts.password)
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return {"Authorization": f"Bearer {token}"}
+    return {}
 
 
 def default_artifact_location(uri: str) -> str | None:
@@ -46,22 +82,33 @@ def default_artifact_location(uri: str) -> str | None:
 def check_tracking(uri: str, timeout: float = 5.0) -> None:
     """Fail before any training if the tracking server does not answer, with what to do about it."""
     if uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)
+        bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))  # urllib cannot take user:pass@
         try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+            request = urllib.request.Request(f"{bare.rstrip('/')}/health", headers=_auth_header(uri))
+            with urllib.request.urlopen(request, timeout=timeout) as r:
                 if r.status == 200:
                     return
                 problem = f"HTTP {r.status}"
-        except (urllib.error.URLError, OSError) as e:
-            problem = str(getattr(e, "reason", e))
+        except urllib.error.HTTPError as e:
+            if e.code not in (401, 403):
+                raise TrackingError(f"MLflow tracking server {redact(uri)} answers /health with HTTP {e.code}; fix "
+                                    "--mlflow-uri / MLFLOW_TRACKING_URI") from None
+            raise TrackingError(
+                f"MLflow tracking server {redact(uri)} refused access (HTTP {e.code}): set MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN, or give them in the URI "
+                "(http://USER:PASSWORD@host:port)") from None
+        except (urllib.error.URLError, OSError, ValueError) as e:  # ValueError: a URI urllib cannot parse
+            problem = redact(str(getattr(e, "reason", e)))
         raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable ({problem}); start it (for example "
+            f"MLflow tracking server {redact(uri)} is unreachable ({problem}); start it (for example "
             "`mlflow server --host 127.0.0.1 --port 5000`), fix --mlflow-uri / MLFLOW_TRACKING_URI, "
             "or unset both to use the local store ./mlflow.db"
         )
     if uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise TrackingError(f"MLflow store {uri}: folder {folder} is missing or not writable")
+            raise TrackingError(f"MLflow store {redact(uri)}: folder {folder} is missing or not writable")
 
 
 def client(uri: str):
@@ -142,4 +189,4 @@ def ui_command(uri: str) -> str:
     if uri.startswith("sqlite:///"):
         art = default_artifact_location(uri)
         return f"mlflow ui --backend-store-uri {uri} --default-artifact-root {art} --host 127.0.0.1 --port 5000"
-    return f"open {uri} in a browser"
+    return f"open {redact(uri)} in a browser"

@@ -80,7 +80,7 @@ def main() -> None:
     if not (data / "train.txt").exists() and not args.data:
         from anodfd.synth import synthesize
 
-        synthesize("OL", data, pairs=args.pairs, seed=0, size=(2048, 1536))
+        synthesize("OL", data, pairs=args.pairs, seed=0, size=(2048, 1536), force=True)  # redo a run cut short
     pairs = load_split(data, "train")
     cache_dir = Path(tempfile.mkdtemp(prefix="anodfd-bench-cache-"))
     kw = {"batch_size": args.batch_size, "shuffle": True, "num_workers": args.num_workers}

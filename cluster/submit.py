@@ -104,10 +104,22 @@ def check_score_args(argv: list[str]) -> argparse.Namespace:
     return ns
 
 
+def _refuse_credentials(uri: str | None) -> None:
+    """A password in the URI would travel in the job's runtime env, which the dashboard and `ray job` show."""
+    from urllib.parse import urlsplit
+
+    if uri and "://" in uri and urlsplit(uri).password is not None:
+        shown = uri.replace(f":{urlsplit(uri).password}@", ":***@")
+        raise SubmitError(f"MLflow URI {shown}: a cluster job would show this password to anyone who reads the job; "
+                          "pass the URI without it and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD on "
+                          "the cluster's nodes (the image's environment, or a Kubernetes secret)")
+
+
 def build_score_runtime_env(path: Path, score: argparse.Namespace) -> dict:
     """The runtime env file for a scoring job: a registry URI the job can reach when the model comes from it."""
     env, env_vars = _load_runtime_env(path)
     uri = score.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or env_vars.get("MLFLOW_TRACKING_URI")
+    _refuse_credentials(uri)
     if score.model:
         if not uri or not uri.startswith(("http://", "https://", "databricks")):
             raise SubmitError(f"MLflow URI {uri!r}: --model is read from the registry on the cluster; pass "
@@ -121,6 +133,7 @@ def build_runtime_env(path: Path, search: argparse.Namespace) -> dict:
     env, env_vars = _load_runtime_env(path)
     storage = search.storage_flag or os.environ.get("ANODFD_STORAGE") or env_vars.get("ANODFD_STORAGE")
     uri = search.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or env_vars.get("MLFLOW_TRACKING_URI")
+    _refuse_credentials(uri)
     if not uri or not uri.startswith(("http://", "https://", "databricks")):
         raise SubmitError(f"MLflow URI {uri!r}: a cluster needs a tracking server every node can reach; pass "
                           "--mlflow-uri http://HOST:5000 (a SQLite file lives on one node's disk)")

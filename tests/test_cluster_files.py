@@ -149,6 +149,21 @@ def test_no_credentials_in_cluster_files():
         assert not secret.search(path.read_text()), f"{path}: {secret.search(path.read_text())}"
 
 
+def test_a_password_in_the_mlflow_uri_never_reaches_the_job(monkeypatch):
+    """The job's runtime env is readable by anyone who can list jobs: a URI with a password is refused, and the
+    refusal does not print it."""
+    submit = load_submit()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    search = submit.check_search_args(["--dataset", "OL", "--mlflow-uri", "http://ann:s3cr3t-pw@mlflow:5000",
+                                       "--storage", "s3://bucket/runs"])
+    with pytest.raises(submit.SubmitError) as e:
+        submit.build_runtime_env(CLUSTER / "runtime_env.yaml", search)
+    assert "s3cr3t-pw" not in str(e.value) and "MLFLOW_TRACKING_PASSWORD" in str(e.value)
+    search.mlflow_uri = "http://mlflow:5000"
+    assert submit.build_runtime_env(CLUSTER / "runtime_env.yaml", search)["env_vars"]["MLFLOW_TRACKING_URI"] == \
+        "http://mlflow:5000"
+
+
 def test_best_checkpoint_is_fetched_from_a_storage_uri(tmp_path):
     """Storage given as a URI (s3://, gs://; here file://, the same pyarrow code path) is read through a copy."""
     import torch

@@ -172,6 +172,8 @@ def test_decide_champion_floor_protocol_and_ties():
     assert not take and "protocol p0" in reason and "not comparable" in reason
     take, reason = gate.decide_champion(new, version(protocol_id="p1"))  # promoted by hand, untagged
     assert not take and "no test_f1" in reason
+    take, reason = gate.decide_champion({}, None)  # registered by hand: no scores at all
+    assert not take and "no test F1 (tag test_f1)" in reason
     with pytest.raises(registry.RegistryError, match="needs a test F1"):
         gate.log_and_register("http://unused", "unused.pt", DATASET, card(float("nan")), "run")
 
@@ -243,9 +245,9 @@ def test_pyfunc_model_matches_checkpoint(history, mlflow_server, weights, synth_
     # A ready request body for `mlflow models serve` travels with every version.
     assert pyfunc.metadata.saved_input_example_info["serving_input_path"] == "serving_input_example.json"
 
-    # Real pairs at sizes unlike the model's (and unlike each other), as RGB arrays and as lossless PNG files.
+    # Real pairs at a size unlike the model's, as RGB arrays and as lossless PNG files.
     pairs = read_split(synth_ol, "test")[:2]
-    hists = [cv2.resize(cv2.imread(str(p.hist))[..., ::-1], (90, 70)) for p in pairs]
+    hists = [cv2.resize(cv2.imread(str(p.hist))[..., ::-1], (61, 83)) for p in pairs]
     curs = [cv2.resize(cv2.imread(str(p.cur))[..., ::-1], (61, 83)) for p in pairs]
     batch = pyfunc.predict({"history": np.stack(hists), "current": np.stack(curs)})
     assert batch.shape == (2, 83, 61) and batch.dtype == np.float32
@@ -271,12 +273,15 @@ def test_pyfunc_model_matches_checkpoint(history, mlflow_server, weights, synth_
         direct = resize_probs(probs, 83, 61)[0, 0].numpy()
         np.testing.assert_allclose(batch[i], direct, atol=1e-6)
 
-    # A "ragged" batch: images of different sizes in one call, one map per current image at its own size.
+    # A "ragged" batch: pairs of different sizes in one call, one map per current image at its own size. The two
+    # images of one pair must agree, as on the REST path.
     ragged = {k: np.empty(2, dtype=object) for k in ("history", "current")}
-    ragged["history"][:] = [hists[0], curs[1]]
-    ragged["current"][:] = [curs[0], hists[1]]
+    ragged["history"][:] = [hists[0], cv2.resize(hists[1], (90, 70))]
+    ragged["current"][:] = [curs[0], cv2.resize(curs[1], (90, 70))]
     maps = pyfunc.predict(ragged)
     assert [m.shape for m in maps] == [(83, 61), (70, 90)]
+    with pytest.raises(MlflowException, match="row 0: history is 90x70 but current is 61x83"):
+        pyfunc.predict({"history": cv2.resize(hists[0], (90, 70)), "current": curs[0]})
     np.testing.assert_allclose(maps[0], batch[0], atol=1e-6)
 
 
@@ -318,6 +323,41 @@ def test_models_list_and_promote_cli(history, mlflow_server, capsys):
     assert aliases(mlflow_server)["champion"] == 2
     assert main(["models", "list", "--dataset", "NoSuchData", "--mlflow-uri", mlflow_server]) == 2
     assert "no registered model anodfdnet-NoSuchData" in capsys.readouterr().err
+
+
+def test_aliases_are_lower_case(history, mlflow_server, capsys):
+    """MLflow's aliases are case-sensitive: `--alias Champion` used to add a second alias and leave champion where
+    it was (a rollback that did nothing, with exit 0). It now means champion."""
+    target = 1 if aliases(mlflow_server)["champion"] != 1 else 3
+    assert main(["models", "promote", "--dataset", DATASET, "--version", str(target), "--alias", "Champion",
+                 "--reason", "rollback", "--mlflow-uri", mlflow_server]) == 0
+    assert f"{NAME}@champion -> version {target}" in capsys.readouterr().out
+    now = aliases(mlflow_server)
+    assert now["champion"] == target and set(now) == {"champion", "challenger"}
+    gate.promote(mlflow_server, DATASET, target, alias="CHALLENGER")
+    assert aliases(mlflow_server) == {"champion": target, "challenger": target}
+
+
+def test_gate_judges_versions_without_anodfd_tags(mlflow_server, checkpoint, search_run, capsys):
+    """`models gate` on a version whose dataset tag is gone, and on one registered by hand with no tags at all:
+    each is judged like any other version (it crashed with KeyError: 'dataset')."""
+    dataset = f"{DATASET}nt"
+    assert gate.log_and_register(mlflow_server, checkpoint, dataset, card(0.5), search_run).champion
+    name, v2 = registry.register_version(mlflow_server, checkpoint, dataset, card(0.7), search_run)
+    c = tracking.client(mlflow_server)
+    c.delete_model_version_tag(name, str(v2), "dataset")
+    gate_cli = ["models", "gate", "--dataset", dataset, "--mlflow-uri", mlflow_server, "--version"]
+    assert main([*gate_cli, str(v2)]) == 0
+    assert "champion moved to it" in capsys.readouterr().out
+    first = c.get_model_version(name, "1")
+    bare = int(c.create_model_version(name, source=first.source, run_id=search_run,
+                                      model_id=first.source.removeprefix("models:/")).version)
+    assert not {k for k in c.get_model_version(name, str(bare)).tags if k.startswith("test_")}
+    assert main([*gate_cli, str(bare)]) == 0
+    out = capsys.readouterr().out
+    assert "champion unchanged" in out and "no test F1 (tag test_f1)" in out
+    assert {k: int(v) for k, v in c.get_registered_model(name).aliases.items()} == {"champion": v2,
+                                                                                      "challenger": bare}
 
 
 def test_predict_and_eval_from_registry_match_checkpoint(history, mlflow_server, weights, synth_ol, tmp_path):

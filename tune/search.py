@@ -23,7 +23,7 @@ from pathlib import Path
 
 from anodfd import tracking
 from anodfd.cli import add_data_flags, add_group_flags, add_view_flags
-from anodfd.config import MODEL_NAMES, PRESETS, Config, ConfigError, with_window
+from anodfd.config import MAX_EPOCHS, MODEL_NAMES, PRESETS, Config, ConfigError, with_window
 from anodfd.data.layouts import DatasetError, load_split, resolve_data_dir
 from anodfd.preflight import check_cluster
 from anodfd.ray_connect import init_ray
@@ -50,6 +50,7 @@ SEARCH_PRESETS = {
 METRICS = ("f1", "calibrated_f1", "iou", "auc")
 SEARCH_MARKER = "anodfd_search.json"  # in each search folder: its dataset, so --resume can find the latest
 TRIAL_DRIVER_CPU = 0.1  # the Tune function that launches a trial's TorchTrainer only waits
+MAX_SAMPLES = 10_000  # trials of one search (and trials at once): more is a slipped digit
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -135,10 +136,10 @@ def search(args: argparse.Namespace) -> int:
 
     # Bad numbers fail here, in one line, before Ray, MLflow or the storage are touched.
     check_resources(args.workers_per_trial, args.cpus_per_worker, args.gpus_per_worker, "--workers-per-trial")
-    for flag, value in (("--num-samples", args.num_samples), ("--max-epochs", args.max_epochs),
-                        ("--max-concurrent", args.max_concurrent)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} {value}: must be 1 or more")
+    for flag, value, most in (("--num-samples", args.num_samples, MAX_SAMPLES), ("--max-epochs", args.max_epochs,
+                              MAX_EPOCHS), ("--max-concurrent", args.max_concurrent, MAX_SAMPLES)):
+        if value is not None and not 1 <= value <= most:
+            raise ConfigError(f"{flag} {value}: must be 1 or more (at most {most})")
     preset = SEARCH_PRESETS[args.preset]
     metric = args.metric or preset["metric"]
     num_samples = args.num_samples or preset["num_samples"]

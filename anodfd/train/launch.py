@@ -17,7 +17,7 @@ from pathlib import Path
 from ray.train import UserCallback  # Ray
 
 from anodfd import tracking
-from anodfd.checkpoint import load_checkpoint
+from anodfd.checkpoint import load_checkpoint, read_checkpoint
 from anodfd.config import Config, ConfigError
 from anodfd.data.cache import default_cache_dir
 from anodfd.data.dataset import make_dataset
@@ -93,13 +93,22 @@ def prepare(config: Config, opts: RayOptions) -> tuple[Config, str, str]:
     """Validate everything cheap to validate; returns (config with absolute paths, storage, run name)."""
     if not config.data.cache_dir:  # workers run in another directory: give them an absolute cache
         config.data.cache_dir = str(default_cache_dir().resolve())
-    make_dataset(config.data, "train")  # lists, files and image headers: DatasetError names the problem
+    train = make_dataset(config.data, "train")  # lists, files and image headers: DatasetError names the problem
     val = make_dataset(config.data, "val")
+    share = len(train) // opts.workers  # the train pairs of one DDP worker
+    if config.train.batch_size > share:
+        raise ConfigError(f"--batch-size {config.train.batch_size} (train.batch_size): each of the {opts.workers} "
+                          f"worker(s) gets {share} of the {len(train)} train pairs of {config.data.data}; "
+                          + (f"pass --batch-size {share} or less" if share else "use fewer workers"))
     if len(val) < opts.workers:
         # Each DDP worker scores its own share of validation; one with none would meet its peers at another
         # collective and hang them.
         raise ConfigError(f"the validation split of {config.data.data} has {len(val)} pair(s), fewer than the "
                           f"{opts.workers} DDP workers; use at most {len(val)} worker(s) or list more validation pairs")
+    name = opts.name or "{}-{}-d{}-{}".format(
+        Path(config.data.data).name, config.model.name, config.model.depth, time.strftime("%Y%m%d-%H%M%S"))
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or set(name) == {"."}:  # "." and ".." would be the storage itself
+        raise ConfigError(f"run name {name!r}: use letters, digits, '.', '_' and '-' only, not dots alone")
     remote = "://" in opts.storage
     storage = opts.storage if remote else str(Path(opts.storage).expanduser().resolve())
     if not remote:
@@ -110,10 +119,6 @@ def prepare(config: Config, opts: RayOptions) -> tuple[Config, str, str]:
                               "you can write to") from None
         if not os.access(storage, os.W_OK):
             raise ConfigError(f"storage folder {storage} is not writable; pass --storage DIR you can write to")
-    name = opts.name or "{}-{}-d{}-{}".format(
-        Path(config.data.data).name, config.model.name, config.model.depth, time.strftime("%Y%m%d-%H%M%S"))
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-        raise ConfigError(f"run name {name!r}: use letters, digits, '.', '_' and '-' only")
     if not remote:
         latest = latest_checkpoint(Path(storage) / name)
         if latest is not None:  # resuming: the model must be the one trained so far
@@ -146,7 +151,7 @@ def best_checkpoint_file(run_dir: Path, metric: str = "f1") -> Path | None:
     """The kept checkpoint of a local run folder that `selection_key` ranks first by ``metric`` (works for runs
     ASHA killed)."""
     found = sorted(run_dir.glob(f"epoch_*/{CHECKPOINT_FILE}"))
-    return max(found, key=lambda p: selection_key(load_checkpoint(p)["metrics"], metric), default=None)
+    return max(found, key=lambda p: selection_key(read_checkpoint(p)["metrics"], metric), default=None)
 
 
 def size_workers(opts: RayOptions, joined: bool) -> None:
