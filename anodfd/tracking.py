@@ -56,6 +56,12 @@ def use_credentials(uri: str) -> str:
         return uri
     os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
     os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    return _without_userinfo(uri)
+
+
+def _without_userinfo(uri: str) -> str:
+    """``uri`` without ``user:password@`` (which urllib cannot open either)."""
+    parts = urlsplit(uri)
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
@@ -82,8 +88,7 @@ def default_artifact_location(uri: str) -> str | None:
 def check_tracking(uri: str, timeout: float = 5.0) -> None:
     """Fail before any training if the tracking server does not answer, with what to do about it."""
     if uri.startswith(("http://", "https://")):
-        parts = urlsplit(uri)
-        bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))  # urllib cannot take user:pass@
+        bare = _without_userinfo(uri)
         try:
             request = urllib.request.Request(f"{bare.rstrip('/')}/health", headers=_auth_header(uri))
             with urllib.request.urlopen(request, timeout=timeout) as r:

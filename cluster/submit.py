@@ -108,9 +108,10 @@ def _refuse_credentials(uri: str | None) -> None:
     """A password in the URI would travel in the job's runtime env, which the dashboard and `ray job` show."""
     from urllib.parse import urlsplit
 
+    from anodfd.tracking import redact
+
     if uri and "://" in uri and urlsplit(uri).password is not None:
-        shown = uri.replace(f":{urlsplit(uri).password}@", ":***@")
-        raise SubmitError(f"MLflow URI {shown}: a cluster job would show this password to anyone who reads the job; "
+        raise SubmitError(f"MLflow URI {redact(uri)}: a cluster job would show this password to anyone who reads the job; "
                           "pass the URI without it and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD on "
                           "the cluster's nodes (the image's environment, or a Kubernetes secret)")
 
