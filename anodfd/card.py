@@ -53,7 +53,8 @@ def model_card(uri: str, name: str, version: int, tags: dict[str, str], experime
         "|---|---|---|---|---|---|",
         *rows,
         "",
-        f"- **Serves with threshold** {num('served_threshold')} (calibrated on validation).",
+        (f"- **Serves with threshold** {num('served_threshold')} (calibrated on validation); the champion gate "
+         "compares F1 at that threshold."),
         (f"- **Defects** at that threshold: F {num('test_defect_f')}, recall {num('test_defect_recall')}, precision "
          f"{num('test_defect_precision')}; {num('test_false_alarms_per_image')} false alarms per pair; every defect "
          f"found in {num('test_all_found')} of the pairs that have any."),
@@ -62,7 +63,7 @@ def model_card(uri: str, name: str, version: int, tags: dict[str, str], experime
             f"false alarms per pair; DeepPCB's rule (IoU > 0.33, one to one) F {num('test_strict_f')}, recall "
             f"{num('test_strict_recall')}, precision {num('test_strict_precision')}.")] if "test_box_f" in tags else []),
         (f"- **Floor**: template differencing test F1 {num('floor_f1')} (threshold {num('floor_threshold')} fitted "
-        f"on train); pixel AUC must reach {MIN_AUC:g}."),
+        f"on train), which F1 at the served threshold must beat; pixel AUC must reach {MIN_AUC:g}."),
         (f"- **Protocol** `{tags.get('protocol_id', '-')}`: data fingerprint {protocol.get('fingerprint', '-')}, "
         f"split {protocol.get('split', '-')}; {protocol.get('resolution', '-')}; {protocol.get('thresholds', '-')}"
         + (f"; defects {protocol['defects']}." if "defects" in protocol else ".")),

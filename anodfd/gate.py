@@ -74,22 +74,29 @@ def _mlflow_errors() -> tuple[type[BaseException], ...]:
     return MlflowException, requests.RequestException, ConnectionError, TimeoutError
 
 
+# The F1 the gate compares: at the threshold the version serves with (`predict`, `score`, the pyfunc), not at 0.5,
+# so a version cannot win the gate at one threshold and then find nothing as served.
+GATE_F1 = "test_f1_calibrated"
+
+
 def decide_champion(tags: dict[str, str], champion) -> tuple[bool, str]:
     """Whether a version with these tags takes over from ``champion`` (a ModelVersion or None), and why.
 
     It must clear the floor (`anodfd.scoring.shortfall`) and, when there is a champion, beat its test F1 under the
-    same protocol; a tie keeps the incumbent.
+    same protocol; both at the threshold each version serves with (tag `GATE_F1`); a tie keeps the incumbent.
     """
-    if not is_number(tags.get("test_f1", "")):
-        return False, ("stays challenger: it has no test F1 (tag test_f1) to compare, so it was not registered by "
-                       "anodfd; move champion by hand if it should serve (anodfd models promote)")
-    f1, auc = float(tags["test_f1"]), float(tags.get("test_auc", "nan"))
+    if not is_number(tags.get(GATE_F1, "")):
+        return False, (f"stays challenger: it has no test F1 at its served threshold (tag {GATE_F1}) to compare, so "
+                       "it was not registered by this anodfd; move champion by hand if it should serve "
+                       "(anodfd models promote)")
+    f1, auc = float(tags[GATE_F1]), float(tags.get("test_auc", "nan"))
+    at = f" at its served threshold {tags['served_threshold']}" if "served_threshold" in tags else ""
     if "floor_f1" not in tags:
         return False, "stays challenger: no template-differencing floor was recorded for it"
     floor = float(tags["floor_f1"])
-    if short := shortfall(f1, auc, floor):
+    if short := shortfall(f1, auc, floor, at=at):
         return False, f"stays challenger: {short}"
-    cleared = f"test F1 {f1:.4f} clears the floor {floor:.4f} (AUC {auc:.4f})"
+    cleared = f"test F1 {f1:.4f}{at} clears the floor {floor:.4f} (AUC {auc:.4f})"
     if champion is None:
         return True, f"no champion yet; {cleared}"
     v, ctags = champion.version, champion.tags
@@ -99,12 +106,13 @@ def decide_champion(tags: dict[str, str], champion) -> tuple[bool, str]:
             f"{tags.get('protocol_id')}: not comparable; re-score it with the data "
             f"(anodfd models gate --data DIR), or move champion by hand (anodfd models promote)"
         )
-    if "test_f1" not in ctags:
-        return False, f"champion v{v} has no test_f1 tag to compare with, so champion stays"
-    old = float(ctags["test_f1"])
+    if not is_number(ctags.get(GATE_F1, "")):
+        return False, f"champion v{v} has no {GATE_F1} tag to compare with, so champion stays"
+    old = float(ctags[GATE_F1])
     if f1 > old:
         return True, f"{cleared} and beats champion v{v}'s {old:.4f} under protocol {tags['protocol_id']}"
-    return False, f"test F1 {f1:.4f} does not beat champion v{v}'s {old:.4f} under protocol {tags['protocol_id']}"
+    return False, (f"test F1 {f1:.4f}{at} does not beat champion v{v}'s {old:.4f} under protocol "
+                   f"{tags['protocol_id']}")
 
 
 Rescore = Callable[[dict], Scorecard]  # a checkpoint dict -> its scores under the gate's protocol

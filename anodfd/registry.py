@@ -80,9 +80,9 @@ def register_version(
 
     from anodfd.checkpoint import load_checkpoint
 
-    f1 = card.metrics.get("f1", math.nan)
-    if not 0.0 <= f1 <= 1.0:  # also catches NaN and a missing F1
-        raise RegistryError(f"a scorecard needs a test F1 in [0, 1] to register a model; got {card.metrics}")
+    for scores in (card.metrics, card.calibrated):  # at 0.5, and at the served threshold the gate compares
+        if not 0.0 <= scores.get("f1", math.nan) <= 1.0:  # also catches NaN and a missing F1
+            raise RegistryError(f"a scorecard needs a test F1 in [0, 1] to register a model; got {scores}")
     model_name(dataset)
     check_tracking(uri)
     ckpt = load_checkpoint(checkpoint)  # a clear error for a bad path, before anything is logged
@@ -261,10 +261,12 @@ def format_versions(rows: list[dict]) -> str:
     def num(v: float | None) -> str:
         return "-" if v is None else f"{v:.4f}"
 
-    lines = [f"{'version':>7}  {'aliases':<20} {'test F1':>7}  {'IoU':>6}  {'AUC':>6}  {'fingerprint':<16}  created"]
+    lines = [(f"{'version':>7}  {'aliases':<20} {'F1@0.5':>7}  {'F1 served':>9}  {'IoU':>6}  {'AUC':>6}  "
+              f"{'fingerprint':<16}  created")]
     for r in rows:
         lines.append(
             f"{r['version']:>7}  {','.join(r['aliases']) or '-':<20} {num(r.get('test_f1')):>7}  "
+            f"{num(r.get('test_f1_calibrated')):>9}  "
             f"{num(r.get('test_iou')):>6}  {num(r.get('test_auc')):>6}  {r['fingerprint'] or '-':<16}  {r['created']}"
         )
     return "\n".join(lines)

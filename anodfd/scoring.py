@@ -42,7 +42,8 @@ from anodfd.metrics import (
     plot_roc,
 )
 
-PROTOCOL_VERSION = 3  # 2: defect-level scores; 3: mask fragments grouped into defects, specks ignored
+PROTOCOL_VERSION = 4  # 2: defect-level scores; 3: mask fragments grouped into defects, specks ignored;
+# 4: the gate compares F1 at the served threshold
 MIN_AUC = 0.6  # pixel AUC a version needs to take champion: 0.5 is a coin toss, 0.6 is clearly more
 GRID_PAIRS = 4  # test pairs in the model card's overlay grid
 _KERNEL = cv2.getStructuringElement(cv2.MORPH_RECT, (3, 3))
@@ -55,7 +56,8 @@ class Protocol:
     fingerprint: str  # `anodfd.data.layouts.fingerprint`: the splits' file contents
     split: str = "test"
     resolution: str = "native: each probability map bilinearly resized to its mask's size, as anodfd predict"
-    thresholds: str = "test_* at 0.5 (the paper's); test_*_calibrated at the checkpoint's validation-calibrated one"
+    thresholds: str = ("test_* at 0.5 (the paper's); test_*_calibrated at the checkpoint's validation-calibrated one, "
+                       "which it serves with and the gate compares")
     floor: str = "template differencing at native size, 3x3 opening, threshold fitted on the train split"
     defects: str = (f"at the served threshold: mask pixels grouped across gaps of up to {DEFECT_GAP} px, groups of at "
                     f"least {MIN_REGION_AREA} px, are defects (smaller ones are ignored specks); each predicted region "
@@ -75,11 +77,12 @@ class Protocol:
         return cls(**json.loads(text))
 
 
-def shortfall(f1: float, auc: float, floor_f1: float, min_auc: float = MIN_AUC) -> str | None:
-    """Why a version with test ``f1`` and ``auc`` may not be champion, with by how much; None if it clears the floor."""
+def shortfall(f1: float, auc: float, floor_f1: float, min_auc: float = MIN_AUC, at: str = "") -> str | None:
+    """Why a version with test ``f1`` (measured ``at`` some threshold) and ``auc`` may not be champion, with by how
+    much; None if it clears the floor."""
     problems = []
     if not f1 > floor_f1:
-        problems.append(f"test F1 {f1:.4f} is {floor_f1 - f1:.4f} short of the template-differencing floor "
+        problems.append(f"test F1 {f1:.4f}{at} is {floor_f1 - f1:.4f} short of the template-differencing floor "
                         f"{floor_f1:.4f}")
     if not auc >= min_auc:  # also NaN
         problems.append(f"pixel AUC {auc:.4f} is {min_auc - auc:.4f} short of {min_auc:g}")
@@ -104,7 +107,8 @@ class Scorecard:
 
     @property
     def shortfall(self) -> str | None:
-        return shortfall(self.metrics["f1"], self.metrics["auc"], self.floor_f1)
+        return shortfall(self.calibrated["f1"], self.metrics["auc"], self.floor_f1,
+                         at=f" at its served threshold {self.threshold:.6g}")
 
     def tags(self) -> dict[str, str]:
         """Registry version tags: test_<metric>, test_<metric>_calibrated, the protocol and the floor."""

@@ -84,7 +84,7 @@ def history(mlflow_server, weights, search_run, synth_ol):
 def test_first_registration_is_champion_with_tags(history, mlflow_server, search_run, synth_ol, checkpoint):
     reg, after = history[0]
     assert (reg.name, reg.version, reg.champion) == (NAME, 1, True)
-    assert "no champion yet; test F1 0.5000 clears the floor 0.1000" in reg.reason
+    assert "no champion yet; test F1 0.5000 at its served threshold 0.5 clears the floor 0.1000" in reg.reason
     assert after == {"champion": 1, "challenger": 1}
     c = tracking.client(mlflow_server)
     mv = c.get_model_version(NAME, "1")
@@ -135,7 +135,7 @@ def test_champion_gate(history):
     (worse, a2), (equal, a3), (better, a4), (other_data, a5), (weak_auc, a6) = history[1:]
     assert (worse.version, worse.champion) == (2, False)
     assert a2 == {"champion": 1, "challenger": 2}
-    assert "0.4000 does not beat champion v1's 0.5000" in worse.reason
+    assert "0.4000 at its served threshold 0.5 does not beat champion v1's 0.5000" in worse.reason
     assert (equal.version, equal.champion) == (3, False)  # a tie keeps the incumbent
     assert a3 == {"champion": 1, "challenger": 3}
     assert (better.version, better.champion) == (4, True)
@@ -157,23 +157,32 @@ def test_decide_champion_floor_protocol_and_ties():
     def version(**tags: str) -> ModelVersion:
         return ModelVersion(NAME, "7", 0, tags=[ModelVersionTag(k, v) for k, v in tags.items()])
 
-    new = {"test_f1": "0.5", "test_auc": "0.9", "floor_f1": "0.3", "protocol_id": "p1"}
-    held = version(test_f1="0.5", protocol_id="p1")
+    new = {"test_f1_calibrated": "0.5", "test_auc": "0.9", "floor_f1": "0.3", "protocol_id": "p1"}
+    held = version(test_f1_calibrated="0.5", protocol_id="p1")
     assert gate.decide_champion(new, None)[0] is True
     assert gate.decide_champion(new, held)[0] is False  # a tie keeps the incumbent
-    assert gate.decide_champion({**new, "test_f1": "0.5000001"}, held)[0] is True
-    take, reason = gate.decide_champion({**new, "test_f1": "0.25"}, None)  # even with no champion at all
+    assert gate.decide_champion({**new, "test_f1_calibrated": "0.5000001"}, held)[0] is True
+    take, reason = gate.decide_champion({**new, "test_f1_calibrated": "0.25"}, None)  # even with no champion at all
     assert not take and "test F1 0.2500 is 0.0500 short of the template-differencing floor 0.3000" in reason
     take, reason = gate.decide_champion({**new, "test_auc": "nan"}, None)
     assert not take and "pixel AUC nan" in reason
     take, reason = gate.decide_champion({k: v for k, v in new.items() if k != "floor_f1"}, None)
     assert not take and "no template-differencing floor" in reason
-    take, reason = gate.decide_champion({**new, "test_f1": "0.9"}, version(test_f1="0.5", protocol_id="p0"))
+    take, reason = gate.decide_champion({**new, "test_f1_calibrated": "0.9"},
+                                        version(test_f1_calibrated="0.5", protocol_id="p0"))
     assert not take and "protocol p0" in reason and "not comparable" in reason
     take, reason = gate.decide_champion(new, version(protocol_id="p1"))  # promoted by hand, untagged
-    assert not take and "no test_f1" in reason
+    assert not take and "no test_f1_calibrated" in reason
     take, reason = gate.decide_champion({}, None)  # registered by hand: no scores at all
-    assert not take and "no test F1 (tag test_f1)" in reason
+    assert not take and "no test F1 at its served threshold (tag test_f1_calibrated)" in reason
+    # Judged as served: F1 at 0.5 does not count, neither against the floor nor against the champion.
+    as_served = {**new, "test_f1": "0.9", "test_f1_calibrated": "0.2", "served_threshold": "0.62"}
+    take, reason = gate.decide_champion(as_served, None)
+    assert not take and "stays challenger: test F1 0.2000 at its served threshold 0.62 is 0.1000 short of the" in reason
+    take, reason = gate.decide_champion({**as_served, "test_f1_calibrated": "0.45"}, held)
+    assert not take and "test F1 0.4500 at its served threshold 0.62 does not beat champion v7's 0.5000" in reason
+    take, reason = gate.decide_champion({**new, "test_f1": "0.1", "test_f1_calibrated": "0.6"}, held)
+    assert take and "beats champion v7's 0.5000" in reason
     with pytest.raises(registry.RegistryError, match="needs a test F1"):
         gate.log_and_register("http://unused", "unused.pt", DATASET, card(float("nan")), "run")
 
@@ -194,12 +203,12 @@ def test_champion_under_another_protocol_is_rescored_before_the_comparison(mlflo
     real = score_checkpoint(load_checkpoint(checkpoint), synth_ol, "test", out=tmp_path / "card", progress=False)
     assert set(real.files) == {"roc.png", "overlays.jpg"} and real.protocol.id != old.protocol.id
     # Same checkpoint, so its true F1 is real.metrics["f1"]; the challenger is a hair better and clears its floor.
-    better = dataclasses.replace(real, metrics={**real.metrics, "f1": real.metrics["f1"] + 0.01, "auc": 0.9},
-                                 floor_f1=0.0)
+    better = dataclasses.replace(real, metrics={**real.metrics, "auc": 0.9}, floor_f1=0.0,
+                                 calibrated={**real.calibrated, "f1": real.calibrated["f1"] + 0.01})
     second = gate.log_and_register(mlflow_server, checkpoint, dataset, better, search_run, rescore=rescore)
     assert "re-scoring it under this one" in capsys.readouterr().out
     assert second.champion, second.reason
-    assert f"beats champion v1's {real.metrics['f1']:.4f} under protocol {real.protocol.id}" in second.reason
+    assert f"beats champion v1's {real.calibrated['f1']:.4f} under protocol {real.protocol.id}" in second.reason
 
     c = tracking.client(mlflow_server)
     name = registry.model_name(dataset)
@@ -313,7 +322,7 @@ def test_models_list_and_promote_cli(history, mlflow_server, capsys):
     assert len(lines) == 1 + len(history)
     row = {int(line.split()[0]): line.split() for line in lines[1:]}
     assert row[4][1:3] == ["champion", "0.6000"] and row[6][1:3] == ["challenger", "0.7000"]
-    assert row[1][1:5] == ["-", "0.5000", "0.3000", "0.8000"]
+    assert row[1][1:6] == ["-", "0.5000", "0.5000", "0.3000", "0.8000"]  # F1 at 0.5 and as served, IoU, AUC
 
     assert main(["models", "promote", "--dataset", DATASET, "--version", "2", "--mlflow-uri", mlflow_server]) == 0
     assert aliases(mlflow_server)["champion"] == 2  # explicit promotion bypasses the F1 gate
@@ -355,7 +364,7 @@ def test_gate_judges_versions_without_anodfd_tags(mlflow_server, checkpoint, sea
     assert not {k for k in c.get_model_version(name, str(bare)).tags if k.startswith("test_")}
     assert main([*gate_cli, str(bare)]) == 0
     out = capsys.readouterr().out
-    assert "champion unchanged" in out and "no test F1 (tag test_f1)" in out
+    assert "champion unchanged" in out and "no test F1 at its served threshold (tag test_f1_calibrated)" in out
     assert {k: int(v) for k, v in c.get_registered_model(name).aliases.items()} == {"champion": v2,
                                                                                       "challenger": bare}
 
