@@ -23,6 +23,9 @@ def start_local_ray(num_cpus: int | None = None, dashboard: bool = True) -> None
 
     import ray
 
+    # One machine that no cloud provider can take back: Train's preemption watcher (an actor per run, seconds of
+    # CPU to start on a laptop) would watch for nothing. Set before Ray starts, so every process of it inherits it.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if not dashboard:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
         return

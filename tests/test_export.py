@@ -24,6 +24,7 @@ def trained_like(config: Config, seed: int = 0, nudge: float = 0.05) -> torch.nn
     return model
 
 
+@pytest.mark.slow  # torch's ONNX exporter traces the network: about half a minute an export on 2 cores
 @pytest.mark.parametrize("name", ["tiny", "paper"])
 def test_export_matches_pytorch_at_two_sizes_and_batches(name, tmp_path):
     """The paper and tiny variants, exported once, agree with PyTorch to 1e-4 at 256x256 (batch 1) and 96x160
@@ -49,6 +50,7 @@ def test_export_matches_pytorch_at_two_sizes_and_batches(name, tmp_path):
     np.testing.assert_allclose(onnx_model.probs(hist, cur).numpy(), expected.numpy(), atol=1e-4)
 
 
+@pytest.mark.slow  # an ONNX export
 def test_predict_with_onnx_equals_predict_with_the_checkpoint(tmp_path):
     """`anodfd predict --onnx` reads view, window and threshold from the file, and gives the checkpoint's maps,
     boxes and scores for a pair larger than one window (tiled)."""

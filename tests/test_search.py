@@ -56,7 +56,7 @@ def test_smoke_search_end_to_end_through_a_killed_driver(synth_ol, tmp_path, mlf
     data = shutil.copytree(synth_ol, tmp_path / "OLsearch")  # its own registered model name: anodfdnet-OLsearch
     # One trial at a time: it gets the machine's cores (less the trial driver's 0.1), as `anodfd train` would.
     cmd = search_cmd(data, tmp_path / "runs", mlflow_server, "s1", "--metric", "auc", "--max-epochs", "3",
-                     "--max-concurrent", "1")
+                     "--max-concurrent", "1", samples=2)
     # A process group of its own: killing it kills the driver and the local Ray instance it started.
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen(cmd, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -83,7 +83,7 @@ def test_smoke_search_end_to_end_through_a_killed_driver(synth_ol, tmp_path, mlf
     parent, children = parent_and_children(mlflow_server, tmp_path / "runs" / "s1")
     assert parent.info.status == "FINISHED" and parent.data.params["search.metric"] == "auc"
     trial_ids = [r.data.tags["anodfd.trial_id"] for r in children]
-    assert len(trial_ids) == len(set(trial_ids)) == 3  # no duplicate MLflow run for any trial
+    assert len(trial_ids) == len(set(trial_ids)) == 2  # no duplicate MLflow run for any trial
     best_auc = {}  # trial run id -> its best validation AUC over the epochs it ran
     for run in children:
         assert run.info.status == "FINISHED"
@@ -114,8 +114,8 @@ def test_smoke_search_end_to_end_through_a_killed_driver(synth_ol, tmp_path, mlf
     # The registered epoch is the one with the trial's best validation AUC, whichever epoch that was.
     auc = {m.step: m.value for m in c.get_metric_history(tags["trial_run_id"], "auc")}
     assert auc[int(tags["epoch"])] == max(auc.values()), (tags["epoch"], auc)
-    # Champion exactly when the version cleared the template-differencing floor.
-    cleared = float(tags["test_f1"]) > float(tags["floor_f1"]) and float(tags["test_auc"]) >= 0.6
+    # Champion exactly when the version cleared the template-differencing floor at the threshold it serves with.
+    cleared = float(tags["test_f1_calibrated"]) > float(tags["floor_f1"]) and float(tags["test_auc"]) >= 0.6
     assert ("champion" in c.get_registered_model("anodfdnet-OLsearch").aliases) == cleared, tags
     assert ("stays challenger" in tags["registration_decision"]) != cleared
 
