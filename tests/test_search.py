@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -184,6 +185,9 @@ def test_a_search_whose_every_trial_scores_nan_fails_clearly(synth_ol, tmp_path,
     (["--num-samples", "0"], "--num-samples 0: must be 1 or more"),
     (["--max-epochs", "0"], "--max-epochs 0: must be 1 or more"),
     (["--max-concurrent", "0"], "--max-concurrent 0: must be 1 or more"),
+    (["--budget", "0"], "--budget 0: give a positive time such as 90s, 45m, 2h, or GPU-hours such as 8gpuh"),
+    (["--budget", "ten minutes"], "--budget ten minutes: give a positive time"),
+    (["--budget", "2d"], "--budget 2d: give a positive time"),
 ])
 def test_search_refuses_bad_numbers_before_anything_runs(synth_ol, tmp_path, monkeypatch, capsys, flags, message):
     search = load_search_module()
@@ -192,6 +196,33 @@ def test_search_refuses_bad_numbers_before_anything_runs(synth_ol, tmp_path, mon
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_budget_units():
+    search = load_search_module()
+    assert search.parse_budget("90") == (90.0, False)
+    assert search.parse_budget("90s") == (90.0, False)
+    assert search.parse_budget("45m") == (2700.0, False)
+    assert search.parse_budget("1.5h") == (5400.0, False)
+    assert search.parse_budget("8gpuh") == (28800.0, True)
+
+
+def test_a_budget_ends_the_search_in_time_and_registers_the_best_so_far(synth_ol, tmp_path):
+    """20 one-epoch trials would take a quarter of an hour here; a 120 s budget stops the trials once it is spent,
+    and the search ranks and registers what ran."""
+    data = shutil.copytree(synth_ol, tmp_path / "OLbudget")
+    cmd = search_cmd(data, tmp_path / "runs", f"sqlite:///{tmp_path / 'm.db'}", "b", "--max-epochs", "1",
+                     "--max-concurrent", "1", "--budget", "120s", samples=20)
+    start = time.monotonic()
+    proc = subprocess.run(cmd, env=env(), check=False, text=True, capture_output=True, timeout=900)
+    took = time.monotonic() - start
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "within 120 s of trials" in proc.stdout
+    reached = re.search(r"budget of 120 s reached: (\d+) of 20 trials trained an epoch or more", proc.stdout)
+    assert reached and 1 <= int(reached.group(1)) < 20, proc.stdout[-3000:]
+    assert "registry: anodfdnet-OLbudget version 1 -> alias challenger" in proc.stdout
+    # Ray's start, the scoring of the best trial and the registration come on top of the budget; 20 trials do not.
+    assert took < 120 + 240, took
 
 
 def test_missing_dataset_fails_fast_with_the_fix(tmp_path):

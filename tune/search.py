@@ -51,6 +51,19 @@ METRICS = ("f1", "calibrated_f1", "iou", "auc")
 SEARCH_MARKER = "anodfd_search.json"  # in each search folder: its dataset, so --resume can find the latest
 TRIAL_DRIVER_CPU = 0.1  # the Tune function that launches a trial's TorchTrainer only waits
 MAX_SAMPLES = 10_000  # trials of one search (and trials at once): more is a slipped digit
+BUDGET_UNITS = {"s": 1, "m": 60, "h": 3600, "gpuh": 3600}  # gpuh: seconds of one GPU, divided among those in use
+
+
+def parse_budget(text: str) -> tuple[float, bool]:
+    """``--budget`` -> (seconds, whether they are GPU-seconds); a bare number is seconds."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|gpuh)?\s*", text.lower())
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"--budget {text}: give a positive time such as 90s, 45m, 2h, or GPU-hours such as 8gpuh")
+    unit = match.group(2) or "s"
+    return float(match.group(1)) * BUDGET_UNITS[unit], unit == "gpuh"
+
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,6 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_view_flags(p)
     add_group_flags(p)
     p.add_argument("--num-samples", type=int, default=None, help="trials (default: the preset's)")
+    p.add_argument("--budget", default=None, metavar="TIME",
+                   help="stop starting and running trials after this long: wall-clock (90s, 45m, 2h) or GPU-hours "
+                        "(8gpuh: spread over the GPUs the trials use at once); the best trial so far is registered")
     p.add_argument("--max-epochs", type=int, default=None, help="epochs of a trial ASHA lets finish")
     p.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers of each trial")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 with preset paper on a GPU cluster, else 0")
@@ -140,6 +156,7 @@ def search(args: argparse.Namespace) -> int:
                               MAX_EPOCHS), ("--max-concurrent", args.max_concurrent, MAX_SAMPLES)):
         if value is not None and not 1 <= value <= most:
             raise ConfigError(f"{flag} {value}: must be 1 or more (at most {most})")
+    budget, gpu_budget = parse_budget(args.budget) if args.budget is not None else (None, False)
     preset = SEARCH_PRESETS[args.preset]
     metric = args.metric or preset["metric"]
     num_samples = args.num_samples or preset["num_samples"]
@@ -197,16 +214,27 @@ def search(args: argparse.Namespace) -> int:
         running = min(concurrency, fits)
         opts.cpus_per_worker = (res.get("CPU", 0) - TRIAL_DRIVER_CPU * running) / (running * opts.workers)
 
+    if gpu_budget:
+        in_use = min(concurrency, max(fits, 1)) * opts.workers * gpus  # GPUs busy while the trials run
+        if not in_use:
+            raise ConfigError(f"--budget {args.budget} is in GPU-hours, but the trials use no GPU: give it as time "
+                              "(for example 2h), or run on GPU workers")
+        budget /= in_use
     parent_run_id, resumed = tracking.start_run(uri, base, search_dir, name, args.experiment,
                                                 tags={"anodfd.kind": "search", "anodfd.dataset": dataset})
+    if (resumed or args.resume) and budget:
+        print(f"--budget {args.budget} not applied: a resumed search keeps what is left of the budget it started with")
+        budget = None
     if not resumed:
         tracking.log_params(uri, parent_run_id, {"search.metric": metric, "search.num_samples": num_samples,
                                                  "search.max_epochs": max_epochs, "search.preset": args.preset,
                                                  "search.workers_per_trial": opts.workers,
-                                                 "search.gpus_per_worker": gpus, "search.seed": args.seed})
+                                                 "search.gpus_per_worker": gpus, "search.seed": args.seed,
+                                                 "search.budget_s": budget})
         tracking.log_json(uri, parent_run_id, {k: repr(v) for k, v in SPACE.items()}, "search_space.json")
     print(f"{'resuming' if resumed else 'starting'} search {name}: {num_samples} trials of up to {max_epochs} epochs, "
-          f"{concurrency} at a time, {opts.workers} worker(s) per trial ({gpus:g} GPU each), maximising {metric}")
+          f"{concurrency} at a time, {opts.workers} worker(s) per trial ({gpus:g} GPU each), maximising {metric}"
+          + (f", within {budget:.0f} s of trials" if budget else ""))
 
     trainable = tune.with_resources(  # Ray
         tune.with_parameters(run_trial, base=base.to_dict(), opts=opts, train_storage=f"{search_dir}/train_runs",
@@ -225,12 +253,17 @@ def search(args: argparse.Namespace) -> int:
         tuner = tune.Tuner(  # Ray
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
-                                        max_concurrent_trials=concurrency),
+                                        max_concurrent_trials=concurrency, time_budget_s=budget),
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
         )
+    started = time.monotonic()
     results = tuner.fit()  # Ray
 
     rows = summarise(results, metric, max_epochs)
+    out_of_time = bool(budget) and time.monotonic() - started >= budget
+    if out_of_time:
+        print(f"\nbudget of {budget:.0f} s reached: {sum(r.epochs > 0 for r in rows)} of {num_samples} trials "
+              "trained an epoch or more; the best of them is ranked and registered")
     mark_trial_runs(uri, args.experiment, search_dir, rows)
     table = format_table(rows, metric)
     print("\n" + table)
@@ -238,6 +271,10 @@ def search(args: argparse.Namespace) -> int:
         tracking.end_run(uri, parent_run_id, "FAILED")
         raise ConfigError(f"no trial finished; see the trial errors under {search_dir}")
     finite = [r for r in rows if math.isfinite(r.value)]
+    if not finite and out_of_time and not any(r.epochs for r in rows):
+        tracking.end_run(uri, parent_run_id, "FAILED")
+        raise ConfigError(f"the budget of {budget:.0f} s ended before any trial finished an epoch; give a longer "
+                          f"--budget (this one was {args.budget})")
     if not finite:
         tracking.end_run(uri, parent_run_id, "FAILED")
         raise ConfigError(f"every finished trial has validation {metric} NaN, so none can be ranked (AUC needs both "
