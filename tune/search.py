@@ -267,6 +267,12 @@ def search(args: argparse.Namespace) -> int:
     mark_trial_runs(uri, args.experiment, search_dir, rows)
     table = format_table(rows, metric)
     print("\n" + table)
+    step_s, trial_s = (sum(r.extra.get(k, 0.0) for r in rows) for k in ("step_s", "trial_s"))
+    if trial_s > 0:
+        print(f"\ntime in train and validation steps: {step_s:.0f} s of the trials' {trial_s:.0f} s "
+              f"({step_s / trial_s:.0%}); the rest is starting worker groups, checkpoints and logging")
+        tracking.log_metrics(uri, parent_run_id, {"step_seconds": step_s, "trial_seconds": trial_s,
+                                                  "step_share": step_s / trial_s}, step=0)
     if not any(r.status == "TERMINATED" for r in rows):
         tracking.end_run(uri, parent_run_id, "FAILED")
         raise ConfigError(f"no trial finished; see the trial errors under {search_dir}")
@@ -340,8 +346,12 @@ def summarise(results, metric: str, max_epochs: int) -> list[TrialRow]:
         value = float(df[metric].max()) if df is not None and metric in df else float("nan")
         status = "ERROR" if r.error else "TERMINATED"
         params = {k: r.config[k] for k in SPACE if k in r.config}
+        # Seconds inside train and validation steps, against the trial's time from its start to its last report.
+        timing = {"step_s": sum(float(df[k].sum()) for k in ("train_s", "val_s") if k in df),
+                  "trial_s": float(df["time_total_s"].max())} if df is not None and "time_total_s" in df else {}
         rows.append(TrialRow(r.metrics.get("trial_id", Path(r.path).name), params, value, epochs,
-                             stopped_early=status == "TERMINATED" and epochs < max_epochs, status=status))
+                             stopped_early=status == "TERMINATED" and epochs < max_epochs, status=status,
+                             extra=timing))
     return sorted(rows, key=lambda r: -r.value if math.isfinite(r.value) else math.inf)
 
 

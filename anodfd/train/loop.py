@@ -153,12 +153,15 @@ def run_epoch(
                             log if rank == 0 else lambda s: None)
     if not math.isfinite(stats.loss):
         raise RuntimeError(f"epoch {epoch}: training loss is {stats.loss}; lower --lr or check the data")
+    val_start = time.perf_counter()
     pixels, images, defects = evaluate(model, val_ds, device, config.data.window, t.threshold,
                                        val_shard(val_ds, rank, world))
     metrics = epoch_metrics(pixels, images, t.threshold)
     metrics.update(defects.compute())  # at the fixed threshold, like F1
+    # train_s + val_s against a run's wall time: how much of it went into steps, not start-up, checkpoints, logging
     metrics.update(train_loss=stats.loss, lr=lr, pairs_per_s=stats.pairs_per_s,
-                   data_wait=stats.data_seconds / max(stats.seconds, 1e-9), epoch=epoch)
+                   data_wait=stats.data_seconds / max(stats.seconds, 1e-9), epoch=epoch, train_s=stats.seconds,
+                   val_s=time.perf_counter() - val_start)
     if device.type == "cuda":
         metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return metrics, pixels
