@@ -65,7 +65,6 @@ def parse_budget(text: str) -> tuple[float, bool]:
     return float(match.group(1)) * BUDGET_UNITS[unit], unit == "gpuh"
 
 
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # No abbreviations: a flag the search does not know must fail, not be taken as one that it does.
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
