@@ -229,7 +229,7 @@ def search(args: argparse.Namespace) -> int:
                                                  "search.max_epochs": max_epochs, "search.preset": args.preset,
                                                  "search.workers_per_trial": opts.workers,
                                                  "search.gpus_per_worker": gpus, "search.seed": args.seed,
-                                                 "search.budget_s": budget})
+                                                 **({"search.budget_s": budget} if budget else {})})
         tracking.log_json(uri, parent_run_id, {k: repr(v) for k, v in SPACE.items()}, "search_space.json")
     print(f"{'resuming' if resumed else 'starting'} search {name}: {num_samples} trials of up to {max_epochs} epochs, "
           f"{concurrency} at a time, {opts.workers} worker(s) per trial ({gpus:g} GPU each), maximising {metric}"
