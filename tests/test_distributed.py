@@ -21,6 +21,7 @@ import torch
 from anodfd.config import PRESETS, Config, ConfigError
 from anodfd.tracking import RUN_DIR_TAG, TrackingError, client
 from anodfd.train.launch import RayOptions, train_on_ray
+from anodfd.train.loop import fit
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -180,7 +181,8 @@ def test_killed_worker_restarts_from_checkpoint(synth_ol, tmp_path, mlflow_serve
 
 def test_rerun_with_same_name_resumes_bit_identically(synth_ol, tmp_path, mlflow_server):
     """2 epochs, then a rerun of the same name to 3: the same MLflow run continues, and the weights and optimizer
-    state equal those of 3 epochs straight. A single worker on this 2-CPU instance runs 2 torch threads."""
+    state equal those of 3 epochs straight (the plain loop, no Ray). A single worker on this 2-CPU instance runs 2
+    torch threads."""
     from conftest import same_state
 
     from anodfd.checkpoint import load_checkpoint
@@ -206,8 +208,13 @@ def test_rerun_with_same_name_resumes_bit_identically(synth_ol, tmp_path, mlflow
     assert len(runs) == 1
     assert [v for _, v in history(mlflow_server, second.mlflow_run_id, "threads")] == [2.0, 2.0, 2.0]
 
-    train_on_ray(smoke(synth_ol, **{"train.epochs": 3}),
-                 RayOptions(workers=1, storage=str(tmp_path), name="straight", mlflow_uri=mlflow_server))
+    # 3 epochs straight, in this process without Ray: a one-worker Ray run computes what the plain loop does.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fit(smoke(synth_ol, **{"train.epochs": 3}), tmp_path / "straight", log=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
     a, b = load_checkpoint(tmp_path / "again" / "last.pt"), load_checkpoint(tmp_path / "straight" / "last.pt")
     assert a["epoch"] == b["epoch"] == 3
     assert same_state(a["model"], b["model"]) and same_state(a["optimizer"], b["optimizer"])

@@ -128,11 +128,11 @@ def test_a_fault_in_the_gate_promotes_nothing_and_a_retry_succeeds(checkpoint, t
         first = gate.log_and_register(uri, checkpoint, "FAULT", card(0.5), run_id)
         assert first.champion
         name, version = registry.register_version(uri, checkpoint, "FAULT", card(0.8), run_id)
-        # A promotion that crashed while holding the lease: it never releases it; it expires in 30 s, time enough to
-        # see the gate wait for it and to stop the server under it.
-        # It renews nothing, so a contender breaks it 30 s (its ttl) after it first sees it.
+        # A promotion that crashed while holding the lease: it never releases it. It renews nothing, so a contender
+        # breaks it 12 s (its ttl) after it first sees it: time enough to see the gate wait for it and to stop the
+        # server under it.
         tracking.client(uri).create_registered_model(name + gate.LEASE_SUFFIX, tags={
-            "owner": "crashed-host:1:dead", "expires": f"{time.time() + 30:.3f}", "ttl": "30"})
+            "owner": "crashed-host:1:dead", "expires": f"{time.time() + 12:.3f}", "ttl": "12"})
         env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
         def lease_reads() -> int:
             return (root / "server.log").read_text().count(f"get?name={name}{gate.LEASE_SUFFIX} HTTP")

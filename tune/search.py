@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -24,6 +25,8 @@ from pathlib import Path
 from anodfd import tracking
 from anodfd.cli import add_data_flags, add_group_flags, add_view_flags
 from anodfd.config import MAX_EPOCHS, MODEL_NAMES, PRESETS, Config, ConfigError, with_window
+from anodfd.data.cache import read_mask
+from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import DatasetError, load_split, resolve_data_dir
 from anodfd.preflight import check_cluster
 from anodfd.ray_connect import init_ray
@@ -39,13 +42,18 @@ from anodfd.train.launch import (
 )
 from tune.space import PAPER_POINT, SPACE
 
+# ASHA's grace period: ranks after 1-3 epochs did not predict the final ones, from epoch 4 they did (Spearman 0.90;
+# docs/results/asha-rank.md, measured on the smoke preset; the paper preset takes the same, unmeasured).
+GRACE_PERIOD = 4
 SEARCH_PRESETS = {
     # The paper's network at the paper's size; 20 trials of up to 100 epochs.
-    "paper": {"config": PRESETS["paper"], "num_samples": 20, "max_epochs": 100, "metric": "f1", "first": PAPER_POINT},
+    "paper": {"config": PRESETS["paper"], "num_samples": 20, "max_epochs": 100, "metric": "f1", "first": PAPER_POINT,
+              "grace_period": GRACE_PERIOD},
     # A tiny network at a small size: a few short trials, minutes on a laptop; the first is the preset's own
     # settings. Early in training every pixel can sit below 0.5, so it ranks by F1 at the calibrated threshold.
     "smoke": {"config": PRESETS["smoke"], "num_samples": 4, "max_epochs": 15, "metric": "calibrated_f1",
-              "first": {k: v for k, v in Config().with_flat(PRESETS["smoke"]).flat().items() if k in SPACE}},
+              "first": {k: v for k, v in Config().with_flat(PRESETS["smoke"]).flat().items() if k in SPACE},
+              "grace_period": GRACE_PERIOD},
 }
 METRICS = ("f1", "calibrated_f1", "iou", "auc")
 SEARCH_MARKER = "anodfd_search.json"  # in each search folder: its dataset, so --resume can find the latest
@@ -80,6 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="stop starting and running trials after this long: wall-clock (90s, 45m, 2h) or GPU-hours "
                         "(8gpuh: spread over the GPUs the trials use at once); the best trial so far is registered")
     p.add_argument("--max-epochs", type=int, default=None, help="epochs of a trial ASHA lets finish")
+    p.add_argument("--grace-period", type=int, default=None, metavar="EPOCHS",
+                   help="epochs every trial trains before ASHA may stop it (default: the preset's; --max-epochs: no "
+                        "early stopping); benchmarks/asha_rank.py measures what it should be")
     p.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers of each trial")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 with preset paper on a GPU cluster, else 0")
     p.add_argument("--cpus-per-worker", type=float, default=None, help="default: 0.9 on CPU workers, 4 with GPUs")
@@ -160,6 +171,10 @@ def search(args: argparse.Namespace) -> int:
     metric = args.metric or preset["metric"]
     num_samples = args.num_samples or preset["num_samples"]
     max_epochs = args.max_epochs or preset["max_epochs"]
+    if args.grace_period is not None and not 1 <= args.grace_period <= max_epochs:
+        raise ConfigError(f"--grace-period {args.grace_period}: must be 1 or more and at most the {max_epochs} epochs "
+                          "of --max-epochs (which turns early stopping off)")
+    grace = args.grace_period or min(preset["grace_period"], max_epochs)
     data_dir = resolve_data_dir(dataset=args.dataset, data=args.data, data_root=args.data_root)
     dataset = data_dir.name  # the folder's name: `--dataset ol` registers into anodfdnet-OL
     view = {f"data.{k}": getattr(args, k) for k in ("resize", "scale", "crop", "crop_pos_fraction", "align",
@@ -173,6 +188,8 @@ def search(args: argparse.Namespace) -> int:
     uri = tracking.resolve_tracking_uri(args.mlflow_uri)
     tracking.check_tracking(uri)
     load_split(data_dir, "test", base.data.layout)
+    if metric == "auc":
+        check_auc_can_rank(base)
     if args.check:
         return check_only(args, str(data_dir), uri)
     name = args.name
@@ -229,6 +246,7 @@ def search(args: argparse.Namespace) -> int:
                                                  "search.max_epochs": max_epochs, "search.preset": args.preset,
                                                  "search.workers_per_trial": opts.workers,
                                                  "search.gpus_per_worker": gpus, "search.seed": args.seed,
+                                                 "search.grace_period": grace,
                                                  **({"search.budget_s": budget} if budget else {})})
         tracking.log_json(uri, parent_run_id, {k: repr(v) for k, v in SPACE.items()}, "search_space.json")
     print(f"{'resuming' if resumed else 'starting'} search {name}: {num_samples} trials of up to {max_epochs} epochs, "
@@ -248,7 +266,7 @@ def search(args: argparse.Namespace) -> int:
         searcher = OptunaSearch(SPACE, metric=metric, mode="max", points_to_evaluate=[preset["first"]],
                                 sampler=TPESampler(seed=args.seed))
         scheduler = ASHAScheduler(metric=metric, mode="max", time_attr="training_iteration", max_t=max_epochs,
-                                  grace_period=1, reduction_factor=2, stop_last_trials=False)
+                                  grace_period=grace, reduction_factor=2, stop_last_trials=False)
         tuner = tune.Tuner(  # Ray
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
@@ -325,6 +343,17 @@ def latest_search(storage: str, dataset: str) -> str:
     return name
 
 
+def check_auc_can_rank(config: Config) -> None:
+    """AUC needs anomalous pixels in validation: without one, every trial would train to a NaN score that nothing
+    can rank, so this is said before Ray starts. (A defect lost to the training view's resize still gives NaN; the
+    search reports that after the trials.)"""
+    val = make_dataset(config.data, "val")
+    if not any(read_mask(p.mask).any() for p in val.pairs):
+        raise ConfigError(f"the validation split of {config.data.data} has no anomalous pixel in its {len(val)} "
+                          "mask(s), so every trial's validation auc would be NaN and none could be ranked; search with "
+                          "another --metric, or list anomalous pairs for validation (anodfd data check shows the split)")
+
+
 def check_only(args: argparse.Namespace, data_dir: str, uri: str) -> int:
     """`--check`: the cluster preflight alone, with every GPU node checked; nothing is trained or written."""
     if not init_ray(args.address):
@@ -344,14 +373,22 @@ def summarise(results, metric: str, max_epochs: int) -> list[TrialRow]:
         epochs = int(df["epoch"].max()) if df is not None and "epoch" in df else 0
         value = float(df[metric].max()) if df is not None and metric in df else float("nan")
         status = "ERROR" if r.error else "TERMINATED"
-        params = {k: r.config[k] for k in SPACE if k in r.config}
+        # A trial the budget stopped before its first report has neither config nor metrics.
+        config, reported = r.config or {}, r.metrics or {}
+        params = {k: config[k] for k in SPACE if k in config}
         # Seconds inside train and validation steps, against the trial's time from its start to its last report.
         timing = {"step_s": sum(float(df[k].sum()) for k in ("train_s", "val_s") if k in df),
                   "trial_s": float(df["time_total_s"].max())} if df is not None and "time_total_s" in df else {}
-        rows.append(TrialRow(r.metrics.get("trial_id", Path(r.path).name), params, value, epochs,
+        rows.append(TrialRow(reported.get("trial_id") or trial_id_of(Path(r.path).name), params, value, epochs,
                              stopped_early=status == "TERMINATED" and epochs < max_epochs, status=status,
                              extra=timing))
     return sorted(rows, key=lambda r: -r.value if math.isfinite(r.value) else math.inf)
+
+
+def trial_id_of(trial_dir: str) -> str:
+    """The trial id in a Tune trial folder's name, ``run_trial_<id>_<index>_<params>_<date>``."""
+    found = re.match(r"run_trial_([0-9a-f]+(?:_[0-9]{5})?)_", trial_dir)
+    return found.group(1) if found else trial_dir
 
 
 def mark_trial_runs(uri: str, experiment: str, search_dir: str, rows: list[TrialRow]) -> None:
