@@ -117,6 +117,7 @@ def test_registration_in_a_local_store_away_from_the_working_directory(checkpoin
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the user's own, which must survive
+    before = mlflow.get_tracking_uri()  # the environment's, unless an earlier test in this process set one
     uri = f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}"
     (tmp_path / "elsewhere").mkdir()
     run_id, _ = tracking.start_run(uri, Config(), str(tmp_path / "search"), "search")
@@ -127,7 +128,7 @@ def test_registration_in_a_local_store_away_from_the_working_directory(checkpoin
     served = registry.load_checkpoint_from_registry(uri, "models:/anodfdnet-OLsqlite@champion")
     assert same_state(served["model"], load_checkpoint(checkpoint)["model"])
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:9"
-    assert mlflow.get_tracking_uri() == "http://127.0.0.1:9"
+    assert mlflow.get_tracking_uri() == before
     assert not (tmp_path / "mlflow.db").exists()
 
 

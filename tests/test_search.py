@@ -47,7 +47,7 @@ def parent_and_children(uri: str, search_dir: Path):
     return parents[0], children
 
 
-def test_smoke_search_end_to_end_through_a_killed_driver(synth_ol, tmp_path, mlflow_server):
+def test_smoke_search_end_to_end_through_a_killed_driver(synth_ol, tmp_path, mlflow_server, monkeypatch):
     """The main job, killed mid-search and resumed (one search does both: each costs minutes).
 
     Ranked by AUC (not the preset's metric), over 3 epochs of which Ray keeps 2: the epoch registered is the
@@ -57,7 +57,7 @@ def test_smoke_search_end_to_end_through_a_killed_driver(synth_ol, tmp_path, mlf
     data = shutil.copytree(synth_ol, tmp_path / "OLsearch")  # its own registered model name: anodfdnet-OLsearch
     # One trial at a time: it gets the machine's cores (less the trial driver's 0.1), as `anodfd train` would.
     cmd = search_cmd(data, tmp_path / "runs", mlflow_server, "s1", "--metric", "auc", "--max-epochs", "3",
-                     "--max-concurrent", "1", samples=2)
+                     "--grace-period", "1", "--max-concurrent", "1", samples=2)
     # A process group of its own: killing it kills the driver and the local Ray instance it started.
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen(cmd, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -83,7 +83,7 @@ def test_smoke_search_end_to_end_through_a_killed_driver(synth_ol, tmp_path, mlf
 
     parent, children = parent_and_children(mlflow_server, tmp_path / "runs" / "s1")
     assert parent.info.status == "FINISHED" and parent.data.params["search.metric"] == "auc"
-    assert parent.data.params["search.grace_period"] == "3"  # the presets' 4 epochs, capped at --max-epochs
+    assert parent.data.params["search.grace_period"] == "1"  # ASHA may stop the second trial after 1 epoch
     trial_ids = [r.data.tags["anodfd.trial_id"] for r in children]
     assert len(trial_ids) == len(set(trial_ids)) == 2  # no duplicate MLflow run for any trial
     best_auc = {}  # trial run id -> its best validation AUC over the epochs it ran
@@ -124,8 +124,10 @@ def test_smoke_search_end_to_end_through_a_killed_driver(synth_ol, tmp_path, mlf
     # The registered version loads as a pyfunc and predicts a map at the current image's resolution.
     import mlflow
 
-    mlflow.set_tracking_uri(mlflow_server)
-    mlflow.set_registry_uri(mlflow_server)
+    # As a user's shell would say it: through the environment, which is put back after the test (mlflow's own
+    # setters would leave this server as the process's URI for the tests after it).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server)
     model = mlflow.pyfunc.load_model("models:/anodfdnet-OLsearch@challenger")
     pair = data / "oil_leak_test_0"
     hist = cv2.cvtColor(cv2.imread(str(pair / "hist.jpg")), cv2.COLOR_BGR2RGB)
@@ -265,6 +267,7 @@ def test_a_budget_ends_the_search_in_time_and_registers_the_best_so_far(synth_ol
     # the epochs Tune received (a trial the budget stops can have logged one more to MLflow first).
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     parent, children = parent_and_children(uri, tmp_path / "runs" / "b")
+    assert parent.data.params["search.grace_period"] == "1"  # the presets' 4 epochs, capped at --max-epochs 1
     steps = sum(m.value for r in children for k in ("train_s", "val_s")
                 for m in client(uri).get_metric_history(r.info.run_id, k)
                 if m.step <= int(r.data.tags["anodfd.epochs_run"]))
