@@ -40,21 +40,23 @@ from anodfd.train.launch import (
     run_trainer,
     start_tracked_run,
 )
-from tune.space import PAPER_POINT, SPACE
+from tune.space import BENCHMARK_RECIPE, PAPER, PAPER_RECIPE, SMOKE, Space
 
 # ASHA's grace period: ranks after 1-3 epochs did not predict the final ones, from epoch 4 they did (Spearman 0.90;
 # docs/results/asha-rank.md, measured on the smoke preset; the paper preset takes the same, unmeasured).
 GRACE_PERIOD = 4
 SEARCH_PRESETS = {
-    # The paper's network at the paper's size; 20 trials of up to 100 epochs.
-    "paper": {"config": PRESETS["paper"], "num_samples": 20, "max_epochs": 100, "metric": "f1", "first": PAPER_POINT,
-              "grace_period": GRACE_PERIOD},
-    # A tiny network at a small size: a few short trials, minutes on a laptop; the first is the preset's own
+    # The paper's network at the paper's size and native crops; 20 trials of up to 100 epochs. The first two are
+    # the recipe the held-out-board benchmark measured best, then the paper's own configuration.
+    "paper": {"config": PRESETS["paper"], "num_samples": 20, "max_epochs": 100, "metric": "f1", "space": PAPER,
+              "first": [BENCHMARK_RECIPE, PAPER_RECIPE], "grace_period": GRACE_PERIOD},
+    # A tiny network at small views: a few short trials, minutes on a laptop; the first is the preset's own
     # settings. Early in training every pixel can sit below 0.5, so it ranks by F1 at the calibrated threshold.
     "smoke": {"config": PRESETS["smoke"], "num_samples": 4, "max_epochs": 15, "metric": "calibrated_f1",
-              "first": {k: v for k, v in Config().with_flat(PRESETS["smoke"]).flat().items() if k in SPACE},
-              "grace_period": GRACE_PERIOD},
+              "space": SMOKE, "first": [Config().with_flat(PRESETS["smoke"]).flat()], "grace_period": GRACE_PERIOD},
 }
+# Every dimension any preset searches, in the summary table's order.
+SEARCHED = list(dict.fromkeys([*PAPER.distributions(), *SMOKE.distributions(), "model.name"]))
 METRICS = ("f1", "calibrated_f1", "iou", "auc")
 SEARCH_MARKER = "anodfd_search.json"  # in each search folder: its dataset, so --resume can find the latest
 TRIAL_DRIVER_CPU = 0.1  # the Tune function that launches a trial's TorchTrainer only waits
@@ -121,7 +123,7 @@ def run_trial(params: dict, base: dict, opts: RayOptions, train_storage: str, ur
     from ray import tune  # Ray
     from ray.tune.integration.ray_train import TuneReportCallback  # Ray
 
-    config = Config.from_dict(base).with_flat(params)
+    config = with_window(Config.from_dict(base), params)  # the position grid follows the sampled view
     ctx = tune.get_context()  # Ray
     trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
     run_id, _ = start_tracked_run(uri, config, opts, train_storage, trial_id,
@@ -175,6 +177,7 @@ def search(args: argparse.Namespace) -> int:
         raise ConfigError(f"--grace-period {args.grace_period}: must be 1 or more and at most the {max_epochs} epochs "
                           "of --max-epochs (which turns early stopping off)")
     grace = args.grace_period or min(preset["grace_period"], max_epochs)
+    space = search_space(args)
     data_dir = resolve_data_dir(dataset=args.dataset, data=args.data, data_root=args.data_root)
     dataset = data_dir.name  # the folder's name: `--dataset ol` registers into anodfdnet-OL
     view = {f"data.{k}": getattr(args, k) for k in ("resize", "scale", "crop", "crop_pos_fraction", "align",
@@ -248,7 +251,12 @@ def search(args: argparse.Namespace) -> int:
                                                  "search.gpus_per_worker": gpus, "search.seed": args.seed,
                                                  "search.grace_period": grace,
                                                  **({"search.budget_s": budget} if budget else {})})
-        tracking.log_json(uri, parent_run_id, {k: repr(v) for k, v in SPACE.items()}, "search_space.json")
+        tracking.log_json(uri, parent_run_id, {"searched": {k: repr(v) for k, v in space.distributions().items()},
+                                               "fixed_by_flags": sorted(space.fixed),
+                                               "conditional": "data.scale, data.crop and data.crop_pos_fraction only "
+                                                              "with data.resize 0 (native crops)",
+                                               "first": [space.point(r) for r in preset["first"]]},
+                          "search_space.json")
     print(f"{'resuming' if resumed else 'starting'} search {name}: {num_samples} trials of up to {max_epochs} epochs, "
           f"{concurrency} at a time, {opts.workers} worker(s) per trial ({gpus:g} GPU each), maximising {metric}"
           + (f", within {budget:.0f} s of trials" if budget else ""))
@@ -263,7 +271,8 @@ def search(args: argparse.Namespace) -> int:
             raise ConfigError(f"nothing to resume at {search_dir}; drop --resume or pass the --name of a search")
         tuner = tune.Tuner.restore(search_dir, trainable, resume_unfinished=True, resume_errored=True)  # Ray
     else:
-        searcher = OptunaSearch(SPACE, metric=metric, mode="max", points_to_evaluate=[preset["first"]],
+        searcher = OptunaSearch(space.suggest, metric=metric, mode="max",  # define-by-run: a conditional space
+                                points_to_evaluate=[space.point(r) for r in preset["first"]],
                                 sampler=TPESampler(seed=args.seed))
         scheduler = ASHAScheduler(metric=metric, mode="max", time_attr="training_iteration", max_t=max_epochs,
                                   grace_period=grace, reduction_factor=2, stop_last_trials=False)
@@ -304,7 +313,7 @@ def search(args: argparse.Namespace) -> int:
                           "anomalous and normal pixels in the validation split); search with another --metric, or "
                           "check the validation masks with anodfd data check")
     best = max(finite, key=lambda r: r.value)
-    log_parent(uri, parent_run_id, rows, best, metric, table)
+    log_parent(uri, parent_run_id, rows, best, metric, table, space)
     print(f"\nbest trial {best.trial_id}: {metric} {best.value:.4f} with "
           + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()))
 
@@ -375,7 +384,7 @@ def summarise(results, metric: str, max_epochs: int) -> list[TrialRow]:
         status = "ERROR" if r.error else "TERMINATED"
         # A trial the budget stopped before its first report has neither config nor metrics.
         config, reported = r.config or {}, r.metrics or {}
-        params = {k: config[k] for k in SPACE if k in config}
+        params = {k: config[k] for k in SEARCHED if k in config}
         # Seconds inside train and validation steps, against the trial's time from its start to its last report.
         timing = {"step_s": sum(float(df[k].sum()) for k in ("train_s", "val_s") if k in df),
                   "trial_s": float(df["time_total_s"].max())} if df is not None and "time_total_s" in df else {}
@@ -407,33 +416,46 @@ def mark_trial_runs(uri: str, experiment: str, search_dir: str, rows: list[Trial
             c.set_terminated(run.info.run_id, "FAILED" if row.status == "ERROR" else "FINISHED")
 
 
+def search_space(args: argparse.Namespace) -> Space:
+    """The preset's space less what the command line fixes: a view flag fixes the view, --align the registration,
+    --model the variant."""
+    given = {f"data.{k}" for k in ("resize", "scale", "crop", "crop_pos_fraction", "align")
+             if getattr(args, k) is not None}
+    return SEARCH_PRESETS[args.preset]["space"].without(given | ({"model.name"} if args.model else set()))
+
+
+COLUMN = {"model.name": "model", "data.crop_pos_fraction": "crop_pos", "data.misregister": "misreg",
+          "train.bce_weight": "bce", "train.dice_weight": "dice", "train.focal_weight": "focal"}
+
+
 def _fmt(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def format_table(rows: list[TrialRow], metric: str) -> str:
-    keys = list(SPACE)
-    head = ["rank", "trial", metric, *[k.split(".")[-1] for k in keys], "epochs", "ASHA stopped", "status"]
+    keys = [k for k in SEARCHED if any(k in r.params for r in rows)]
+    head = ["rank", "trial", metric, *[COLUMN.get(k, k.split(".")[-1]) for k in keys], "epochs", "ASHA stopped", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(rows, 1):
-        cells = [str(i), r.trial_id, f"{r.value:.4f}", *[_fmt(r.params.get(k, "")) for k in keys], str(r.epochs),
+        cells = [str(i), r.trial_id, f"{r.value:.4f}", *[_fmt(r.params.get(k, "-")) for k in keys], str(r.epochs),
                  "yes" if r.stopped_early else "no", r.status]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def log_parent(uri: str, run_id: str, rows: list[TrialRow], best: TrialRow, metric: str, table: str) -> None:
+def log_parent(uri: str, run_id: str, rows: list[TrialRow], best: TrialRow, metric: str, table: str,
+               space: Space) -> None:
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "summary.md").write_text(table + "\n")
         tracking.log_file(uri, run_id, Path(d) / "summary.md")
-        for path in optuna_plots(rows, Path(d)):
+        for path in optuna_plots(rows, space, Path(d)):
             tracking.log_file(uri, run_id, path, "optuna")
     tracking.log_json(uri, run_id, {"trial_id": best.trial_id, "params": best.params, metric: best.value}, "best_trial.json")
     tracking.log_metrics(uri, run_id, {f"best_{metric}": best.value}, step=0)
     tracking.client(uri).set_tag(run_id, "anodfd.best_trial", best.trial_id)
 
 
-def optuna_plots(rows: list[TrialRow], folder: Path) -> list[Path]:
+def optuna_plots(rows: list[TrialRow], space: Space, folder: Path) -> list[Path]:
     """Optuna's optimization-history and parameter-importance plots, from the trials as they ended."""
     import warnings
 
@@ -442,10 +464,17 @@ def optuna_plots(rows: list[TrialRow], folder: Path) -> list[Path]:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Some regimes for parameter")  # few trials per choice: expected
     study = optuna.create_study(direction="maximize")
+    dist = space.distributions()
     for r in rows:
-        if math.isfinite(r.value) and set(r.params) == set(SPACE):
-            study.add_trial(optuna.trial.create_trial(params=r.params, distributions=SPACE, value=r.value))
+        if not (math.isfinite(r.value) and r.params and set(r.params) <= set(dist)):
+            continue
+        try:  # importances over a conditional space use the dimensions every trial has
+            study.add_trial(optuna.trial.create_trial(params=r.params, distributions={k: dist[k] for k in r.params},
+                                                      value=r.value))
+        except ValueError:  # a value outside this space: a search resumed under other flags
+            continue
     out = []
     for fname, plot in (("optimization_history.png", plot_optimization_history),
                         ("param_importances.png", plot_param_importances)):
