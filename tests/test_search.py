@@ -251,10 +251,10 @@ def test_asha_rank_table_by_hand():
 
 def test_a_budget_ends_the_search_in_time_and_registers_the_best_so_far(synth_ol, tmp_path):
     """20 one-epoch trials would take a quarter of an hour here; an 80 s budget stops the trials once it is spent,
-    and the search ranks and registers what ran."""
+    and the search ranks and registers what ran. Ranked by defect F (defect level, not pixels)."""
     data = shutil.copytree(synth_ol, tmp_path / "OLbudget")
     cmd = search_cmd(data, tmp_path / "runs", f"sqlite:///{tmp_path / 'm.db'}", "b", "--max-epochs", "1",
-                     "--max-concurrent", "1", "--budget", "80s", samples=20)
+                     "--max-concurrent", "1", "--budget", "80s", "--metric", "defect_f", samples=20)
     start = time.monotonic()
     proc = subprocess.run(cmd, env=env(), check=False, text=True, capture_output=True, timeout=900)
     took = time.monotonic() - start
@@ -268,6 +268,13 @@ def test_a_budget_ends_the_search_in_time_and_registers_the_best_so_far(synth_ol
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     parent, children = parent_and_children(uri, tmp_path / "runs" / "b")
     assert parent.data.params["search.grace_period"] == "1"  # the presets' 4 epochs, capped at --max-epochs 1
+    assert parent.data.params["search.metric"] == "defect_f" and "| rank | trial | defect_f | depth |" in proc.stdout
+    version = client(uri).get_model_version("anodfdnet-OLbudget", "1")
+    assert version.tags["selected_by"] == "validation defect_f"
+    defect_f = {r.info.run_id: max((m.value for m in client(uri).get_metric_history(r.info.run_id, "defect_f")
+                                    if m.step <= int(r.data.tags["anodfd.epochs_run"])), default=-1.0)
+                for r in children}
+    assert defect_f[version.tags["trial_run_id"]] == max(defect_f.values())  # a trial with the best defect F
     steps = sum(m.value for r in children for k in ("train_s", "val_s")
                 for m in client(uri).get_metric_history(r.info.run_id, k)
                 if m.step <= int(r.data.tags["anodfd.epochs_run"]))

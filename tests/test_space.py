@@ -111,3 +111,42 @@ def test_table_and_importances_over_a_conditional_space(tmp_path):
     assert cells[6:9] == ["-", "-", "-"]  # scale, crop, crop_pos: only native crops have them
     names = [p.name for p in optuna_plots(rows, SMOKE, tmp_path)]
     assert names == ["optimization_history.png", "param_importances.png"]
+
+
+def test_with_groups_the_search_ranks_trials_on_groups_held_out_of_training(synth_ol, tmp_path, capsys):
+    """The stand-in ships a validation list that shares every group (here: the name's last digit) with train; the
+    search replaces it with whole groups cut from both lists. A validation list that already holds a group out, or
+    --val-groups, is kept."""
+    from anodfd.data.dataset import make_dataset
+    from anodfd.data.layouts import group_of
+    from tune.search import rank_on_held_out_groups
+
+    regex = r"(\d)$"
+    base = Config().with_flat({**PRESETS["smoke"], "data.data": str(synth_ol), "data.group_regex": regex})
+    ranked = rank_on_held_out_groups(base)
+    groups = lambda config, split: {group_of(p, regex) for p in make_dataset(config.data, split).pairs}
+    assert groups(base, "val") <= groups(base, "train")  # as shipped: validation saw training's groups
+    chosen = set(ranked.data.val_groups.split(","))
+    assert chosen == groups(ranked, "val") and not chosen & groups(ranked, "train")
+    assert len(make_dataset(ranked.data, "train")) + len(make_dataset(ranked.data, "val")) == \
+        len(make_dataset(base.data, "train")) + len(make_dataset(base.data, "val"))  # no pair lost or doubled
+    assert f"ranks trials on group(s) {ranked.data.val_groups} held out" in capsys.readouterr().out
+
+    assert rank_on_held_out_groups(base.with_flat({"data.val_groups": "3"})).data.val_groups == "3"
+    assert rank_on_held_out_groups(base.with_flat({"data.group_regex": ""})).data.val_groups == ""
+    import shutil
+
+    data = shutil.copytree(synth_ol, tmp_path / "OL")
+    lines = (data / "train.txt").read_text().splitlines() + (data / "validation.txt").read_text().splitlines()
+    (data / "validation.txt").write_text("".join(f"{ln}\n" for ln in lines if ln.split("\\")[0].endswith("9")))
+    (data / "train.txt").write_text("".join(f"{ln}\n" for ln in lines if not ln.split("\\")[0].endswith("9")))
+    held = base.with_flat({"data.data": str(data)})
+    assert rank_on_held_out_groups(held).data.val_groups == ""  # group 9 is held out already
+
+
+def test_defect_f_ranks_a_search():
+    from anodfd.train.loop import selection_key
+
+    assert parse_args(["--data", "d", "--metric", "defect_f"]).metric == "defect_f"
+    better, worse = {"defect_f": 0.9, "calibrated_f1": 0.1}, {"defect_f": 0.5, "calibrated_f1": 0.8}
+    assert selection_key(better, "defect_f") > selection_key(worse, "defect_f")

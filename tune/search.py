@@ -27,7 +27,7 @@ from anodfd.cli import add_data_flags, add_group_flags, add_view_flags
 from anodfd.config import MAX_EPOCHS, MODEL_NAMES, PRESETS, Config, ConfigError, with_window
 from anodfd.data.cache import read_mask
 from anodfd.data.dataset import make_dataset
-from anodfd.data.layouts import DatasetError, load_split, resolve_data_dir
+from anodfd.data.layouts import DatasetError, held_out_groups, load_split, resolve_data_dir
 from anodfd.preflight import check_cluster
 from anodfd.ray_connect import init_ray
 from anodfd.registry import RegistryError
@@ -57,7 +57,7 @@ SEARCH_PRESETS = {
 }
 # Every dimension any preset searches, in the summary table's order.
 SEARCHED = list(dict.fromkeys([*PAPER.distributions(), *SMOKE.distributions(), "model.name"]))
-METRICS = ("f1", "calibrated_f1", "iou", "auc")
+METRICS = ("f1", "calibrated_f1", "iou", "auc", "defect_f")
 SEARCH_MARKER = "anodfd_search.json"  # in each search folder: its dataset, so --resume can find the latest
 TRIAL_DRIVER_CPU = 0.1  # the Tune function that launches a trial's TorchTrainer only waits
 MAX_SAMPLES = 10_000  # trials of one search (and trials at once): more is a slipped digit
@@ -104,7 +104,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="search name; rerunning with it resumes")
     p.add_argument("--resume", action="store_true", help="continue the search --name (the latest one if no --name)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--metric", choices=METRICS, default=None, help="validation metric to maximise (default: the preset's)")
+    p.add_argument("--metric", choices=METRICS, default=None,
+                   help="validation metric to maximise (default: the preset's); defect_f is defect-level F at the "
+                        "fixed threshold: a defect found when a detection overlaps it")
     p.add_argument("--address", default=None, help="Ray cluster (default $RAY_ADDRESS, else a local Ray instance)")
     p.add_argument("--check", action="store_true",
                    help="on a cluster: check every node (versions, code, GPUs and driver, storage, data, MLflow), "
@@ -187,6 +189,7 @@ def search(args: argparse.Namespace) -> int:
         "data.data": str(data_dir), "train.epochs": max_epochs, "train.seed": args.seed, **view,
         **({"model.name": args.model} if args.model else {})})
 
+    base = rank_on_held_out_groups(base)
     # Everything checkable is checked before Ray starts: data (all splits, promotion needs test), tracking.
     uri = tracking.resolve_tracking_uri(args.mlflow_uri)
     tracking.check_tracking(uri)
@@ -350,6 +353,21 @@ def latest_search(storage: str, dataset: str) -> str:
     _, name = max(found)
     print(f"--resume: continuing {name}, the latest search of {dataset} in {root}")
     return name
+
+
+def rank_on_held_out_groups(config: Config) -> Config:
+    """With --group-regex, trials are ranked on groups they never trained on: a validation list that shares every
+    group with train is replaced by whole groups cut from both lists (said in one line), unless --val-groups names
+    them."""
+    d = config.data
+    if d.val_groups or not d.group_regex:
+        return config
+    groups = held_out_groups(Path(d.data), d.layout, d.val_fraction, d.group_regex)
+    if groups is None:
+        return config
+    print(f"validation shares every group with train: the search ranks trials on group(s) {groups} held out of "
+          "training instead (--val-groups chooses others)")
+    return config.with_flat({"data.val_groups": groups})
 
 
 def check_auc_can_rank(config: Config) -> None:

@@ -132,6 +132,24 @@ def read_split(root: Path, split: str, layout: str = "auto", val_fraction: float
     return _read_list(root, path, layout)
 
 
+def held_out_groups(root: Path, layout: str = "auto", val_fraction: float = 0.2, group_regex: str = "") -> str | None:
+    """With a validation list that shares every group with train: the groups (comma-separated) that validation
+    cut by whole groups from both lists would hold, for ``--val-groups``. None when validation already holds out a
+    group, or without ``group_regex``."""
+    if not group_regex:
+        return None
+    root = Path(root).resolve()
+    layout = detect_layout(root, layout)
+    train = {group_of(p, group_regex) for p in read_split(root, "train", layout, val_fraction, group_regex)}
+    val = {group_of(p, group_regex) for p in read_split(root, "val", layout, val_fraction, group_regex)}
+    if not val <= train:
+        return None
+    pool = _read_list(root, list_path(root, "train", layout), layout)
+    if list_path(root, "val", layout).is_file():
+        pool += _read_list(root, list_path(root, "val", layout), layout)
+    return ",".join(sorted({group_of(p, group_regex) for p in _holdout(pool, val_fraction, group_regex)}))
+
+
 def group_of(pair: Pair, regex: str) -> str:
     """``pair``'s group under ``regex``: its first group, or the whole match, searched in the pair's name."""
     m = re.search(regex, pair.name)
