@@ -150,3 +150,16 @@ def test_defect_f_ranks_a_search():
     assert parse_args(["--data", "d", "--metric", "defect_f"]).metric == "defect_f"
     better, worse = {"defect_f": 0.9, "calibrated_f1": 0.1}, {"defect_f": 0.5, "calibrated_f1": 0.8}
     assert selection_key(better, "defect_f") > selection_key(worse, "defect_f")
+
+
+def test_search_benchmark_counts_the_epochs_the_search_trained():
+    """benchmarks/search.py gives the single run as many epochs as the search's trials trained in all: read from the
+    search's own summary table, which a trial without crop settings fills with '-'."""
+    from conftest import load_benchmark
+
+    bench = load_benchmark("search")
+    rows = [TrialRow("a", {"model.depth": 2, "data.resize": 0, "data.crop": 256}, 0.9, 8, False, "TERMINATED"),
+            TrialRow("b", {"model.depth": 1, "data.resize": 256}, 0.5, 4, True, "TERMINATED"),
+            TrialRow("c", {"model.depth": 0, "data.resize": 256}, float("nan"), 0, False, "TERMINATED")]
+    stdout = "starting search\n\n" + format_table(rows, "defect_f") + "\n\nbest trial a: defect_f 0.9000\n"
+    assert bench.epochs_trained(stdout) == 12
