@@ -56,7 +56,7 @@ SEARCH_PRESETS = {
               "space": SMOKE, "first": [Config().with_flat(PRESETS["smoke"]).flat()], "grace_period": GRACE_PERIOD},
 }
 # Every dimension any preset searches, in the summary table's order.
-SEARCHED = list(dict.fromkeys([*PAPER.distributions(), *SMOKE.distributions(), "model.name"]))
+SEARCHED = list(dict.fromkeys([*PAPER.distributions(), *SMOKE.distributions()]))
 METRICS = ("f1", "calibrated_f1", "iou", "auc", "defect_f")
 SEARCH_MARKER = "anodfd_search.json"  # in each search folder: its dataset, so --resume can find the latest
 TRIAL_DRIVER_CPU = 0.1  # the Tune function that launches a trial's TorchTrainer only waits
@@ -180,6 +180,7 @@ def search(args: argparse.Namespace) -> int:
                           "of --max-epochs (which turns early stopping off)")
     grace = args.grace_period or min(preset["grace_period"], max_epochs)
     space = search_space(args)
+    first_points = [space.point(r) for r in preset["first"]]
     data_dir = resolve_data_dir(dataset=args.dataset, data=args.data, data_root=args.data_root)
     dataset = data_dir.name  # the folder's name: `--dataset ol` registers into anodfdnet-OL
     view = {f"data.{k}": getattr(args, k) for k in ("resize", "scale", "crop", "crop_pos_fraction", "align",
@@ -258,7 +259,7 @@ def search(args: argparse.Namespace) -> int:
                                                "fixed_by_flags": sorted(space.fixed),
                                                "conditional": "data.scale, data.crop and data.crop_pos_fraction only "
                                                               "with data.resize 0 (native crops)",
-                                               "first": [space.point(r) for r in preset["first"]]},
+                                               "first": first_points},
                           "search_space.json")
     print(f"{'resuming' if resumed else 'starting'} search {name}: {num_samples} trials of up to {max_epochs} epochs, "
           f"{concurrency} at a time, {opts.workers} worker(s) per trial ({gpus:g} GPU each), maximising {metric}"
@@ -275,7 +276,7 @@ def search(args: argparse.Namespace) -> int:
         tuner = tune.Tuner.restore(search_dir, trainable, resume_unfinished=True, resume_errored=True)  # Ray
     else:
         searcher = OptunaSearch(space.suggest, metric=metric, mode="max",  # define-by-run: a conditional space
-                                points_to_evaluate=[space.point(r) for r in preset["first"]],
+                                points_to_evaluate=first_points,
                                 sampler=TPESampler(seed=args.seed))
         scheduler = ASHAScheduler(metric=metric, mode="max", time_attr="training_iteration", max_t=max_epochs,
                                   grace_period=grace, reduction_factor=2, stop_last_trials=False)

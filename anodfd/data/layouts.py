@@ -122,9 +122,7 @@ def read_split(root: Path, split: str, layout: str = "auto", val_fraction: float
     layout = detect_layout(root, layout)
     path = list_path(root, split, layout)
     if split in ("train", "val") and (val_groups or not list_path(root, "val", layout).is_file()):
-        pool = _read_list(root, list_path(root, "train", layout), layout)
-        if list_path(root, "val", layout).is_file():
-            pool += _read_list(root, list_path(root, "val", layout), layout)
+        pool = _train_and_val(root, layout)
         val = set(_holdout(pool, val_fraction, group_regex, val_groups))
         return [p for p in pool if (p in val) == (split == "val")]
     if not path.is_file():
@@ -144,10 +142,16 @@ def held_out_groups(root: Path, layout: str = "auto", val_fraction: float = 0.2,
     val = {group_of(p, group_regex) for p in read_split(root, "val", layout, val_fraction, group_regex)}
     if not val <= train:
         return None
+    held = _holdout(_train_and_val(root, layout), val_fraction, group_regex)
+    return ",".join(sorted({group_of(p, group_regex) for p in held}))
+
+
+def _train_and_val(root: Path, layout: str) -> list[Pair]:
+    """The pairs of the train list and, where there is one, the validation list: what validation is cut from."""
     pool = _read_list(root, list_path(root, "train", layout), layout)
     if list_path(root, "val", layout).is_file():
         pool += _read_list(root, list_path(root, "val", layout), layout)
-    return ",".join(sorted({group_of(p, group_regex) for p in _holdout(pool, val_fraction, group_regex)}))
+    return pool
 
 
 def group_of(pair: Pair, regex: str) -> str:
