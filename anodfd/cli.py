@@ -8,6 +8,7 @@ from pathlib import Path
 
 from anodfd.config import (
     ALIGN_METHODS,
+    CONFIRM_METHODS,
     DEPTHS,
     MODEL_NAMES,
     PRESETS,
@@ -71,7 +72,8 @@ def _data_boxmasks(args: argparse.Namespace) -> int:
 _FLAGS = {
     "model": ["model.name"], "depth": ["model.depth"], "pretrained": ["model.pretrained"],
     "resize": ["data.resize"], "scale": ["data.scale"], "crop": ["data.crop"],
-    "crop_pos_fraction": ["data.crop_pos_fraction"], "align": ["data.align"], "relight": ["data.relight"], "layout": ["data.layout"],
+    "crop_pos_fraction": ["data.crop_pos_fraction"], "align": ["data.align"], "relight": ["data.relight"],
+    "confirm": ["data.confirm"], "layout": ["data.layout"],
     "augment": ["data.augment"], "misregister": ["data.misregister"], "num_workers": ["data.num_workers"],
     "cache_dir": ["data.cache_dir"], "group_regex": ["data.group_regex"], "val_groups": ["data.val_groups"],
     "epochs": ["train.epochs"], "batch_size": ["train.batch_size"],
@@ -118,6 +120,9 @@ def add_view_flags(p: argparse.ArgumentParser) -> None:
                    help="register history onto current before the network: none, ecc or features")
     p.add_argument("--relight", action="store_true", default=None,
                    help="after --align, match history's local lighting to current's (for tiles of large images)")
+    p.add_argument("--confirm", choices=list(CONFIRM_METHODS), default=None,
+                   help="diff: keep a detected region only where the registered pair's grey difference fires inside "
+                        "it (cuts false alarms on unseen boards; the threshold is calibrated and served that way)")
 
 
 def add_group_flags(p: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ BASELINE_NAMES = ("unet", "unet-cat", "deeplabv3plus", "deeplabv3plus-cat", "fc-
 MODEL_NAMES = ANODFD_NAMES + BASELINE_NAMES
 DEPTHS = (0, 1, 2, 4, 8)
 ALIGN_METHODS = ("none", "ecc", "features")  # anodfd.data.align
+CONFIRM_METHODS = ("none", "diff")  # anodfd.confirm
 SCHEDULES = ("constant", "cosine")  # anodfd.train.loop.epoch_lr
 # The deepest feature map's stride of each AnoDFDNet variant: its input side must be a multiple of it.
 STRIDES = {"paper": 16, "tiny": 16}  # the timm variants: 32; the baselines pad any size themselves
@@ -94,6 +95,9 @@ class DataConfig:
     # Register history onto current before the network (anodfd.data.align): none | ecc | features.
     align: str = "none"
     relight: bool = False  # then match history's local lighting to current's (anodfd.data.align.match_lighting)
+    # Keep a detected region only where the (registered) pair's grey difference also fires inside it
+    # (anodfd.confirm): none | diff. Validation calibrates the threshold on confirmed maps; serving confirms too.
+    confirm: str = "none"
     augment: str = "paper"  # none | paper (flips, 180 rotation) | strong (+ scale/shift, photometric)
     misregister: float = 0.0  # max independent shift/rotation/scale of history, as a fraction (0.03 = 3%)
     val_fraction: float = 0.2  # used only when a dataset ships no validation list (the paper's 8:2)
@@ -122,6 +126,8 @@ class DataConfig:
         _require("data.align", self.align, self.align in ALIGN_METHODS,
                  f"must be one of {', '.join(ALIGN_METHODS)}: how history is registered onto current")
         _require("data.relight", self.relight, isinstance(self.relight, bool), "must be true or false")
+        _require("data.confirm", self.confirm, self.confirm in CONFIRM_METHODS,
+                 f"must be one of {', '.join(CONFIRM_METHODS)}: whether registered differencing confirms detections")
         _require("data.misregister", self.misregister, _number(self.misregister) and 0 <= self.misregister < 0.5,
                  "must be in [0, 0.5): a fraction of the image side")
         _require("data.val_fraction", self.val_fraction, _number(self.val_fraction) and 0 < self.val_fraction < 1,

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from anodfd.config import DataConfig
 from anodfd.data.dataset import PairDataset, make_dataset
-from anodfd.inference import TILE_BATCH, resize_probs, sliding_probs
+from anodfd.inference import TILE_BATCH, resize_probs, served_probs
 from anodfd.metrics import DefectCounts, ImageScores, PixelHistogram, image_scores
 
 
@@ -34,12 +34,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def evaluate(
     model: nn.Module, dataset: PairDataset, device: torch.device, window: int, threshold: float = 0.5,
     indices: range | list[int] | None = None, bins: int = 1000, batch: int = TILE_BATCH, progress: str | None = None,
-    on_pair: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    on_pair: Callable[[int, np.ndarray, np.ndarray], None] | None = None, confirm: str = "none",
 ) -> tuple[PixelHistogram, ImageScores, DefectCounts]:
     """Pixel histogram, pair scores and defect counts (maps cut at ``threshold``) over ``dataset``, or the pairs
     ``indices`` of it, counted on each mask's own pixels.
 
-    Each pair is seen in the dataset's view through ``window`` x ``window`` tiles (`sliding_probs`), and its map is
+    Each pair is seen in the dataset's view through ``window`` x ``window`` tiles (`served_probs`, which confirms the
+    map by registered differencing with ``confirm`` "diff", as the model's config serves it), and its map is
     resized to its mask's native size before counting: a 64 px model and a 640 px one are scored on the same
     pixels. Under DDP each rank passes its own shard (see `val_shard`) and the integer counts are summed over
     ranks, so the metrics are exactly those of one process seeing the whole split. ``progress`` names a
@@ -51,7 +52,7 @@ def evaluate(
     for i in tqdm(order, desc=progress, unit="pair", disable=progress is None, leave=False):
         hist, cur, _ = dataset.arrays(i)
         mask = dataset.native_mask(i)
-        probs = sliding_probs(model, hist, cur, window, device, batch)[None, None]
+        probs = served_probs(model, hist, cur, window, confirm, device, batch)[None, None]
         full = resize_probs(probs, *mask.shape)
         truth = torch.from_numpy(mask)[None, None]
         pixels.update(full, truth)
@@ -99,4 +100,4 @@ def evaluate_split(
     model: nn.Module, data: DataConfig, split: str, device: torch.device | str = "cpu",
 ) -> tuple[PixelHistogram, ImageScores, DefectCounts]:
     """`evaluate` over one whole split of ``data``, un-augmented: how a trained model is scored after training."""
-    return evaluate(model, make_dataset(data, split), torch.device(device), data.window)
+    return evaluate(model, make_dataset(data, split), torch.device(device), data.window, confirm=data.confirm)

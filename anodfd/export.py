@@ -5,7 +5,9 @@ batch, height and width dynamic (H and W multiples of the network's stride, 16 f
 ``probs``, float32 B x H x W anomaly probabilities. Normalisation to [-1, 1] and the sigmoid are inside the graph, so
 a runtime outside Python needs nothing but the image. The view, window and calibrated threshold a pair must be
 brought to (`anodfd.inference.pair_map`) travel in the file's metadata (``anodfd.config``, ``anodfd.threshold``):
-`OnnxModel` reads them, so ``anodfd predict --onnx model.onnx`` needs no checkpoint.
+`OnnxModel` reads them, so ``anodfd predict --onnx model.onnx`` needs no checkpoint. Registration and ``--confirm
+diff`` (`anodfd.confirm`) run outside the graph, as the config in the metadata says: a runtime other than anodfd has
+to apply them too.
 
 Exported with PyTorch's `torch.export`-based exporter (``dynamo=True``), which needs ``onnx`` and ``onnxscript``;
 inference needs ``onnxruntime`` only.

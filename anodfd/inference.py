@@ -8,7 +8,8 @@ grow: only the uint8 pair and two float maps scale with the image. A view exactl
 which is plain untiled inference (the paper's resized pairs are this case).
 
 Training validation, `anodfd eval`, `anodfd predict`, the pyfunc and the registry's scoring all call
-`sliding_probs` (through `pair_map` for decoded files), so they cannot drift apart. Plain torch and numpy.
+`served_probs` (through `pair_map` for decoded files), so they cannot drift apart; it confirms the map by
+registered differencing (`anodfd.confirm`) when the config asks. Plain torch and numpy.
 
 MONAI's `sliding_window_inference` does the same; it was not used because importing it adds about 9 s to every
 process (the CLI, each Ray worker, the served model) and it needs the whole image as a float tensor.
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anodfd.config import DEVICES, ConfigError, DataConfig
+from anodfd.confirm import confirmed, evidence
 from anodfd.data.align import Registration
 from anodfd.data.cache import View, view_pair
 from anodfd.data.dataset import normalize, to_chw
@@ -124,6 +126,18 @@ class PairMap(NamedTuple):
     registration: Registration  # how history was registered onto current (`--align`); identity for none
 
 
+def served_probs(
+    model: nn.Module, hist: np.ndarray, cur: np.ndarray, window: int, confirm: str = "none",
+    device: torch.device | str = "cpu", batch: int = TILE_BATCH,
+) -> torch.Tensor:
+    """`sliding_probs`, then with ``confirm`` "diff" only the regions the pair's grey difference confirms
+    (`anodfd.confirm.confirmed`): the map validation calibrates on and every serving path cuts."""
+    probs = sliding_probs(model, hist, cur, window, device, batch)
+    if confirm == "diff":
+        probs = torch.from_numpy(confirmed(probs.numpy(), evidence(hist, cur)))
+    return probs
+
+
 def pair_map(
     model: nn.Module, data: DataConfig, hist_rgb: np.ndarray, cur_rgb: np.ndarray,
     device: torch.device | str = "cpu", batch: int = TILE_BATCH,
@@ -134,6 +148,6 @@ def pair_map(
     then slid over.
     """
     hist, cur, registration = view_pair(hist_rgb, cur_rgb, View.of(data))
-    probs = sliding_probs(model, hist, cur, data.window, device, batch)
+    probs = served_probs(model, hist, cur, data.window, data.confirm, device, batch)
     full = resize_probs(probs[None, None], *cur_rgb.shape[:2])[0, 0].numpy()
     return PairMap(full, float(image_scores(probs[None, None])[0]), registration)

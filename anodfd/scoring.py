@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from anodfd.checkpoint import inference_model
 from anodfd.config import DataConfig
+from anodfd.confirm import difference_map
 from anodfd.data.cache import PairCache, View, read_mask
 from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import Pair, fingerprint, load_split, read_boxes
@@ -46,7 +47,6 @@ PROTOCOL_VERSION = 4  # 2: defect-level scores; 3: mask fragments grouped into d
 # 4: the gate compares F1 at the served threshold
 MIN_AUC = 0.6  # pixel AUC a version needs to take champion: 0.5 is a coin toss, 0.6 is clearly more
 GRID_PAIRS = 4  # test pairs in the model card's overlay grid
-_KERNEL = cv2.getStructuringElement(cv2.MORPH_RECT, (3, 3))
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def score_native(
             boxes.update((probs >= threshold).astype(np.uint8), pair_boxes[i])
 
     pixels, images, defects = evaluate(model, dataset, torch.device(device), data.window, threshold,
-                                       batch=batch_size, on_pair=keep_for_grid,
+                                       batch=batch_size, on_pair=keep_for_grid, confirm=data.confirm,
                                        progress=f"scoring {split} at native size" if progress else None)
     register_pairs([dataset], lambda line: print(line, file=sys.stderr))  # names pairs left unregistered
     return pixels, images, defects, grid
@@ -174,16 +174,6 @@ def _display(pair: Pair, mask: np.ndarray, probs: np.ndarray, width: int = 320) 
 
     return (image(pair.hist), image(pair.cur), cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST),
             cv2.resize(probs, size, interpolation=cv2.INTER_LINEAR))
-
-
-def difference_map(history: np.ndarray, current: np.ndarray) -> np.ndarray:
-    """Template differencing's score in [0, 1]: grey |current - history| after a 3x3 opening (BGR or RGB in).
-
-    A grey opening then a threshold equals a threshold then a binary opening (flat structuring element): specks
-    smaller than 3x3 are never flagged.
-    """
-    grey = [cv2.cvtColor(x, cv2.COLOR_RGB2GRAY) if x.ndim == 3 else x for x in (history, current)]
-    return cv2.morphologyEx(cv2.absdiff(grey[1], grey[0]), cv2.MORPH_OPEN, _KERNEL).astype(np.float32) / 255.0
 
 
 def template_difference(data: DataConfig, split: str, native: bool = True,

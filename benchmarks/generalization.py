@@ -9,11 +9,13 @@ held-out pairs at the masks' native resolution:
 - template differencing: grey |current - history| after a 3x3 opening, above half the range (no learning);
 - ECC registration (as ``--align ecc``) and the same differencing;
 - the README's recipe: AnoDFDNet ``tiny``, ``--resize 0 --scale 1 --crop 256 --crop-pos-fraction 0.5 --align
-  ecc``, the smoke preset's losses, cosine schedule, ``--epochs``, at the threshold calibrated on the
-  calibration board;
-- the same network gated by that differencing: a region the network detects is kept only where the registered
-  difference also fires somewhere inside it (the network's recall and pixels, the differencing's sparse
-  false alarms). It needs no other training and is scored from the same forward passes.
+  ecc --confirm diff``, the smoke preset's losses, cosine schedule, ``--epochs``, at the threshold calibrated on
+  the calibration board,
+  trained with ``--confirm diff``: a region the network detects is kept only where the registered difference also
+  fires somewhere inside it (`anodfd.confirm`; the network's recall and pixels, the differencing's sparse false
+  alarms), as `predict`, `eval` and serving apply it;
+- the same checkpoint unconfirmed, its threshold calibrated on unconfirmed maps of the calibration board (the
+  network alone). Both come from the same forward passes.
 Columns, per held-out board and pooled: defect F under the overlap rule against the dataset's own boxes and under
 DeepPCB's rule (IoU > 0.33, one to one), box recall, false alarms per pair, pixel F1, and training minutes. The
 table is printed; ``--json`` keeps every figure. ``--work DIR`` keeps each fold's trained run: a rerun with the same
@@ -32,19 +34,18 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
 from anodfd.checkpoint import inference_model, load_checkpoint
 from anodfd.config import PRESETS, SCHEDULES, Config, with_window
+from anodfd.confirm import confirmed, difference_map, evidence
 from anodfd.data.align import align_pair
 from anodfd.data.cache import read_mask, read_rgb
 from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import read_boxes, read_split
 from anodfd.evaluation import evaluate
 from anodfd.metrics import BoxCounts, PixelHistogram
-from anodfd.scoring import difference_map
 from anodfd.train.loop import check_resumable, fit
 
 DEEPPCB_FOLDS = ["00041,44000", "13000,50600,92000", "20085,77000"]
@@ -91,33 +92,24 @@ def fold_dataset(src: Path, root: Path, regex: str, held: set[str], calibrate: s
         (root / "list" / f"{split}.txt").write_text("\n".join(sorted(names)) + "\n")
 
 
-def differencing(data: Path, regex: str, tally: Tally, align: str) -> dict[str, np.ndarray]:
-    """Scores differencing on the held-out pairs; returns its binary map of each pair, by pair name."""
-    maps = {}
+def differencing(data: Path, regex: str, tally: Tally, align: str) -> None:
+    """Scores differencing on the held-out pairs."""
     for p in read_split(data, "test"):
         hist, cur, mask = read_rgb(p.hist), read_rgb(p.cur), read_mask(p.mask)
         if align != "none":
             hist = align_pair(hist, cur, align)[0]
-        maps[p.name] = binary = difference_map(hist, cur) > 0.5
-        tally.add(re.search(regex, p.name).group(1), binary, mask, read_boxes(p))
-    return maps
+        tally.add(re.search(regex, p.name).group(1), difference_map(hist, cur) > 0.5, mask, read_boxes(p))
 
 
-def gated(binary: np.ndarray, evidence: np.ndarray) -> np.ndarray:
-    """The 8-connected regions of ``binary`` that share at least one pixel with ``evidence``."""
-    _, labels = cv2.connectedComponents(binary.astype(np.uint8), connectivity=8)
-    keep = np.unique(labels[binary & evidence])
-    return np.isin(labels, keep[keep > 0])
-
-
-def network(data: Path, regex: str, tally: Tally, args: argparse.Namespace, out: Path,
-            gate: tuple[Tally, dict[str, np.ndarray]]) -> float | None:
-    """Trains the recipe on the fold (or resumes its run in ``out``), scores its best checkpoint on the held-out
-    boards, alone and gated by ``gate``'s differencing maps; returns training minutes (None: trained earlier,
-    in a run that did not record them)."""
+def network(data: Path, regex: str, tallies: tuple[Tally, Tally], args: argparse.Namespace,
+            out: Path) -> tuple[float | None, dict[str, float]]:
+    """Trains the recipe (``--confirm diff``) on the fold, or resumes its run in ``out``, and scores its best
+    checkpoint on the held-out boards twice from the same forward passes: unconfirmed and confirmed, each at the
+    threshold that maximises its own pixel F1 on the calibration board. Returns training minutes (None: trained
+    earlier, in a run that did not record them) and both thresholds with their calibration-board pixel F1."""
     config = with_window(Config().with_flat({
         **PRESETS["smoke"], "data.data": str(data), "model.name": "tiny", "train.epochs": args.epochs,
-        "train.seed": args.seed, "train.schedule": args.schedule, "data.align": "ecc",
+        "train.seed": args.seed, "train.schedule": args.schedule, "data.align": "ecc", "data.confirm": "diff",
         "data.cache_dir": args.cache_dir or ""}),
         {"data.resize": 0, "data.scale": 1.0, "data.crop": 256, "data.crop_pos_fraction": 0.5})
     record = out / "train_minutes.json"  # summed over the sessions that trained this run
@@ -135,18 +127,38 @@ def network(data: Path, regex: str, tally: Tally, args: argparse.Namespace, out:
         record.write_text(json.dumps({"minutes": minutes}))
     ckpt = load_checkpoint(best)
     model, cfg = inference_model(ckpt)
-    threshold = float(ckpt["threshold"])
-    dataset = make_dataset(cfg.data, "test")
 
-    def on_pair(i: int, probs: np.ndarray, mask: np.ndarray) -> None:
-        pair = dataset.pairs[i]
-        group, boxes, binary = re.search(regex, pair.name).group(1), read_boxes(pair), probs >= threshold
-        tally.add(group, binary, mask, boxes)
-        gate[0].add(group, gated(binary, gate[1][pair.name]), mask, boxes)
+    def both_maps(split: str, each) -> None:
+        """Each pair's unconfirmed and confirmed map at native size (the recipe's view is native: scale 1)."""
+        dataset = make_dataset(cfg.data, split)
 
-    evaluate(model, dataset, torch.device("cpu"), cfg.data.window, threshold, on_pair=on_pair,
-             progress="scoring the held-out boards")
-    return minutes
+        def on_pair(i: int, probs: np.ndarray, mask: np.ndarray) -> None:
+            hist, cur, _ = dataset.arrays(i)
+            assert hist.shape[:2] == mask.shape, "the recipe's view must be native for maps to be compared"
+            each(dataset.pairs[i], probs, confirmed(probs, evidence(hist, cur)), mask)
+
+        evaluate(model, dataset, torch.device("cpu"), cfg.data.window, on_pair=on_pair,
+                 progress=f"scoring the {'calibration' if split == 'val' else 'held-out'} boards")
+
+    calib = (PixelHistogram(), PixelHistogram())
+
+    def calibrate(pair, plain: np.ndarray, sure: np.ndarray, mask: np.ndarray) -> None:
+        for h, m in zip(calib, (plain, sure)):
+            h.update(torch.from_numpy(m)[None, None], torch.from_numpy(mask)[None, None])
+
+    both_maps("val", calibrate)
+    (t_plain, f1_plain), (t_sure, f1_sure) = (h.best_f1_threshold() for h in calib)
+    print(f"  calibration board: unconfirmed F1 {f1_plain:.3f} at {t_plain:.3f}; confirmed F1 {f1_sure:.3f} at "
+          f"{t_sure:.3f} (the checkpoint serves {float(ckpt['threshold']):.3f})", flush=True)
+
+    def score(pair, plain: np.ndarray, sure: np.ndarray, mask: np.ndarray) -> None:
+        group, boxes = re.search(regex, pair.name).group(1), read_boxes(pair)
+        tallies[0].add(group, plain >= t_plain, mask, boxes)
+        tallies[1].add(group, sure >= t_sure, mask, boxes)
+
+    both_maps("test", score)
+    return minutes, {"threshold": t_plain, "calibration_f1": f1_plain, "confirmed_threshold": t_sure,
+                     "confirmed_calibration_f1": f1_sure}
 
 
 def claim_run(run: Path, fold: dict) -> None:
@@ -160,7 +172,8 @@ def claim_run(run: Path, fold: dict) -> None:
     stamp.write_text(json.dumps(fold))
 
 
-def report(tallies: dict[str, Tally], minutes: dict[str, float], args: argparse.Namespace, folds_done: int) -> None:
+def report(tallies: dict[str, Tally], minutes: dict[str, float], calibration: dict[str, dict[str, float]],
+           args: argparse.Namespace, folds_done: int) -> None:
     """The table so far (printed after every fold: a fold takes minutes to an hour) and, with ``--json``, the file."""
     result = {m: {"rows": t.rows(), "train_minutes": minutes.get(m, 0.0)} for m, t in tallies.items()}
     print(f"\nafter {folds_done} of {len(args.folds)} folds:")
@@ -174,8 +187,8 @@ def report(tallies: dict[str, Tally], minutes: dict[str, float], args: argparse.
             print(f"| {m} | {g} | {row['pairs']} | {row['defect_f']:.3f} | {row['strict_f']:.3f} | "
                   f"{row['recall']:.3f} | {row['false_alarms']:.2f} | {row['pixel_f1']:.3f} | {train} |", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"folds": args.folds[:folds_done], "epochs": args.epochs, "results": result},
-                                        indent=1))
+        args.json.write_text(json.dumps({"folds": args.folds[:folds_done], "epochs": args.epochs, "results": result,
+                                         "calibration": calibration}, indent=1))
 
 
 def main() -> None:
@@ -201,10 +214,11 @@ def main() -> None:
     if unknown:
         sys.exit(f"--folds names boards {', '.join(sorted(unknown))} that {src} does not have ({', '.join(sorted(groups))})")
 
-    network_rows = ["AnoDFDNet recipe", "AnoDFDNet recipe, gated by ECC + differencing"]
+    network_rows = ["AnoDFDNet recipe, unconfirmed", "AnoDFDNet recipe, --confirm diff"]
     methods = ["template differencing", "ECC + differencing"] + ([] if args.skip_network else network_rows)
     tallies = {m: Tally() for m in methods}
     minutes: dict[str, float | None] = defaultdict(float)
+    calibration: dict[str, dict[str, float]] = {}  # per fold: thresholds and calibration-board pixel F1
     work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="anodfd-generalization-"))
     try:
         for k, held in enumerate(held_all):
@@ -214,15 +228,15 @@ def main() -> None:
             print(f"fold {k + 1}/{len(held_all)}: held out {', '.join(sorted(held))}; threshold on {calibrate}",
                   flush=True)
             differencing(root, args.group_regex, tallies["template differencing"], "none")
-            ecc_maps = differencing(root, args.group_regex, tallies["ECC + differencing"], "ecc")
+            differencing(root, args.group_regex, tallies["ECC + differencing"], "ecc")
             if not args.skip_network:
                 run = work / f"run-{'-'.join(sorted(held))}"
                 claim_run(run, {"held": sorted(held), "calibrate": calibrate})
-                spent = network(root, args.group_regex, tallies[network_rows[0]], args, run,
-                                (tallies[network_rows[1]], ecc_maps))
+                spent, calibration[",".join(sorted(held))] = network(
+                    root, args.group_regex, (tallies[network_rows[0]], tallies[network_rows[1]]), args, run)
                 total = minutes[network_rows[0]]
                 minutes[network_rows[0]] = None if spent is None or total is None else total + spent
-            report(tallies, minutes, args, k + 1)
+            report(tallies, minutes, calibration, args, k + 1)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

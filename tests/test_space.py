@@ -52,7 +52,8 @@ def test_every_sampled_trial_is_a_valid_config_and_crop_settings_only_come_with_
 
 def test_the_space_covers_the_decisions_the_benchmarks_measured():
     for space in (SMOKE, PAPER):
-        assert {"data.resize", "data.scale", "data.crop", "data.crop_pos_fraction", "data.align", "data.misregister",
+        assert {"data.resize", "data.scale", "data.crop", "data.crop_pos_fraction", "data.align", "data.confirm",
+                "data.misregister",
                 "data.augment", "model.depth", "train.lr", "train.schedule", "train.bce_weight", "train.dice_weight",
                 "train.focal_weight", "train.pos_weight"} <= set(space.distributions())
         assert 0 in space.resize and any(r > 0 for r in space.resize)  # native crops and squashed
@@ -65,6 +66,7 @@ def test_flags_on_the_command_line_fix_their_dimensions():
     assert dims(["--resize", "0", "--crop", "256"]) == full - set(VIEW_KEYS)  # one view flag fixes the whole view
     assert dims(["--crop-pos-fraction", "0.5"]) == full - set(VIEW_KEYS)
     assert dims(["--align", "ecc"]) == full - {"data.align"}
+    assert dims(["--confirm", "diff"]) == full - {"data.confirm"}
     assert dims(["--model", "tiny"]) == full - {"model.name"}
     assert "model.name" not in dims(["--preset", "smoke"])  # one variant: nothing to choose
 
@@ -75,7 +77,8 @@ def test_the_first_trials_are_the_presets_recipes_through_rays_optuna_searcher()
     for preset, expect in (("smoke", [{"data.resize": 96, "train.lr": 3e-3, "train.dice_weight": 1.0,
                                        "train.pos_weight": 20.0, "data.align": "none", "model.depth": 2}]),
                            ("paper", [{"model.name": "tiny", "data.resize": 0, "data.crop": 256, "data.scale": 1.0,
-                                       "data.crop_pos_fraction": 0.5, "data.align": "ecc", "train.schedule": "cosine"},
+                                       "data.crop_pos_fraction": 0.5, "data.align": "ecc", "data.confirm": "diff",
+                                       "train.schedule": "cosine"},
                                       {"model.name": "paper", "data.resize": 256, "train.lr": 2e-4,
                                        "train.dice_weight": 0.0, "train.pos_weight": 1.0}])):
         space = SEARCH_PRESETS[preset]["space"]

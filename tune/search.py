@@ -184,7 +184,7 @@ def search(args: argparse.Namespace) -> int:
     data_dir = resolve_data_dir(dataset=args.dataset, data=args.data, data_root=args.data_root)
     dataset = data_dir.name  # the folder's name: `--dataset ol` registers into anodfdnet-OL
     view = {f"data.{k}": getattr(args, k) for k in ("resize", "scale", "crop", "crop_pos_fraction", "align",
-                                                   "relight", "group_regex", "val_groups")
+                                                   "relight", "confirm", "group_regex", "val_groups")
             if getattr(args, k) is not None}
     base = with_window(Config().with_flat(preset["config"]), {
         "data.data": str(data_dir), "train.epochs": max_epochs, "train.seed": args.seed, **view,
@@ -437,8 +437,8 @@ def mark_trial_runs(uri: str, experiment: str, search_dir: str, rows: list[Trial
 
 def search_space(args: argparse.Namespace) -> Space:
     """The preset's space less what the command line fixes: a view flag fixes the view, --align the registration,
-    --model the variant."""
-    given = {f"data.{k}" for k in ("resize", "scale", "crop", "crop_pos_fraction", "align")
+    --confirm the confirmation, --model the variant."""
+    given = {f"data.{k}" for k in ("resize", "scale", "crop", "crop_pos_fraction", "align", "confirm")
              if getattr(args, k) is not None}
     return SEARCH_PRESETS[args.preset]["space"].without(given | ({"model.name"} if args.model else set()))
 

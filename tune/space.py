@@ -2,7 +2,7 @@
 
 A preset's `Space` lists the choices; `Space.suggest` asks Optuna for them define-by-run, so that a dimension that
 only means something under another (scale, crop size and crop placement under native crops) is sampled only
-there. Dimensions the user fixed on the command line (`--resize`, `--align`, `--model`, ...) are not searched.
+there. Dimensions the user fixed on the command line (`--resize`, `--align`, `--confirm`, `--model`, ...) are not searched.
 Each range stands on a measurement in `docs/results/` (named beside it); `docs/guides/search-and-registry.md`
 says how to add a dimension.
 """
@@ -30,6 +30,9 @@ class Space:
     models: tuple[str, ...]
     # robustness.md: without registration F1 falls from 0.82 to 0.21 at a 2% shift; with ECC it holds 0.82.
     align: tuple[str, ...] = ("none", "ecc")
+    # generalization.md: on held-out boards confirming by the registered difference cuts false alarms per pair
+    # from 0.35 to 0.07 (DeepPCB); where changes are faint tints it can remove true detections, so both are tried.
+    confirm: tuple[str, ...] = ("none", "diff")
     # robustness.md: 0.02 keeps 0.71 at a 2% shift unregistered; 0.005 on top of ECC holds best at 4%.
     misregister: tuple[float, ...] = (0.0, 0.005, 0.02)
     # demo.md tried paper and strong by hand; none is the floor they are measured against.
@@ -55,6 +58,7 @@ class Space:
             "data.crop": CategoricalDistribution(list(self.crop)),
             "data.crop_pos_fraction": FloatDistribution(0.0, 0.75),
             "data.align": CategoricalDistribution(list(self.align)),
+            "data.confirm": CategoricalDistribution(list(self.confirm)),
             "data.misregister": CategoricalDistribution(list(self.misregister)),
             "data.augment": CategoricalDistribution(list(self.augment)),
             "model.name": CategoricalDistribution(list(self.models)),
@@ -108,16 +112,18 @@ SMOKE = Space(resize=(96, 128, 0), scale=(0.25, 0.5), crop=(96,), models=("tiny"
 PAPER = Space(resize=(256, 0), scale=(0.5, 1.0), crop=(256,), models=("paper", "tiny"))
 
 # The recipe the held-out-board benchmark measured best (generalization.md: defect F 0.968 on boards it never saw):
-# tiny, native 256 px crops, half of them on a defect, ECC registration, cosine schedule, BCE + Dice, pos_weight 20.
+# tiny, native 256 px crops, half of them on a defect, ECC registration, confirmed by the registered difference,
+# cosine schedule, BCE + Dice, pos_weight 20.
 BENCHMARK_RECIPE = {
     "model.name": "tiny", "model.depth": 2, "train.lr": 3e-3, "train.schedule": "cosine",
     "data.resize": 0, "data.scale": 1.0, "data.crop": 256, "data.crop_pos_fraction": 0.5, "data.align": "ecc",
+    "data.confirm": "diff",
     "data.misregister": 0.0, "data.augment": "paper",
     "train.bce_weight": 1.0, "train.dice_weight": 1.0, "train.focal_weight": 0.0, "train.pos_weight": 20.0,
 }
 # The paper's configuration: its network squashed to 256 px, 2 Transformer layers, lr 2e-4, BCE only.
 PAPER_RECIPE = {
     "model.name": "paper", "model.depth": 2, "train.lr": 2e-4, "train.schedule": "constant",
-    "data.resize": 256, "data.align": "none", "data.misregister": 0.0, "data.augment": "paper",
+    "data.resize": 256, "data.align": "none", "data.confirm": "none", "data.misregister": 0.0, "data.augment": "paper",
     "train.bce_weight": 1.0, "train.dice_weight": 0.0, "train.focal_weight": 0.0, "train.pos_weight": 1.0,
 }

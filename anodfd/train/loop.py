@@ -155,7 +155,7 @@ def run_epoch(
         raise RuntimeError(f"epoch {epoch}: training loss is {stats.loss}; lower --lr or check the data")
     val_start = time.perf_counter()
     pixels, images, defects = evaluate(model, val_ds, device, config.data.window, t.threshold,
-                                       val_shard(val_ds, rank, world))
+                                       val_shard(val_ds, rank, world), confirm=config.data.confirm)
     metrics = epoch_metrics(pixels, images, t.threshold)
     metrics.update(defects.compute())  # at the fixed threshold, like F1
     # train_s + val_s against a run's wall time: how much of it went into steps, not start-up, checkpoints, logging

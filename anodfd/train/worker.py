@@ -21,11 +21,11 @@ import torch.distributed as dist
 from torch import nn
 
 from anodfd.checkpoint import checkpoint_dict, load_checkpoint, save_checkpoint
-from anodfd.config import Config
+from anodfd.config import Config, DataConfig
 from anodfd.data import layouts
 from anodfd.data.dataset import PairDataset, make_dataset
 from anodfd.evaluation import register_pairs
-from anodfd.inference import sliding_probs
+from anodfd.inference import served_probs
 from anodfd.metrics import PixelHistogram, plot_roc
 from anodfd.predict import overlay_grid
 from anodfd.preflight import driver_version, gpu_problem
@@ -86,7 +86,7 @@ def train_func_per_worker(loop_config: dict) -> None:
             ckpt_obj = None
             if rank == 0:
                 save_checkpoint(checkpoint_dict(model, optimizer, epoch, config, metrics, best), Path(d) / CHECKPOINT_FILE)
-                write_pictures(Path(d), epoch, metrics, pixels, _unwrap(model), val_ds, config.data.window, device)
+                write_pictures(Path(d), epoch, metrics, pixels, _unwrap(model), val_ds, config.data, device)
                 ckpt_obj = ray.train.Checkpoint.from_directory(d)  # Ray
             # Ray: a barrier; every rank reports each epoch, rank 0 with the checkpoint.
             ray.train.report(metrics, checkpoint=ckpt_obj, checkpoint_dir_name=f"epoch_{epoch:04d}")
@@ -111,18 +111,18 @@ def param_spread(model: nn.Module) -> float:
 
 def write_pictures(
     folder: Path, epoch: int, metrics: dict[str, float], pixels: PixelHistogram, model: nn.Module,
-    val_ds: PairDataset, window: int, device: torch.device,
+    val_ds: PairDataset, data: DataConfig, device: torch.device,
 ) -> None:
     """The epoch's validation ROC curve and anomaly overlays of the same few validation pairs every epoch."""
     plot_roc(pixels, folder / f"roc_epoch_{epoch:04d}.png", title=f"validation ROC, epoch {epoch}")
-    grid = overlay_grid(fixed_pair_maps(model, val_ds, window, device), metrics["threshold"])
+    grid = overlay_grid(fixed_pair_maps(model, val_ds, data, device), metrics["threshold"])
     cv2.imwrite(str(folder / f"overlays_epoch_{epoch:04d}.png"), grid)
 
 
-def fixed_pair_maps(model: nn.Module, val_ds: PairDataset, window: int, device: torch.device):
+def fixed_pair_maps(model: nn.Module, val_ds: PairDataset, data: DataConfig, device: torch.device):
     rows = []
     for i in range(min(OVERLAY_PAIRS, len(val_ds))):
         hist, cur, mask = val_ds.arrays(i)  # in the training view, tiled as validation sees them
-        probs = sliding_probs(model, hist, cur, window, device).numpy()
+        probs = served_probs(model, hist, cur, data.window, data.confirm, device).numpy()
         rows.append((hist, cur, mask, probs))
     return rows
