@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 DIFF_LEVEL = 0.5  # grey difference, as a share of the range, that counts as evidence (as template differencing)
+FLOOR = 0.05  # the lowest threshold the rule is exact at: no served threshold is lower
 _KERNEL = np.ones((3, 3), np.uint8)
 _CHECK_EVERY = 8  # dilation steps between convergence checks: a check costs as much as a step
 
@@ -34,12 +35,16 @@ def difference_map(history: np.ndarray, current: np.ndarray) -> np.ndarray:
 
 def confirmed(probs: np.ndarray, evidence: np.ndarray) -> np.ndarray:
     """``probs`` (HxW float32) with each pixel lowered to the highest threshold at which its 8-connected region of
-    ``probs >= t`` still holds an ``evidence`` pixel (HxW bool); 0 where no such threshold exists.
+    ``probs >= t`` still holds an ``evidence`` pixel (HxW bool); 0 where no such threshold from `FLOOR` up exists.
+    Cut at any t >= `FLOOR`, it keeps exactly the regions of ``probs >= t`` that hold evidence; cut lower, it keeps
+    what the cut at `FLOOR` keeps.
 
     This is greyscale reconstruction by dilation of ``probs`` on the evidence under ``probs``: the marker grows one
-    pixel per step, never above ``probs``, until it stops changing (steps: the longest path inside a region).
+    pixel per step, never above ``probs``, until it stops changing (steps: the longest path inside a region). Below
+    the floor a map is one region spanning the image, hundreds of steps wide; above it, regions are defect-sized.
     """
     probs = np.ascontiguousarray(probs, dtype=np.float32)
+    probs = np.where(probs >= FLOOR, probs, np.float32(0))
     marker = np.where(evidence, probs, np.float32(0))
     while True:
         before = marker

@@ -8,7 +8,7 @@ import pytest
 from test_align import one_pair_dataset, scene
 
 from anodfd.config import Config, ConfigError
-from anodfd.confirm import confirmed, evidence
+from anodfd.confirm import FLOOR, confirmed, evidence
 
 
 def regions_with_evidence(binary: np.ndarray, proof: np.ndarray) -> np.ndarray:
@@ -23,16 +23,17 @@ def test_confirmed_map_cut_at_any_threshold_is_the_region_rule():
     evidence (so calibrating on confirmed maps calibrates what is served), and it never raises a probability."""
     rng = np.random.default_rng(0)
     probs = cv2.GaussianBlur(rng.random((120, 160)).astype(np.float32), (0, 0), 3)
-    probs = (probs - probs.min()) / (probs.max() - probs.min())
+    probs = (probs - probs.min()) / (probs.max() - probs.min())  # every level from 0 to 1, the floor included
     proof = rng.random(probs.shape) > 0.998
     out = confirmed(probs, proof)
     assert (out <= probs).all()
     dropped = 0
-    for t in np.linspace(0.05, 0.95, 19):
+    for t in np.linspace(FLOOR, 0.95, 19):
         kept = regions_with_evidence(probs >= t, proof)
         np.testing.assert_array_equal(out >= t, kept)
         dropped += int((probs >= t).sum() - kept.sum())
     assert dropped > 1000  # the case is not trivial: whole regions go at many thresholds
+    np.testing.assert_array_equal(out >= FLOOR / 2, out >= FLOOR)  # below the floor, cut as at the floor
 
 
 def test_confirmed_by_hand():
