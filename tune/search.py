@@ -57,6 +57,8 @@ SEARCH_PRESETS = {
 }
 # Every dimension any preset searches, in the summary table's order.
 SEARCHED = list(dict.fromkeys([*PAPER.distributions(), *SMOKE.distributions()]))
+# Flags of `anodfd train` that set a dimension the space searches: given, they fix it.
+SPACE_FLAGS = ("resize", "scale", "crop", "crop_pos_fraction", "align", "confirm")
 METRICS = ("f1", "calibrated_f1", "iou", "auc", "defect_f")
 SEARCH_MARKER = "anodfd_search.json"  # in each search folder: its dataset, so --resume can find the latest
 TRIAL_DRIVER_CPU = 0.1  # the Tune function that launches a trial's TorchTrainer only waits
@@ -183,8 +185,7 @@ def search(args: argparse.Namespace) -> int:
     first_points = [space.point(r) for r in preset["first"]]
     data_dir = resolve_data_dir(dataset=args.dataset, data=args.data, data_root=args.data_root)
     dataset = data_dir.name  # the folder's name: `--dataset ol` registers into anodfdnet-OL
-    view = {f"data.{k}": getattr(args, k) for k in ("resize", "scale", "crop", "crop_pos_fraction", "align",
-                                                   "relight", "confirm", "group_regex", "val_groups")
+    view = {f"data.{k}": getattr(args, k) for k in (*SPACE_FLAGS, "relight", "group_regex", "val_groups")
             if getattr(args, k) is not None}
     base = with_window(Config().with_flat(preset["config"]), {
         "data.data": str(data_dir), "train.epochs": max_epochs, "train.seed": args.seed, **view,
@@ -438,8 +439,7 @@ def mark_trial_runs(uri: str, experiment: str, search_dir: str, rows: list[Trial
 def search_space(args: argparse.Namespace) -> Space:
     """The preset's space less what the command line fixes: a view flag fixes the view, --align the registration,
     --confirm the confirmation, --model the variant."""
-    given = {f"data.{k}" for k in ("resize", "scale", "crop", "crop_pos_fraction", "align", "confirm")
-             if getattr(args, k) is not None}
+    given = {f"data.{k}" for k in SPACE_FLAGS if getattr(args, k) is not None}
     return SEARCH_PRESETS[args.preset]["space"].without(given | ({"model.name"} if args.model else set()))
 
 
