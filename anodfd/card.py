@@ -54,7 +54,9 @@ def model_card(uri: str, name: str, version: int, tags: dict[str, str], experime
         *rows,
         "",
         (f"- **Serves with threshold** {num('served_threshold')} (calibrated on validation); the champion gate "
-         "compares F1 at that threshold."),
+         "compares F1 at that threshold."
+         + (" Regions are kept only where the registered pair's grey difference confirms them (`--confirm diff`)."
+            if data.get("confirm") == "diff" else "")),
         (f"- **Defects** at that threshold: F {num('test_defect_f')}, recall {num('test_defect_recall')}, precision "
          f"{num('test_defect_precision')}; {num('test_false_alarms_per_image')} false alarms per pair; every defect "
          f"found in {num('test_all_found')} of the pairs that have any."),

@@ -541,3 +541,15 @@ def test_the_card_reports_both_box_rules_when_the_test_split_has_boxes():
     assert "overlap rule F 0.8125, recall 0.7500, precision 0.9000, 0.2500 false alarms" in line
     assert "DeepPCB's rule (IoU > 0.33, one to one) F 0.1250, recall 0.1000, precision 0.2000" in line
     assert "dataset's boxes" not in model_card("sqlite:///x.db", "anodfdnet-X", 1, {"test_defect_f": "0.9"})
+
+
+def test_the_card_says_when_detections_are_confirmed_by_differencing():
+    """A `--confirm diff` model serves other regions than its network alone finds: its card says so."""
+    import json
+
+    def serves(data: dict) -> str:
+        tags = {"served_threshold": "0.7", "config": json.dumps({"data": data})}
+        return next(ln for ln in model_card("sqlite:///x.db", "anodfdnet-X", 1, tags).splitlines() if "Serves" in ln)
+
+    assert "`--confirm diff`" in serves({"align": "ecc", "confirm": "diff"})
+    assert "confirm" not in serves({"align": "ecc", "confirm": "none"}) and "confirm" not in serves({})
