@@ -53,12 +53,18 @@ def write_ir(source, config: Config, threshold: float, path: Path, int8: dict | 
     """An ONNX file (or an `openvino.Model`) -> IR at ``path`` in the precision it has, with anodfd's metadata."""
     ov = _ov()
     model = ov.convert_model(str(source)) if isinstance(source, (str, Path)) else source
-    model.set_rt_info(json.dumps(config.to_dict()), ["anodfd", "config"])
-    model.set_rt_info(repr(float(threshold)), ["anodfd", "threshold"])
-    model.set_rt_info(json.dumps(int8 or {}), ["anodfd", "int8"])
+    with_metadata(model, config, threshold, int8)
     # FP32 weights: save_model halves them by default, which would break parity with the ONNX file.
     ov.save_model(model, str(path), compress_to_fp16=False)
     return path
+
+
+def with_metadata(model, config: Config, threshold: float, int8: dict | None = None):
+    """``model`` (an `openvino.Model`) with anodfd's metadata in its rt_info, as `read_metadata` reads it."""
+    for key, value in (("config", json.dumps(config.to_dict())), ("threshold", repr(float(threshold))),
+                       ("int8", json.dumps(int8 or {}))):
+        model.set_rt_info(value, ["anodfd", key])
+    return model
 
 
 class OpenVinoModel:
@@ -225,9 +231,7 @@ def _int8(fp32, config: Config, threshold: float, data: DataConfig, calib_pairs:
           max_loss: float) -> Int8Verdict:
     """Quantise, score both on the validation split, and write the INT8 IR to ``path`` only if it is kept."""
     print(f"quantising to INT8 on one tile of each of {calib_pairs} training pairs (NNCF) ...", flush=True)
-    for key, value in (("config", json.dumps(config.to_dict())), ("threshold", repr(float(threshold))),
-                       ("int8", "{}")):
-        fp32.set_rt_info(value, ["anodfd", key])  # read_metadata of the in-memory models below
+    with_metadata(fp32, config, threshold)  # read by OpenVinoModel below, as a file's would be
     int8 = quantize(fp32, calibration_tiles(data, calib_pairs))
     verdict = Int8Verdict(validation_figures(OpenVinoModel(fp32), data, threshold),
                           validation_figures(OpenVinoModel(int8), data, threshold), max_loss)
