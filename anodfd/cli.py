@@ -388,8 +388,13 @@ def _score(args: argparse.Namespace) -> int:
     check_output(args.out, "--out")
     ckpt = _load_checkpoint_for(args)
     threshold = check_threshold(args.threshold if args.threshold is not None else ckpt.get("threshold", 0.5))
+    if args.openvino:  # checked here, before Ray starts
+        from anodfd.checkpoint import check_checkpoint
+        from anodfd.openvino_ir import ir_for
+
+        ir_for(args.openvino, check_checkpoint(ckpt))
     table = score_pairs(ckpt, args.model or str(Path(args.checkpoint).resolve()), pairs, args.out, threshold,
-                        args.address, opts)
+                        args.address, opts, openvino=args.openvino)
     print(f"ranked {len(pairs)} pairs by score: {table}")
     return 0
 
@@ -559,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (on a cluster: storage every node can write)")
     p.add_argument("--threshold", type=float, default=None, help="default: the checkpoint's calibrated threshold")
     p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else local Ray)")
+    p.add_argument("--openvino", default=None, help="an IR of this checkpoint (`anodfd export --format openvino`, "
+                                                    "FP32 or INT8) to run in place of its network, on CPU actors")
     p.add_argument("--actors", type=int, default=None,
                    help="model actors (default: one per GPU, else the local CPUs shared out)")
     p.add_argument("--cpus-per-actor", type=float, default=None)

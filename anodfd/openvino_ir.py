@@ -103,6 +103,15 @@ class OpenVinoModel:
         return torch.from_numpy(self.run(*nhwc))[:, None]
 
 
+def ir_for(path: str | Path, config: Config, threads: int = 0) -> OpenVinoModel:
+    """The IR at ``path`` to run in place of a checkpoint's network: refused unless exported from that config."""
+    ir = OpenVinoModel(path, threads)
+    if ir.config.to_dict() != config.to_dict():
+        raise ConfigError(f"{ir.path}: exported from another model's config than the checkpoint's; export this "
+                          "checkpoint with `anodfd export --format openvino`")
+    return ir
+
+
 def read_metadata(model, path: Path) -> tuple[Config, float, dict]:
     """(config, threshold, INT8 figures) from an IR's rt_info; one clear error when they are missing or foreign."""
     if not all(model.has_rt_info(["anodfd", key]) for key in _KEYS):

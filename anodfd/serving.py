@@ -128,7 +128,9 @@ class AnomalyMapModel(mlflow.pyfunc.PythonModel):
         self.device = resolve_device("auto")
         self.model, config = inference_model(ckpt, self.device)
         if OPENVINO_KEY in context.artifacts:
-            self.model, self.device = _openvino(context.artifacts[OPENVINO_KEY], config), "cpu"
+            from anodfd.openvino_ir import ir_for
+
+            self.model, self.device = ir_for(context.artifacts[OPENVINO_KEY], config), "cpu"
         self.data = config.data  # the view and window training used: `pair_map` feeds the network the same way
         self.threshold = float(ckpt.get("threshold", config.train.threshold))
 
@@ -186,17 +188,6 @@ class AnomalyMapModel(mlflow.pyfunc.PythonModel):
             out[:] = maps
             return out
         return maps[0] if cur.ndim == 3 else np.stack(maps)
-
-
-def _openvino(path: str, config):
-    """The IR in place of the checkpoint's network; refused unless it was exported from that same config."""
-    from anodfd.openvino_ir import OpenVinoModel
-
-    ir = OpenVinoModel(path)
-    if ir.config.to_dict() != config.to_dict():
-        raise ConfigError(f"{ir.path}: exported from another model's config than the checkpoint's; export this "
-                          "checkpoint with `anodfd export --format openvino`")
-    return ir
 
 
 mlflow.models.set_model(AnomalyMapModel())
