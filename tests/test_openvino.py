@@ -211,7 +211,8 @@ def test_score_runs_the_ir_in_its_actors(cli_export, ray_local, synth_ol, capsys
     for name in names:
         maps = {r: cv2.imread(str(e.tmp / f"score-{r}" / f"{name}_map.png"), cv2.IMREAD_GRAYSCALE) / 255 for r in runs}
         scores = {r: json.loads((e.tmp / f"score-{r}" / f"{name}.json").read_text())["score"] for r in runs}
-        assert np.abs(maps["torch"] - maps["fp32"]).max() <= 1 / 255 + 1e-9 and abs(scores["torch"] - scores["fp32"]) < 1e-4
+        assert np.abs(maps["torch"] - maps["fp32"]).max() <= 1 / 255 + 1e-9
+        assert abs(scores["torch"] - scores["fp32"]) < 1e-4
         close_enough_for_int8(maps["int8"], maps["torch"])
     capsys.readouterr()
     assert cli([*runs["int8"], "--list", listing, "--out", str(e.tmp / "score-fp32")]) == 2
