@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="dataset folder whose --split is scored")
     parser.add_argument("--split", default="test")
     parser.add_argument("--calib-pairs", type=int, default=CALIB_PAIRS)
+    parser.add_argument("--skip-pytorch", action="store_true", help="FP32 and INT8 only (FP32 equals PyTorch to 1e-4)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -65,6 +66,8 @@ def main() -> None:
     int8, how = int8_model(export, data, args.calib_pairs)
     models = {"PyTorch (folded, as `predict`)": torch_model, "OpenVINO FP32": OpenVinoModel(export / IR_FILE),
               f"OpenVINO INT8 ({how})": int8}
+    if args.skip_pytorch:
+        del models["PyTorch (folded, as `predict`)"]
     rows = {name: figures(model, data, args.split, threshold) for name, model in models.items()}
     check = OpenVinoModel(export / IR_FILE).int8
     print(f"\n{args.checkpoint}: {config.model.name}, {args.split} split of {args.data}, threshold {threshold:.3f}")
