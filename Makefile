@@ -19,10 +19,10 @@ $(STAMP): pyproject.toml $(LOCK)
 
 install: $(STAMP)
 
-# The newest releases pyproject.toml's ranges allow, every runtime and dev dependency, pinned into $(LOCK).
+# The newest releases pyproject.toml's ranges allow, every runtime, dev and openvino dependency, pinned into $(LOCK).
 # Run it when a dependency should move (a fix, a release the project needs), then `make test` and commit both.
 lock: $(STAMP)
-	$(PY) -m piptools compile $(PIP_QUIET) --upgrade --extra dev --strip-extras --no-emit-index-url \
+	$(PY) -m piptools compile $(PIP_QUIET) --upgrade --extra dev --extra openvino --strip-extras --no-emit-index-url \
 	  --no-emit-find-links --no-emit-trusted-host --output-file $(LOCK) pyproject.toml
 
 # tests/test_cluster_files.py runs the launcher's rsync, as `ray up` does.
@@ -55,7 +55,7 @@ test-fast: $(STAMP) sysdeps
 # its own (.venv-latest), off the lock. A failure here is a release the lock must not take yet, or a fix to make.
 test-latest: sysdeps
 	test -x .venv-latest/bin/python || $(PYTHON) -m venv .venv-latest
-	.venv-latest/bin/python -m pip install $(PIP_QUIET) --upgrade --upgrade-strategy eager -e '.[dev]'
+	.venv-latest/bin/python -m pip install $(PIP_QUIET) --upgrade --upgrade-strategy eager -e '.[dev,openvino]'
 	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/versions.txt
 	ANODFD_UNLOCKED=1 .venv-latest/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
 

@@ -77,10 +77,11 @@ def claim_output(out: Path, identity: dict) -> None:
     manifest = out / MANIFEST
     if manifest.is_file():
         held = json.loads(manifest.read_text())
-        if held.get("weights") != identity["weights"] or held.get("threshold") != identity["threshold"]:
+        if any(held.get(k) != identity.get(k) for k in ("weights", "threshold", "openvino")):
             raise ConfigError(
-                f"{out} holds results of another model ({held.get('source')}, threshold {held.get('threshold')}); "
-                f"this run is {identity['source']}, threshold {identity['threshold']}. Pass a new --out "
+                f"{out} holds results of another model ({held.get('source')}, threshold {held.get('threshold')}, "
+                f"IR {held.get('openvino')}); this run is {identity['source']}, threshold {identity['threshold']}, "
+                f"IR {identity.get('openvino')}. Pass a new --out "
                 "(nothing there was changed)")
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -104,13 +105,17 @@ def _decode(row: dict, many: bool = False) -> dict:
 class _Scorer:
     """A Ray Data actor: the model loaded once, then each pair scored and its files written."""
 
-    def __init__(self, ckpt: dict, threshold: float, out: str, threads: int) -> None:
+    def __init__(self, ckpt: dict, threshold: float, out: str, threads: int, openvino: str | None = None) -> None:
         from anodfd.checkpoint import inference_model
         from anodfd.inference import resolve_device
 
         torch.set_num_threads(threads)
         self.device = resolve_device("auto")
         self.model, self.config = inference_model(ckpt, self.device)
+        if openvino:
+            from anodfd.openvino_ir import ir_for
+
+            self.model, self.device = ir_for(openvino, self.config, threads), "cpu"
         self.threshold, self.out = threshold, Path(out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -159,15 +164,19 @@ def size_actors(opts: ScoreOptions, joined: bool) -> tuple[int, float, float, bo
 
 
 def score_pairs(ckpt: dict, source: str, pairs: list[tuple[str, Path, Path]], out: str | Path, threshold: float,
-                address: str | None = None, opts: ScoreOptions | None = None, progress: bool = True) -> Path:
-    """Score ``pairs`` not yet in ``out`` on Ray Data, then rank every pair's result into ``out``/scores.parquet."""
+                address: str | None = None, opts: ScoreOptions | None = None, progress: bool = True,
+                openvino: str | None = None) -> Path:
+    """Score ``pairs`` not yet in ``out`` on Ray Data, then rank every pair's result into ``out``/scores.parquet.
+    ``openvino``, an IR of the checkpoint (`anodfd export --format openvino`), runs in place of its network."""
     from anodfd.predict import check_pairs
     from anodfd.ray_connect import init_ray, threads_for
 
     opts = opts or ScoreOptions()
     out = Path(out)
     check_pairs(pairs, done={n for n, _, _ in pairs} - {n for n, _, _ in pending(pairs, out)})
-    claim_output(out, {"source": source, "weights": weights_digest(ckpt), "threshold": threshold})
+    # An IR's own maps are not the checkpoint's (INT8): a folder scored by one is not continued by the other.
+    claim_output(out, {"source": source, "weights": weights_digest(ckpt), "threshold": threshold,
+                       **({"openvino": str(Path(openvino).resolve())} if openvino else {})})
     todo = pending(pairs, out)
     print(f"{len(todo)} of {len(pairs)} pairs to score ({len(pairs) - len(todo)} already in {out})", flush=True)
     if todo:
@@ -189,7 +198,8 @@ def score_pairs(ckpt: dict, source: str, pairs: list[tuple[str, Path, Path]], ou
         ds = (ds.map_batches(_Scorer, batch_size=PAIRS_PER_BLOCK, compute=ray.data.ActorPoolStrategy(size=actors),
                            num_cpus=cpus, num_gpus=gpus,
                            fn_constructor_kwargs={"ckpt": slim, "threshold": threshold, "out": str(out.resolve()),
-                                                  "threads": threads_for(cpus)}))
+                                                  "threads": threads_for(cpus),
+                                                  "openvino": openvino and str(Path(openvino).resolve())}))
         bar = tqdm(total=len(todo), unit="pair", desc="scoring", disable=not progress, file=sys.stderr)
         for _ in ds.iter_rows():  # Ray: runs the pipeline; each row is one pair scored and written
             bar.update()

@@ -273,6 +273,8 @@ def _add_model_source_flags(p: argparse.ArgumentParser, onnx: bool = False) -> N
                    help="a registered model: models:/anodfdnet-OL@champion or models:/anodfdnet-OL/VERSION")
     if onnx:
         g.add_argument("--onnx", default=None, help="a model.onnx written by `anodfd export`, run in ONNX Runtime")
+        g.add_argument("--openvino", default=None, help="an IR (model.xml, model-int8.xml) written by `anodfd export "
+                                                        "--format openvino`, run in OpenVINO")
     p.add_argument("--mlflow-uri", default=None,
                    help="registry for --model (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
 
@@ -356,10 +358,13 @@ def _predict(args: argparse.Namespace) -> int:
     pairs = find_pairs(args.hist, args.cur, args.list)
     check_pairs(pairs)  # every image, before the first output is written
     check_output(args.out, "--out")
-    if args.onnx:
+    if args.onnx or args.openvino:
         from anodfd.export import OnnxModel
 
-        model = OnnxModel(args.onnx)
+        if args.openvino:
+            from anodfd.openvino_ir import OpenVinoModel
+
+        model = OpenVinoModel(args.openvino) if args.openvino else OnnxModel(args.onnx)
         config, saved, device = model.config, model.threshold, "cpu"
     else:
         device = resolve_device(args.device)
@@ -383,27 +388,82 @@ def _score(args: argparse.Namespace) -> int:
     check_output(args.out, "--out")
     ckpt = _load_checkpoint_for(args)
     threshold = check_threshold(args.threshold if args.threshold is not None else ckpt.get("threshold", 0.5))
+    if args.openvino:  # checked here, before Ray starts
+        from anodfd.checkpoint import check_checkpoint
+        from anodfd.openvino_ir import ir_for
+
+        ir_for(args.openvino, check_checkpoint(ckpt))
     table = score_pairs(ckpt, args.model or str(Path(args.checkpoint).resolve()), pairs, args.out, threshold,
-                        args.address, opts)
+                        args.address, opts, openvino=args.openvino)
     print(f"ranked {len(pairs)} pairs by score: {table}")
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
-    from anodfd.checkpoint import model_from_checkpoint
-    from anodfd.export import export_checked
+def _int8_data(args: argparse.Namespace, config) -> object:
+    """The data config whose train split calibrates ``--int8`` and whose val split checks it; every file of both
+    checked before any compute."""
+    import dataclasses
 
+    from anodfd.data.dataset import make_dataset
+
+    if args.calib_pairs < 1:
+        raise ConfigError(f"--calib-pairs {args.calib_pairs}: must be 1 or more (training pairs to calibrate on)")
+    if args.calib_data is not None and not Path(args.calib_data).is_dir():
+        raise ConfigError(f"--calib-data {args.calib_data}: no such folder; pass a dataset folder with train and "
+                          "val splits")
+    source = f"--calib-data {args.calib_data}" if args.calib_data else f"the checkpoint's data {config.data.data!r}"
+    if args.calib_data is None and not (config.data.data and Path(config.data.data).is_dir()):
+        raise ConfigError(f"--int8: {source} is not a folder here; pass --calib-data DIR (the run's dataset)")
+    data = dataclasses.replace(config.data, **({"data": str(args.calib_data), "layout": "auto"}
+                                               if args.calib_data else {}))
+    for split in ("train", "val"):
+        try:
+            if not len(make_dataset(data, split).pairs):
+                raise DatasetError("no pairs")
+        except DatasetError as e:
+            raise ConfigError(f"--int8: {source} has no usable {split} split to {'calibrate' if split == 'train' else 'check'}"
+                              f" INT8 on ({str(e).splitlines()[0]}); pass --calib-data DIR") from None
+    return data
+
+
+def _export(args: argparse.Namespace) -> int:
+    from anodfd.checkpoint import check_checkpoint, model_from_checkpoint
+    from anodfd.export import check_exportable, export_checked
+
+    if args.int8 and args.format != "openvino":
+        raise ConfigError("--int8 quantises an OpenVINO IR: add --format openvino")
     check_output(args.out, "--out")
+    if args.format == "openvino":
+        from anodfd.openvino_ir import check_installed
+
+        check_installed()
     ckpt = _load_checkpoint_for(args)
+    check_exportable(check_checkpoint(ckpt), args.format)
     model, config = model_from_checkpoint(ckpt, "cpu")
+    int8_data = _int8_data(args, config) if args.int8 else None
+    threshold = float(ckpt.get("threshold", config.train.threshold))
     print(f"exporting {config.model.name} to ONNX (dynamic batch, height and width) ...", flush=True)
-    path, worst = export_checked(model, config, float(ckpt.get("threshold", config.train.threshold)), args.out)
+    path, worst = export_checked(model, config, threshold, args.out)
     print(f"wrote {path}: ONNX Runtime matches PyTorch to {worst:.1e} on the probability maps")
+    paths = [path]
+    if args.format == "openvino":
+        from anodfd.openvino_ir import INT8_FILE, export_openvino
+
+        ir, worst, verdict = export_openvino(model, config, threshold, path, int8_data, args.calib_pairs)
+        print(f"wrote {ir}: OpenVINO FP32 matches PyTorch to {worst:.1e} on the probability maps")
+        paths.append(ir)
+        if verdict is not None:
+            print(verdict.line())
+            if verdict.accepted:
+                print(f"wrote {ir.parent / INT8_FILE}")
+                paths.append(ir.parent / INT8_FILE)
     if args.model:
         from anodfd.registry import log_export
         from anodfd.tracking import resolve_tracking_uri
 
-        print(log_export(resolve_tracking_uri(args.mlflow_uri), args.model, path))
+        for p in paths:
+            print(log_export(resolve_tracking_uri(args.mlflow_uri), args.model, p,
+                             verdict.as_dict() if args.int8 and p != path else None))
     return 0
 
 
@@ -504,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (on a cluster: storage every node can write)")
     p.add_argument("--threshold", type=float, default=None, help="default: the checkpoint's calibrated threshold")
     p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else local Ray)")
+    p.add_argument("--openvino", default=None, help="an IR of this checkpoint (`anodfd export --format openvino`, "
+                                                    "FP32 or INT8) to run in place of its network, on CPU actors")
     p.add_argument("--actors", type=int, default=None,
                    help="model actors (default: one per GPU, else the local CPUs shared out)")
     p.add_argument("--cpus-per-actor", type=float, default=None)
@@ -512,10 +574,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode images in parallel tasks or in the model actors (auto: tasks for GPU actors)")
     p.set_defaults(func=_score)
 
-    p = sub.add_parser("export", help="a trained model as an ONNX graph (dynamic batch, height and width)")
+    p = sub.add_parser("export", help="a trained model as an ONNX graph (dynamic batch, height and width), and as "
+                                      "an OpenVINO IR, FP32 and INT8")
     _add_model_source_flags(p)
-    p.add_argument("--format", choices=["onnx"], default="onnx")
-    p.add_argument("--out", required=True, help="folder for model.onnx")
+    p.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
+                   help="openvino: also model.xml (FP32) beside model.onnx; needs anodfd[openvino]")
+    p.add_argument("--int8", action="store_true",
+                   help="with --format openvino: also model-int8.xml, NNCF post-training quantisation, kept only if "
+                        "no validation figure (pixel F1, AUC, defect F) falls more than 0.005 below FP32")
+    p.add_argument("--calib-data", default=None,
+                   help="dataset whose train split calibrates --int8 and val split checks it (default: the "
+                        "checkpoint's own data)")
+    p.add_argument("--calib-pairs", type=int, default=300, help="training pairs to calibrate --int8 on")
+    p.add_argument("--out", required=True, help="folder for model.onnx (and model.xml, model-int8.xml)")
     p.set_defaults(func=_export)
 
     models = sub.add_parser("models", help="the MLflow Model Registry: anodfdnet-<dataset> versions and aliases")

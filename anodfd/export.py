@@ -45,6 +45,13 @@ class _Graph(nn.Module):
         return torch.sigmoid(self.net(h, c))[:, 0]
 
 
+def check_exportable(config: Config, fmt: str = "onnx") -> None:
+    """One line for a model the export does not cover, before any tracing."""
+    if config.model.name not in ("paper", "tiny"):
+        raise ConfigError(f"model {config.model.name}: --format {fmt} covers AnoDFDNet paper and tiny; serve this "
+                          "checkpoint itself (`predict --checkpoint`, the registry)")
+
+
 def export_checked(model: nn.Module, config: Config, threshold: float, out: str | Path,
                    tolerance: float = PARITY_TOLERANCE) -> tuple[Path, float]:
     """`export_onnx` under a temporary name, `parity`, then renamed to ``out``/model.onnx: an export that fails
@@ -134,19 +141,27 @@ class OnnxModel:
         return torch.from_numpy(self.session.run(None, feed)[0])[:, None]
 
 
-def parity(model: nn.Module, path: str | Path, sizes: tuple[tuple[int, int, int], ...] = ((1, 256, 256), (2, 96, 160)),
-           seed: int = 0, tolerance: float = PARITY_TOLERANCE) -> float:
-    """The largest |ONNX Runtime - PyTorch| probability over random pairs of each (batch, height, width) in
-    ``sizes``; raises if it exceeds ``tolerance``, so a broken export never leaves `anodfd export`."""
-    graph, session = _Graph(model.cpu().eval()).eval(), OnnxModel(path).session
+def parity_diffs(model: nn.Module, run, sizes: tuple[tuple[int, int, int], ...] = ((1, 256, 256), (2, 96, 160)),
+                 seed: int = 0) -> list[float]:
+    """|``run`` - PyTorch| at worst, over random uint8 pairs of each (batch, height, width) in ``sizes``; ``run``
+    maps BxHxWx3 history and current arrays to BxHxW probabilities (a runtime's session)."""
+    graph = _Graph(model.cpu().eval()).eval()
     rng = np.random.default_rng(seed)
     diffs = []
     for b, h, w in sizes:
         pair = [rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8) for _ in INPUTS]
         with torch.inference_mode():
             expected = graph(*(torch.from_numpy(x) for x in pair)).numpy()
-        got = session.run(None, dict(zip(INPUTS, pair)))[0]
-        diffs.append(np.abs(got - expected).max())
+        diffs.append(float(np.abs(run(*pair) - expected).max()))
+    return diffs
+
+
+def parity(model: nn.Module, path: str | Path, sizes: tuple[tuple[int, int, int], ...] = ((1, 256, 256), (2, 96, 160)),
+           seed: int = 0, tolerance: float = PARITY_TOLERANCE) -> float:
+    """The largest |ONNX Runtime - PyTorch| probability over random pairs of each (batch, height, width) in
+    ``sizes``; raises if it exceeds ``tolerance``, so a broken export never leaves `anodfd export`."""
+    session = OnnxModel(path).session
+    diffs = parity_diffs(model, lambda h, c: session.run(None, dict(zip(INPUTS, (h, c))))[0], sizes, seed)
     worst = float(np.max(diffs))  # NaN stays NaN: max() would drop it
     if not worst <= tolerance:
         raise ConfigError(f"ONNX Runtime differs from PyTorch by {worst:.2e} (more than {tolerance:g}) on the "

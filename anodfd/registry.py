@@ -319,17 +319,32 @@ def load_checkpoint_from_registry(uri: str, model_uri: str) -> dict:
         return load_checkpoint(path)
 
 
-def log_export(uri: str, model_uri: str, path: Path) -> str:
+def log_export(uri: str, model_uri: str, path: Path, int8: dict | None = None) -> str:
     """Attach an exported file (`anodfd export`) to the registered version it came from: logged to the version's
-    run under ``onnx/v<version>/`` and named in the version's tag ``onnx``. Returns a line saying where it went."""
+    run under ``<kind>/v<version>/`` and named in the version's tag ``<kind>``, where kind is ``onnx``,
+    ``openvino`` (an FP32 IR, .xml with its .bin) or ``openvino_int8``. ``int8``, the INT8 check's figures, goes in
+    the tag ``int8_check`` (JSON) and, as ``int8_<fp32|int8>_<figure>`` metrics, in the run. Returns a line
+    saying where it went."""
+    import json
+
+    from anodfd.openvino_ir import INT8_FILE
+
+    path = Path(path)
+    kind = "onnx" if path.suffix == ".onnx" else "openvino_int8" if path.name == INT8_FILE else "openvino"
     name, version = resolve_version(uri, model_uri)
     c = client(uri)
     mv = c.get_model_version(name, str(version))
     if not mv.run_id:
         raise RegistryError(f"{name} v{version} has no source run to log the export to")
     # Versions can share a run (one search registers several), so each gets its own folder: nothing is overwritten.
-    folder = f"onnx/v{version}"
-    c.log_artifact(mv.run_id, str(path), folder)
-    location = f"runs:/{mv.run_id}/{folder}/{Path(path).name}"
-    c.set_model_version_tag(name, str(version), "onnx", location)
-    return f"logged to {name} v{version} as {location} (tag onnx)"
+    folder = f"{kind}/v{version}"
+    for f in (path,) if kind == "onnx" else (path, path.with_suffix(".bin")):
+        c.log_artifact(mv.run_id, str(f), folder)
+    location = f"runs:/{mv.run_id}/{folder}/{path.name}"
+    c.set_model_version_tag(name, str(version), kind, location)
+    if int8:
+        c.set_model_version_tag(name, str(version), "int8_check", json.dumps(int8))
+        for model in ("fp32", "int8"):
+            for figure, value in int8[model].items():
+                c.log_metric(mv.run_id, f"int8_{model}_{figure}", value)
+    return f"logged to {name} v{version} as {location} (tag {kind})"

@@ -17,6 +17,8 @@ header, before anything is decoded).
 This file is logged as MLflow "models from code" (see `anodfd.registry`): MLflow copies it into the model and runs
 it at load time, so nothing is pickled. The weights, config and calibrated threshold come from the checkpoint
 artifact, read with ``torch.load(weights_only=True)``. Loading needs only `anodfd` (and its dependencies) importable.
+An ``openvino`` artifact (an IR of `anodfd export --format openvino`, FP32 or INT8, of the same checkpoint) runs in
+place of the network, on the CPU, with the checkpoint's view, window and threshold.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from anodfd.inference import pair_map, resolve_device
 from anodfd.predict import analyse, check_threshold, map_png
 
 CHECKPOINT_KEY = "checkpoint"  # the name of the checkpoint in the model's `artifacts`
+OPENVINO_KEY = "openvino"  # an IR folder or .xml (`anodfd export --format openvino`), run instead of the network
 INPUTS = ("history", "current")
 ENCODED_OUTPUTS = ("score", "anomalous_fraction", "boxes", "map_png")
 # Pixels of one image: 2048x1536 is 3.1 M. A 2.6 MB PNG can hold 30000x30000, 2.7 GB once decoded, and the maps
@@ -124,6 +127,10 @@ class AnomalyMapModel(mlflow.pyfunc.PythonModel):
         ckpt = load_checkpoint(context.artifacts[CHECKPOINT_KEY])
         self.device = resolve_device("auto")
         self.model, config = inference_model(ckpt, self.device)
+        if OPENVINO_KEY in context.artifacts:
+            from anodfd.openvino_ir import ir_for
+
+            self.model, self.device = ir_for(context.artifacts[OPENVINO_KEY], config), "cpu"
         self.data = config.data  # the view and window training used: `pair_map` feeds the network the same way
         self.threshold = float(ckpt.get("threshold", config.train.threshold))
 

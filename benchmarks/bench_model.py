@@ -2,6 +2,8 @@
 
     python benchmarks/bench_model.py --iters 1 --rounds 5 --threads 2
     python benchmarks/bench_model.py --threads 2 --skip-resnet18 --anodfd-train   # + `anodfd train`, same run
+    python benchmarks/bench_model.py --threads 2 --skip-resnet18 --openvino --batch 1   # + OpenVINO FP32, INT8
+    python benchmarks/bench_model.py --threads 2 --openvino --checkpoint best.pt --calib-data DIR --batch 4
 
 Measures pairs/s of a training step (forward, BCE, backward, Adam step) and of inference, for variant
 `paper` at 256x256 and batch 4, against `OfficialStyleNet` below: the official architecture written the
@@ -10,7 +12,10 @@ way the official code is (two encoder passes, hand-written softmax attention, co
 on the difference), uses `scaled_dot_product_attention` and channels_last, and for inference
 `optimize_for_inference` (BatchNorm folded, sub-pixel head) under `torch.inference_mode`. Also times the
 `resnet18` variant, and the same `paper` weights exported by `anodfd export` in ONNX Runtime (CPU, uint8 pairs in,
-probabilities out: its graph also normalises and applies the sigmoid). Before timing, the reference is loaded with our weights and must give the same
+probabilities out: its graph also normalises and applies the sigmoid); with ``--openvino``, that file in OpenVINO,
+FP32 and INT8 (NNCF post-training quantisation on 16 random pairs, or with ``--checkpoint`` on ``--calib-pairs``
+training pairs of ``--calib-data``, as `anodfd export --int8` calibrates). ``--checkpoint`` times a trained model
+(its variant at its window) as it is served: folded PyTorch, ONNX Runtime and OpenVINO only. Before timing, the reference is loaded with our weights and must give the same
 eval-mode logits, so both sides compute the same function.
 Prints a Markdown table; rounds alternate between the two sides and the best round is reported.
 """
@@ -24,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -294,10 +300,16 @@ def main() -> None:
                         help="also run `anodfd train` (local Ray, default CPUs) on an OL stand-in at the same size and "
                              "batch, and compare its pairs/s with the in-process train step")
     parser.add_argument("--train-epochs", type=int, default=3, help="epochs of that run; epoch 1 (decoding) is left out")
+    parser.add_argument("--openvino", action="store_true", help="also OpenVINO FP32 and INT8 (anodfd[openvino])")
+    parser.add_argument("--checkpoint", default=None, help="time this trained model as served (no reference)")
+    parser.add_argument("--calib-data", default=None, help="with --checkpoint: dataset whose train split calibrates")
+    parser.add_argument("--calib-pairs", type=int, default=300)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.checkpoint:
+        return served_rows(args)
 
     b, s = args.batch, args.size
     hist, cur = torch.rand(b, 3, s, s) * 2 - 1, torch.rand(b, 3, s, s) * 2 - 1
@@ -330,15 +342,17 @@ def main() -> None:
 
     # The same weights exported by `anodfd export`, run by ONNX Runtime on uint8 pairs (its graph normalises).
     config = with_window(Config().with_flat({"model.name": "paper", "model.depth": args.depth}), {"data.resize": s})
-    session = OnnxModel(export_onnx(ours, config, 0.5, tempfile.mkdtemp()), threads=torch.get_num_threads()).session
+    onnx_path = export_onnx(ours, config, 0.5, tempfile.mkdtemp())
+    session = OnnxModel(onnx_path, threads=torch.get_num_threads()).session
     h8, c8 = (((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy() for x in (hist, cur))
 
     def infer_onnx() -> None:
         session.run(None, {"history": h8, "current": c8})
 
     rows = []
-    infer = interleaved({"ref": infer_ref, "ours": infer_ours, "plain": infer_plain, "onnx": infer_onnx}, args.iters,
-                        args.rounds)
+    openvino = openvino_fns(onnx_path, config, random_tiles(s), h8, c8) if args.openvino else {}
+    infer = interleaved({"ref": infer_ref, "ours": infer_ours, "plain": infer_plain, "onnx": infer_onnx, **openvino},
+                        args.iters, args.rounds)
     train = interleaved(
         {
             "ref": train_step_fn(ref, hist, cur, mask, logits=False),
@@ -362,6 +376,8 @@ def main() -> None:
     rows.append(("paper", "ONNX Runtime (`anodfd export`)", None, b / infer["onnx"],
                  (f"inference {infer['ours'] / infer['onnx']:.2f}x ours (as `predict` runs it), "
                   f"{infer['plain'] / infer['onnx']:.2f}x eval mode")))
+    for name in openvino:
+        rows.append(("paper", OPENVINO_ROWS[name], None, b / infer[name], f"inference {infer['ours'] / infer[name]:.2f}x ours"))
     if not args.skip_resnet18:
         r18 = build_model(ModelConfig(name="resnet18", depth=args.depth, image_size=s))
         r18_fast = optimize_for_inference(r18)
@@ -392,6 +408,64 @@ def main() -> None:
         print(f"| in-process train step, {torch.get_num_threads()} threads (above) | {in_process:.2f} |")
         print(f"| `anodfd train`, epochs 2-{args.train_epochs} (data, loss and step; validation excluded) | "
               f"{on_ray:.2f} ({on_ray / in_process:.0%} of in-process) |")
+
+
+OPENVINO_ROWS = {"ov_fp32": "OpenVINO FP32 (`export --format openvino`)",
+                 "ov_int8": "OpenVINO INT8 (`export --format openvino --int8`)"}
+
+
+def random_tiles(size: int, n: int = 16) -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [{k: rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8) for k in ("history", "current")}
+            for _ in range(n)]
+
+
+def openvino_fns(onnx_path, config: Config, tiles: list[dict], h8, c8) -> dict[str, Callable[[], object]]:
+    """The exported .onnx in OpenVINO, FP32 and quantised to INT8 on ``tiles``, each as a timed call."""
+    import openvino as ov
+
+    from anodfd.openvino_ir import OpenVinoModel, quantize, with_metadata
+
+    fp32 = with_metadata(ov.convert_model(onnx_path), config, 0.5)
+    models = {"ov_fp32": fp32, "ov_int8": quantize(fp32, tiles)}
+    runners = {k: OpenVinoModel(m, threads=torch.get_num_threads()) for k, m in models.items()}
+    return {k: (lambda r=r: r.run(h8, c8)) for k, r in runners.items()}
+
+
+def served_rows(args: argparse.Namespace) -> None:
+    """--checkpoint: the trained model at its window as `predict` runs it (folded), in ONNX Runtime and OpenVINO."""
+    import dataclasses
+
+    from anodfd.checkpoint import inference_model, load_checkpoint, model_from_checkpoint
+    from anodfd.openvino_ir import calibration_tiles
+
+    ckpt = load_checkpoint(args.checkpoint)
+    plain, config = model_from_checkpoint(ckpt)
+    fast, _ = inference_model(ckpt)
+    b, s = args.batch, config.data.window
+    rng = np.random.default_rng(0)
+    h8, c8 = (rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8) for _ in range(2))
+    hist, cur = (torch.from_numpy(x).permute(0, 3, 1, 2).float().div(127.5).sub(1) for x in (h8, c8))
+    onnx_path = export_onnx(plain, config, 0.5, tempfile.mkdtemp())
+    session = OnnxModel(onnx_path, threads=torch.get_num_threads()).session
+    data = dataclasses.replace(config.data, data=args.calib_data or config.data.data, layout="auto")
+    tiles = calibration_tiles(data, args.calib_pairs)
+
+    def infer_ours() -> None:
+        with torch.inference_mode():
+            fast(hist, cur)
+
+    fns = {"ours": infer_ours, "onnx": lambda: session.run(None, {"history": h8, "current": c8}),
+           **openvino_fns(onnx_path, config, tiles, h8, c8)}
+    infer = interleaved(fns, args.iters, args.rounds)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\n{args.checkpoint}: {config.model.name} at {s}x{s}, batch {b}, CPU, {torch.get_num_threads()} threads "
+          f"(load average {load}), INT8 calibrated on {len(tiles)} training pairs, best of {args.rounds} rounds x "
+          f"{args.iters} calls\n")
+    print("| implementation | inference pairs/s | x folded PyTorch |\n|---|---|---|")
+    names = {"ours": "folded PyTorch (as `predict` runs it)", "onnx": "ONNX Runtime", **OPENVINO_ROWS}
+    for k, name in names.items():
+        print(f"| {name} | {b / infer[k]:.2f} | {infer['ours'] / infer[k]:.2f} |")
 
 
 def anodfd_train_rate(size: int, batch: int, depth: int, epochs: int) -> float:

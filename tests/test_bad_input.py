@@ -139,6 +139,27 @@ def failed_export(e: Env) -> tuple:
     return lambda: export_checked(model, config, 0.5, e.out, tolerance=-1.0), earlier
 
 
+def unexportable(e: Env) -> tuple:
+    """A real checkpoint of a baseline (U-Net), which no export covers."""
+    config = Config().with_flat({**PRESETS["smoke"], "model.name": "unet"})
+    path = e.save("unet.pt", checkpoint_dict(build_model(config.model), None, 1, config,
+                                             {"calibrated_threshold": 0.5}, (0.0, 0.0)))
+    return ["export", "--checkpoint", path, "--format", "openvino", "--out", e.out], "model unet: --format openvino"
+
+
+def ir(e: Env, metadata: dict[str, str], named: str) -> tuple:
+    """`predict --openvino` on a real IR (one ReLU) whose anodfd metadata is ``metadata``."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter([1, 3], np.float32)
+    model = ov.Model([ops.relu(x)], [x])
+    for key, value in metadata.items():
+        model.set_rt_info(value, ["anodfd", key])
+    ov.save_model(model, str(e.tmp / "ir" / "model.xml"))
+    return ["predict", "--openvino", str(e.tmp / "ir" / "model.xml"), *e.pair, "--out", e.out], f"model.xml: {named}"
+
+
 def png(width: int, height: int) -> bytes:
     """A real PNG of ``width`` x ``height``, black, 1 bit: kilobytes on disk, megapixels once decoded."""
     buf = io.BytesIO()
@@ -230,6 +251,22 @@ ROWS = [
     pytest.param(a, existing_dataset, id="synth-over-an-existing-dataset"),
     # 12. a failed ONNX export replaces nothing and leaves nothing
     pytest.param("call", failed_export, id="export-parity-failure", marks=pytest.mark.slow),
+    # 14. the OpenVINO export and its IRs (anodfd.openvino_ir), before any tracing or quantisation
+    pytest.param(a, lambda e: ([*command(e, "export", e.ckpt), "--int8"], "--int8 quantises an OpenVINO IR"),
+                 id="export-int8-without-openvino"),
+    pytest.param(a, lambda e: ([*command(e, "export", e.ckpt), "--format", "openvino", "--int8", "--calib-data",
+                                "missing"], "--calib-data missing: no such folder"), id="export-int8-calib-data-missing"),
+    pytest.param(a, lambda e: ([*command(e, "export", e.ckpt), "--format", "openvino", "--int8", "--calib-data",
+                                e.mkdir("empty")], "has no usable train split"), id="export-int8-no-training-pairs"),
+    pytest.param(a, lambda e: ([*command(e, "export", e.ckpt), "--format", "openvino", "--int8", "--calib-pairs",
+                                "0"], "--calib-pairs 0"), id="export-int8-calib-pairs-0"),
+    pytest.param(a, unexportable, id="export-openvino-unet"),
+    pytest.param(a, lambda e: ir(e, {}, "not an `anodfd export --format openvino` IR"), id="predict-openvino-ir-without-metadata"),
+    pytest.param(a, lambda e: ir(e, {"config": '{"model": {"name": "yolo"}}', "threshold": "0.5", "int8": "{}"},
+                                        "its anodfd metadata is not this version's"),
+                 id="predict-openvino-ir-foreign-metadata"),
+    pytest.param(a, lambda e: (["predict", "--openvino", "missing.xml", *e.pair, "--out", e.out],
+                               "missing.xml: no such OpenVINO IR"), id="predict-openvino-ir-missing"),
     # the other subcommands
     pytest.param(a, lambda e: (["data", "check", str(e.tmp / "missing")], str(e.tmp / "missing")),
                  id="data-check-missing-folder"),

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # What serves, scores or ships a trained model. None of it may reach the training code, even through a function's
 # local import: a served model would otherwise pull in the loop, its loaders and its losses.
 SERVING_SIDE = ["anodfd.registry", "anodfd.gate", "anodfd.card", "anodfd.pyfunc", "anodfd.serving", "anodfd.scoring", "anodfd.batch", "anodfd.export",
-                "anodfd.checkpoint", "anodfd.inference", "anodfd.predict"]
+                "anodfd.checkpoint", "anodfd.inference", "anodfd.predict", "anodfd.openvino_ir"]
 
 
 def module_file(name: str) -> Path | None:

@@ -37,7 +37,8 @@ def locked() -> dict[str, Version]:
 
 def project_requirements() -> list[Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
+    extras = project["optional-dependencies"]
+    return [Requirement(r) for r in project["dependencies"] + extras["dev"] + extras["openvino"]]
 
 
 def test_the_lock_satisfies_every_range_of_pyproject():
