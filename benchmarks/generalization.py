@@ -39,7 +39,7 @@ import torch
 
 from anodfd.checkpoint import inference_model, load_checkpoint
 from anodfd.config import PRESETS, SCHEDULES, Config, with_window
-from anodfd.confirm import confirmed, difference_map, evidence
+from anodfd.confirm import confirmed, evidence
 from anodfd.data.align import align_pair
 from anodfd.data.cache import read_mask, read_rgb
 from anodfd.data.dataset import make_dataset
@@ -98,7 +98,7 @@ def differencing(data: Path, regex: str, tally: Tally, align: str) -> None:
         hist, cur, mask = read_rgb(p.hist), read_rgb(p.cur), read_mask(p.mask)
         if align != "none":
             hist = align_pair(hist, cur, align)[0]
-        tally.add(re.search(regex, p.name).group(1), difference_map(hist, cur) > 0.5, mask, read_boxes(p))
+        tally.add(re.search(regex, p.name).group(1), evidence(hist, cur), mask, read_boxes(p))
 
 
 def network(data: Path, regex: str, tallies: tuple[Tally, Tally], args: argparse.Namespace,

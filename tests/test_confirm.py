@@ -5,10 +5,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from test_align import one_pair_dataset, scene
 
 from anodfd.config import Config, ConfigError
 from anodfd.confirm import FLOOR, confirmed, evidence
+from tests.test_align import one_pair_dataset, scene
 
 
 def regions_with_evidence(binary: np.ndarray, proof: np.ndarray) -> np.ndarray:

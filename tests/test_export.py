@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -22,6 +24,17 @@ def trained_like(config: Config, seed: int = 0, nudge: float = 0.05) -> torch.nn
         for p in model.parameters():
             p.add_(torch.randn_like(p) * nudge)
     return model
+
+
+def pair_files(tmp: Path) -> list[str]:
+    """A 200x150 noise pair with one inverted patch, written to ``tmp``: the --hist/--cur flags naming it."""
+    rng = np.random.default_rng(2)
+    hist = rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    cur = hist.copy()
+    cur[40:90, 60:120] = 255 - cur[40:90, 60:120]
+    cv2.imwrite(str(tmp / "h.png"), hist)
+    cv2.imwrite(str(tmp / "c.png"), cur)
+    return ["--hist", str(tmp / "h.png"), "--cur", str(tmp / "c.png")]
 
 
 @pytest.mark.slow  # torch's ONNX exporter traces the network: about half a minute an export on 2 cores
@@ -62,13 +75,7 @@ def test_predict_with_onnx_equals_predict_with_the_checkpoint(tmp_path):
     save_checkpoint(checkpoint_dict(model, None, 1, config, {"calibrated_threshold": 0.55}, (0.0, 0.0)), ckpt)
     assert cli(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "export")]) == 0
 
-    rng = np.random.default_rng(2)
-    hist = rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)
-    cur = hist.copy()
-    cur[40:90, 60:120] = 255 - cur[40:90, 60:120]
-    cv2.imwrite(str(tmp_path / "h.png"), hist)
-    cv2.imwrite(str(tmp_path / "c.png"), cur)
-    pair = ["--hist", str(tmp_path / "h.png"), "--cur", str(tmp_path / "c.png")]
+    pair = pair_files(tmp_path)
     assert cli(["predict", "--checkpoint", str(ckpt), *pair, "--out", str(tmp_path / "torch")]) == 0
     assert cli(["predict", "--onnx", str(tmp_path / "export" / "model.onnx"), *pair, "--out", str(tmp_path / "ort")]) == 0
     maps = [cv2.imread(str(tmp_path / d / "c_map.png"), cv2.IMREAD_GRAYSCALE).astype(int) for d in ("torch", "ort")]

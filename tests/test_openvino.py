@@ -16,7 +16,7 @@ from anodfd.checkpoint import checkpoint_dict, save_checkpoint
 from anodfd.cli import main as cli
 from anodfd.config import PRESETS, Config, ConfigError, with_window
 from anodfd.inference import predict_probs
-from tests.test_export import trained_like
+from tests.test_export import pair_files, trained_like
 
 pytest.importorskip("openvino")
 
@@ -56,16 +56,6 @@ def cli_export(exported) -> SimpleNamespace:
                     "--calib-pairs", "16", "--out", str(exported.out)])
     assert code == 0
     return SimpleNamespace(**vars(exported), stdout=buf.getvalue())
-
-
-def pair_files(tmp: Path) -> list[str]:
-    rng = np.random.default_rng(2)
-    hist = rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)
-    cur = hist.copy()
-    cur[40:90, 60:120] = 255 - cur[40:90, 60:120]
-    cv2.imwrite(str(tmp / "h.png"), hist)
-    cv2.imwrite(str(tmp / "c.png"), cur)
-    return ["--hist", str(tmp / "h.png"), "--cur", str(tmp / "c.png")]
 
 
 @pytest.mark.slow  # an ONNX export, a conversion and a quantisation
