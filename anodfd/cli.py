@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 from anodfd.config import (
@@ -266,7 +267,7 @@ def _load_checkpoint_for(args: argparse.Namespace) -> dict:
     return load_checkpoint(args.checkpoint)
 
 
-def _add_model_source_flags(p: argparse.ArgumentParser, onnx: bool = False) -> None:
+def _add_model_source_flags(p: argparse.ArgumentParser, onnx: bool = False, ir: bool = False) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--checkpoint", default=None, help="a .pt file written by `anodfd train`")
     g.add_argument("--model", default=None,
@@ -275,6 +276,9 @@ def _add_model_source_flags(p: argparse.ArgumentParser, onnx: bool = False) -> N
         g.add_argument("--onnx", default=None, help="a model.onnx written by `anodfd export`, run in ONNX Runtime")
         g.add_argument("--openvino", default=None, help="an IR (model.xml, model-int8.xml) written by `anodfd export "
                                                         "--format openvino`, run in OpenVINO")
+    if ir:
+        p.add_argument("--ir", action="store_true", help="with --model: run the OpenVINO IR the version carries "
+                                                         "(`anodfd export --model M --format openvino`; INT8 if any)")
     p.add_argument("--mlflow-uri", default=None,
                    help="registry for --model (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
 
@@ -358,23 +362,37 @@ def _predict(args: argparse.Namespace) -> int:
     pairs = find_pairs(args.hist, args.cur, args.list)
     check_pairs(pairs)  # every image, before the first output is written
     check_output(args.out, "--out")
-    if args.onnx or args.openvino:
-        from anodfd.export import OnnxModel
+    with tempfile.TemporaryDirectory() as tmp:  # --ir's download, kept while the pairs run
+        if args.ir:
+            args.openvino = str(_registered_ir(args, tmp))
+        if args.onnx or args.openvino:
+            from anodfd.export import OnnxModel
 
-        if args.openvino:
-            from anodfd.openvino_ir import OpenVinoModel
+            if args.openvino:
+                from anodfd.openvino_ir import OpenVinoModel
 
-        model = OpenVinoModel(args.openvino) if args.openvino else OnnxModel(args.onnx)
-        config, saved, device = model.config, model.threshold, "cpu"
-    else:
-        device = resolve_device(args.device)
-        ckpt = _load_checkpoint_for(args)
-        model, config = inference_model(ckpt, device)
-        saved = ckpt.get("threshold", 0.5)
-    threshold = check_threshold(args.threshold if args.threshold is not None else saved)
-    for p in predict_pairs(model, config, pairs, args.out, threshold, device):
-        print(f"{p.name}: score {p.score:.4f}, {len(p.boxes)} region(s) -> {p.overlay_path}")
+            model = OpenVinoModel(args.openvino) if args.openvino else OnnxModel(args.onnx)
+            config, saved, device = model.config, model.threshold, "cpu"
+        else:
+            device = resolve_device(args.device)
+            ckpt = _load_checkpoint_for(args)
+            model, config = inference_model(ckpt, device)
+            saved = ckpt.get("threshold", 0.5)
+        threshold = check_threshold(args.threshold if args.threshold is not None else saved)
+        for p in predict_pairs(model, config, pairs, args.out, threshold, device):
+            print(f"{p.name}: score {p.score:.4f}, {len(p.boxes)} region(s) -> {p.overlay_path}")
     return 0
+
+
+def _registered_ir(args: argparse.Namespace, dst: str | Path) -> Path:
+    """``--ir``: the OpenVINO IR that ``--model``'s version carries, downloaded into ``dst``."""
+    if not args.model:
+        raise ConfigError("--ir runs the OpenVINO IR a registered version carries: add --model models:/NAME@ALIAS, "
+                          "or give an IR file with --openvino")
+    from anodfd.registry import download_ir
+    from anodfd.tracking import resolve_tracking_uri
+
+    return download_ir(resolve_tracking_uri(args.mlflow_uri), args.model, dst)
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -388,6 +406,10 @@ def _score(args: argparse.Namespace) -> int:
     check_output(args.out, "--out")
     ckpt = _load_checkpoint_for(args)
     threshold = check_threshold(args.threshold if args.threshold is not None else ckpt.get("threshold", 0.5))
+    if args.ir and args.openvino:
+        raise ConfigError("--ir runs the IR the registered version carries; --openvino names one: give one of them")
+    if args.ir:  # into the output folder, which every node of a cluster can read
+        args.openvino = str(_registered_ir(args, Path(args.out) / "ir"))
     if args.openvino:  # checked here, before Ray starts
         from anodfd.checkpoint import check_checkpoint
         from anodfd.openvino_ir import ir_for
@@ -545,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("predict", help="anomaly maps, overlays and boxes for pairs of any resolution")
-    _add_model_source_flags(p, onnx=True)
+    _add_model_source_flags(p, onnx=True, ir=True)
     p.add_argument("--hist", default=None, help="history image, or a folder of them")
     p.add_argument("--cur", default=None, help="current image, or a folder (matched to history by file name)")
     p.add_argument("--list", default=None, help="a list file of 'cur,hist[,gt]' lines relative to its folder")
@@ -556,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="batch scoring on Ray Data: maps, overlays and JSON per pair, plus "
                                      "scores.parquet ranked for triage; reruns skip pairs already scored")
-    _add_model_source_flags(p)
+    _add_model_source_flags(p, ir=True)
     g = p.add_argument_group("pairs")
     g.add_argument("--hist", default=None, help="folder of history images (matched to --cur by file name)")
     g.add_argument("--cur", default=None, help="folder of current images")

@@ -22,8 +22,9 @@ REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "opencv-python-headless
 
 
 def log_pyfunc(uri: str, ckpt: dict, experiment: str, run_id: str, tags: dict[str, str],
-                files: dict[str, Path] | None = None) -> str:
+                files: dict[str, Path] | None = None, artifacts: dict[str, str] | None = None) -> str:
     """Save the pyfunc model locally, upload it as a LoggedModel of ``run_id``; returns the model id.
+    ``artifacts`` go in beside the checkpoint (`anodfd.serving`'s ``openvino``: an IR that runs in the network's place).
 
     This is what ``mlflow.pyfunc.log_model`` does, but through the explicit client: the fluent call would need
     the run made active (``mlflow.start_run``), which changes the search run's status and the process's URI.
@@ -32,8 +33,10 @@ def log_pyfunc(uri: str, ckpt: dict, experiment: str, run_id: str, tags: dict[st
     import torch
     from mlflow.models import Model
 
-    from anodfd.serving import CHECKPOINT_KEY
+    from anodfd.serving import CHECKPOINT_KEY, OPENVINO_KEY
 
+    artifacts = artifacts or {}
+    requirements = REQUIREMENTS + (("openvino",) if OPENVINO_KEY in artifacts else ())
     c = client(uri)
     logged = c.create_logged_model(experiment, name="anodfdnet", source_run_id=run_id, tags=tags)
     try:
@@ -42,9 +45,10 @@ def log_pyfunc(uri: str, ckpt: dict, experiment: str, run_id: str, tags: dict[st
             torch.save({**ckpt, "optimizer": None}, slim)  # serving needs no optimizer state (2/3 of the bytes)
             threshold = float(ckpt.get("threshold", 0.5))
             mlflow.pyfunc.save_model(
-                Path(tmp) / "model", python_model=str(SERVING_CODE), artifacts={CHECKPOINT_KEY: str(slim)},
+                Path(tmp) / "model", python_model=str(SERVING_CODE),
+                artifacts={CHECKPOINT_KEY: str(slim), **artifacts},
                 signature=signature(threshold), input_example=input_example(),
-                pip_requirements=[_pinned(p) for p in REQUIREMENTS],
+                pip_requirements=[_pinned(p) for p in requirements],
                 metadata={"threshold": threshold,
                           "view": view_text(ckpt["config"]["data"])},
                 mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id, model_id=logged.model_id,

@@ -323,11 +323,11 @@ def log_export(uri: str, model_uri: str, path: Path, int8: dict | None = None) -
     """Attach an exported file (`anodfd export`) to the registered version it came from: logged to the version's
     run under ``<kind>/v<version>/`` and named in the version's tag ``<kind>``, where kind is ``onnx``,
     ``openvino`` (an FP32 IR, .xml with its .bin) or ``openvino_int8``. ``int8``, the INT8 check's figures, goes in
-    the tag ``int8_check`` (JSON) and, as ``int8_<fp32|int8>_<figure>`` metrics, in the run. Returns a line
-    saying where it went."""
-    import json
-
+    the tag ``int8_check`` (JSON) and, as ``int8_<fp32|int8>_<figure>`` metrics, in the run. An IR also gets a
+    servable pyfunc model (the checkpoint with the IR in the network's place), named in the tag ``<kind>_model``
+    as ``models:/<id>``: what `mlflow models serve -m` takes. Returns lines saying where it went."""
     from anodfd.openvino_ir import INT8_FILE
+    from anodfd.serving import OPENVINO_KEY
 
     path = Path(path)
     kind = "onnx" if path.suffix == ".onnx" else "openvino_int8" if path.name == INT8_FILE else "openvino"
@@ -338,7 +338,8 @@ def log_export(uri: str, model_uri: str, path: Path, int8: dict | None = None) -
         raise RegistryError(f"{name} v{version} has no source run to log the export to")
     # Versions can share a run (one search registers several), so each gets its own folder: nothing is overwritten.
     folder = f"{kind}/v{version}"
-    for f in (path,) if kind == "onnx" else (path, path.with_suffix(".bin")):
+    files = (path,) if kind == "onnx" else (path, path.with_suffix(".bin"))
+    for f in files:
         c.log_artifact(mv.run_id, str(f), folder)
     location = f"runs:/{mv.run_id}/{folder}/{path.name}"
     c.set_model_version_tag(name, str(version), kind, location)
@@ -347,4 +348,35 @@ def log_export(uri: str, model_uri: str, path: Path, int8: dict | None = None) -
         for model in ("fp32", "int8"):
             for figure, value in int8[model].items():
                 c.log_metric(mv.run_id, f"int8_{model}_{figure}", value)
-    return f"logged to {name} v{version} as {location} (tag {kind})"
+    lines = [f"logged to {name} v{version} as {location} (tag {kind})"]
+    if kind != "onnx":
+        with tempfile.TemporaryDirectory() as tmp:  # the serving model reads its IR folder's model.xml
+            ir = Path(tmp) / "ir"
+            ir.mkdir()
+            for f in files:
+                (ir / f"model{f.suffix}").write_bytes(f.read_bytes())
+            model_id = log_pyfunc(uri, load_checkpoint_from_registry(uri, model_uri),
+                                  c.get_run(mv.run_id).info.experiment_id, mv.run_id,
+                                  {"source_version": f"{name}/{version}", "runtime": kind},
+                                  artifacts={OPENVINO_KEY: str(ir)})
+        c.set_model_version_tag(name, str(version), f"{kind}_model", f"models:/{model_id}")
+        lines.append(f"served by models:/{model_id} (tag {kind}_model): mlflow models serve -m models:/{model_id}")
+    return "\n".join(lines)
+
+
+def download_ir(uri: str, model_uri: str, dst: str | Path) -> Path:
+    """The OpenVINO IR a registered version carries (`log_export`), INT8 when it has one, else FP32, downloaded into
+    ``dst``: its .xml. A version without one gets one clear error that says how to give it one."""
+    import mlflow
+
+    name, version = resolve_version(uri, model_uri)
+    tags = client(uri).get_model_version(name, str(version)).tags
+    kind = "openvino_int8" if "openvino_int8" in tags else "openvino"
+    location = tags.get(kind)
+    if not location:
+        raise RegistryError(f"{name} v{version} carries no OpenVINO IR; attach one with `anodfd export --model "
+                            f"{model_uri} --format openvino [--int8] --out DIR`, or drop --ir")
+    folder, _, file = location.rpartition("/")
+    (Path(dst) / kind).mkdir(parents=True, exist_ok=True)  # both kinds' folders end in v<version>
+    local = mlflow.artifacts.download_artifacts(artifact_uri=folder, dst_path=str(Path(dst) / kind), tracking_uri=uri)
+    return Path(local) / file

@@ -15,7 +15,9 @@ held-out pairs at the masks' native resolution:
   fires somewhere inside it (`anodfd.confirm`; the network's recall and pixels, the differencing's sparse false
   alarms), as `predict`, `eval` and serving apply it;
 - the same checkpoint unconfirmed, its threshold calibrated on unconfirmed maps of the calibration board (the
-  network alone). Both come from the same forward passes.
+  network alone);
+- the confirmed maps again, at the threshold of a 0.05 grid with the best defect F (overlap rule) on the
+  calibration board's boxes instead of the best pixel F1. All three come from the same forward passes.
 Columns, per held-out board and pooled: defect F under the overlap rule against the dataset's own boxes and under
 DeepPCB's rule (IoU > 0.33, one to one), box recall, false alarms per pair, pixel F1, and training minutes. The
 table is printed; ``--json`` keeps every figure. ``--work DIR`` keeps each fold's trained run: a rerun with the same
@@ -44,11 +46,13 @@ from anodfd.data.align import align_pair
 from anodfd.data.cache import read_mask, read_rgb
 from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import read_boxes, read_split
+from anodfd.data.shift import box_mask_dataset
 from anodfd.evaluation import evaluate
 from anodfd.metrics import BoxCounts, PixelHistogram
 from anodfd.train.loop import check_resumable, fit
 
 DEEPPCB_FOLDS = ["00041,44000", "13000,50600,92000", "20085,77000"]
+DEFECT_GRID = [round(t, 2) for t in np.arange(0.05, 0.96, 0.05)]  # thresholds tried for defect F
 
 
 class Tally:
@@ -74,9 +78,12 @@ class Tally:
         return out
 
 
-def fold_dataset(src: Path, root: Path, regex: str, held: set[str], calibrate: str) -> None:
+def fold_dataset(src: Path, root: Path, regex: str, held: set[str], calibrate: str,
+                 train_labels: Path | None = None) -> None:
     """``root`` as a view of ``src``: its image, mask and box folders linked, its own lists (train: the other
-    boards but ``calibrate``, val: ``calibrate``, test: the held-out boards)."""
+    boards but ``calibrate``, val: ``calibrate``, test: the held-out boards). With ``train_labels`` (a folder of
+    masks named as ``src``'s), the train and val pairs' masks are linked from there one by one, and the held-out
+    pairs keep ``src``'s: a model may learn from other labels, but it is scored against the shipped ones."""
     pairs = read_split(src, "train") + read_split(src, "val")
     lists: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for p in pairs:
@@ -84,9 +91,16 @@ def fold_dataset(src: Path, root: Path, regex: str, held: set[str], calibrate: s
         split = "test" if group in held else "val" if group == calibrate else "train"
         lists[split].append(p.name)
     root.mkdir(parents=True, exist_ok=True)
-    for sub in ("A", "B", "label", "boxes"):
+    for sub in ("A", "B", "boxes") + (() if train_labels else ("label",)):
         if not (root / sub).exists():
             (root / sub).symlink_to(src / sub)
+    if train_labels:  # the held-out boards change with the fold, so the links are made again
+        shutil.rmtree(root / "label", ignore_errors=True)
+        (root / "label").mkdir()
+        for split, names in lists.items():
+            for name in names:
+                (root / "label" / f"{name}.png").symlink_to((src if split == "test" else train_labels)
+                                                            / "label" / f"{name}.png")
     (root / "list").mkdir(exist_ok=True)
     for split, names in lists.items():
         (root / "list" / f"{split}.txt").write_text("\n".join(sorted(names)) + "\n")
@@ -101,9 +115,10 @@ def differencing(data: Path, regex: str, tally: Tally, align: str) -> None:
         tally.add(re.search(regex, p.name).group(1), evidence(hist, cur), mask, read_boxes(p))
 
 
-def network(data: Path, regex: str, tallies: tuple[Tally, Tally], args: argparse.Namespace,
+def network(data: Path, regex: str, tallies: tuple[Tally, Tally, Tally], args: argparse.Namespace,
             out: Path) -> tuple[float | None, dict[str, float]]:
-    """Trains the recipe (``--confirm diff``) on the fold, or resumes its run in ``out``, and scores its best
+    """Trains the recipe (``--confirm diff``) on the fold's masks (``--train-masks``), or resumes its run in
+    ``out``, and scores its best
     checkpoint on the held-out boards twice from the same forward passes: unconfirmed and confirmed, each at the
     threshold that maximises its own pixel F1 on the calibration board. Returns training minutes (None: trained
     earlier, in a run that did not record them) and both thresholds with their calibration-board pixel F1."""
@@ -141,24 +156,33 @@ def network(data: Path, regex: str, tallies: tuple[Tally, Tally], args: argparse
                  progress=f"scoring the {'calibration' if split == 'val' else 'held-out'} boards")
 
     calib = (PixelHistogram(), PixelHistogram())
+    by_boxes = {t: BoxCounts() for t in DEFECT_GRID}  # confirmed maps: defect F at each threshold of the grid
 
     def calibrate(pair, plain: np.ndarray, sure: np.ndarray, mask: np.ndarray) -> None:
         for h, m in zip(calib, (plain, sure)):
             h.update(torch.from_numpy(m)[None, None], torch.from_numpy(mask)[None, None])
+        for t, counts in by_boxes.items():
+            counts.update((sure >= t).astype(np.uint8), read_boxes(pair))
 
     both_maps("val", calibrate)
     (t_plain, f1_plain), (t_sure, f1_sure) = (h.best_f1_threshold() for h in calib)
+    # the highest threshold among the best: ties go to fewer detections
+    t_defect = max(DEFECT_GRID, key=lambda t: (round(by_boxes[t].compute()["box_f"], 6), t))
+    f_defect = by_boxes[t_defect].compute()["box_f"]
     print(f"  calibration board: unconfirmed F1 {f1_plain:.3f} at {t_plain:.3f}; confirmed F1 {f1_sure:.3f} at "
-          f"{t_sure:.3f} (the checkpoint serves {float(ckpt['threshold']):.3f})", flush=True)
+          f"{t_sure:.3f} (the checkpoint serves {float(ckpt['threshold']):.3f}); confirmed defect F {f_defect:.3f} "
+          f"at {t_defect:.2f}", flush=True)
 
     def score(pair, plain: np.ndarray, sure: np.ndarray, mask: np.ndarray) -> None:
         group, boxes = re.search(regex, pair.name).group(1), read_boxes(pair)
         tallies[0].add(group, plain >= t_plain, mask, boxes)
         tallies[1].add(group, sure >= t_sure, mask, boxes)
+        tallies[2].add(group, sure >= t_defect, mask, boxes)
 
     both_maps("test", score)
     return minutes, {"threshold": t_plain, "calibration_f1": f1_plain, "confirmed_threshold": t_sure,
-                     "confirmed_calibration_f1": f1_sure}
+                     "confirmed_calibration_f1": f1_sure, "defect_threshold": t_defect,
+                     "confirmed_calibration_defect_f": f_defect}
 
 
 def claim_run(run: Path, fold: dict) -> None:
@@ -200,6 +224,10 @@ def main() -> None:
     p.add_argument("--schedule", choices=list(SCHEDULES), default="cosine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-network", action="store_true", help="the differencing rows only")
+    p.add_argument("--train-masks", choices=["shipped", "boxes"], default="shipped",
+                   help="what the network learns from: the shipped masks, or masks derived from the boxes on the "
+                        "registered pair (`anodfd data boxmasks`, written once under --work); scored against the "
+                        "shipped masks and the boxes either way")
     p.add_argument("--cache-dir", default=None, help="decode cache (default $ANODFD_CACHE_DIR or ~/.cache/anodfd)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--work", type=Path, default=None,
@@ -214,26 +242,39 @@ def main() -> None:
     if unknown:
         sys.exit(f"--folds names boards {', '.join(sorted(unknown))} that {src} does not have ({', '.join(sorted(groups))})")
 
-    network_rows = ["AnoDFDNet recipe, unconfirmed", "AnoDFDNet recipe, --confirm diff"]
+    taught = "" if args.train_masks == "shipped" else " on box masks"
+    network_rows = [f"AnoDFDNet recipe{taught}, unconfirmed", f"AnoDFDNet recipe{taught}, --confirm diff",
+                    f"AnoDFDNet recipe{taught}, --confirm diff, threshold for defect F"]
     methods = ["template differencing", "ECC + differencing"] + ([] if args.skip_network else network_rows)
     tallies = {m: Tally() for m in methods}
     minutes: dict[str, float | None] = defaultdict(float)
     calibration: dict[str, dict[str, float]] = {}  # per fold: thresholds and calibration-board pixel F1
     work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="anodfd-generalization-"))
     try:
+        train_labels = None
+        if args.train_masks == "boxes" and not args.skip_network:
+            train_labels = work / "boxmasks"
+            if not (train_labels / "done").exists():  # an interrupted derivation starts again
+                shutil.rmtree(train_labels, ignore_errors=True)
+                c = box_mask_dataset(src, train_labels, "ecc", ("train", "val"))
+                print(f"masks from {c['boxes']} boxes of {c['pairs']} registered pairs; {c['empty_boxes']} boxes show "
+                      f"no difference once registered, {c['align_failed']} pairs fell back to the identity", flush=True)
+                (train_labels / "done").write_text(json.dumps(c))
         for k, held in enumerate(held_all):
             calibrate = min(groups - held)
-            root = work / "fold"  # its links resolve to --data: the decode cache keeps registrations across folds
-            fold_dataset(src, root, args.group_regex, held, calibrate)
+            root = work / ("fold" if train_labels is None else "fold-boxes")  # its links resolve to --data (or
+            # the box masks): the decode cache keeps registrations across folds
+            fold_dataset(src, root, args.group_regex, held, calibrate, train_labels)
             print(f"fold {k + 1}/{len(held_all)}: held out {', '.join(sorted(held))}; threshold on {calibrate}",
                   flush=True)
             differencing(root, args.group_regex, tallies["template differencing"], "none")
             differencing(root, args.group_regex, tallies["ECC + differencing"], "ecc")
             if not args.skip_network:
-                run = work / f"run-{'-'.join(sorted(held))}"
-                claim_run(run, {"held": sorted(held), "calibrate": calibrate})
+                run = work / f"run-{'boxes-' if train_labels else ''}{'-'.join(sorted(held))}"
+                claim_run(run, {"held": sorted(held), "calibrate": calibrate}
+                          | ({"train_masks": "boxes"} if train_labels else {}))
                 spent, calibration[",".join(sorted(held))] = network(
-                    root, args.group_regex, (tallies[network_rows[0]], tallies[network_rows[1]]), args, run)
+                    root, args.group_regex, tuple(tallies[r] for r in network_rows), args, run)
                 total = minutes[network_rows[0]]
                 minutes[network_rows[0]] = None if spent is None or total is None else total + spent
             report(tallies, minutes, calibration, args, k + 1)

@@ -267,6 +267,10 @@ ROWS = [
                  id="predict-openvino-ir-foreign-metadata"),
     pytest.param(a, lambda e: (["predict", "--openvino", "missing.xml", *e.pair, "--out", e.out],
                                "missing.xml: no such OpenVINO IR"), id="predict-openvino-ir-missing"),
+    pytest.param(a, lambda e: ([*command(e, "predict", e.ckpt), "--ir"], "carries: add --model"),
+                 id="predict-ir-without-model"),
+    pytest.param(a, lambda e: (["score", "--checkpoint", e.ckpt, *e.folders(["p0.jpg"]), "--out", e.out, "--ir"],
+                               "carries: add --model"), id="score-ir-without-model"),
     # the other subcommands
     pytest.param(a, lambda e: (["data", "check", str(e.tmp / "missing")], str(e.tmp / "missing")),
                  id="data-check-missing-folder"),

@@ -438,6 +438,15 @@ def test_generalization_folds_hold_out_whole_boards(tmp_path):
     assert lists == {"train": names[3:6], "val": names[:3], "test": names[6:]}
     assert (tmp_path / "fold" / "boxes").resolve() == src / "boxes"
 
+    # --train-masks boxes: the model learns from (and calibrates on) other masks, and is scored on the shipped ones
+    (tmp_path / "taught" / "label").mkdir(parents=True)
+    for name in names:
+        (tmp_path / "taught" / "label" / f"{name}.png").write_bytes(b"")
+    for held in ("20085", "13000"):  # a second fold replaces the first one's links
+        bench.fold_dataset(src, tmp_path / "boxes", r"^(\d{5})", {held}, "00041", tmp_path / "taught")
+        labels = {n: (tmp_path / "boxes" / "label" / f"{n}.png").resolve().parent.parent for n in names}
+        assert labels == {n: src if n.startswith(held) else tmp_path / "taught" for n in names}
+
 
 def test_generalization_reuses_a_run_only_for_the_fold_that_made_it(tmp_path):
     """A kept run is scored again only for the same held-out and calibration boards: a model scored on boards it

@@ -207,3 +207,56 @@ def test_score_runs_the_ir_in_its_actors(cli_export, ray_local, synth_ol, capsys
     capsys.readouterr()
     assert cli([*runs["int8"], "--list", listing, "--out", str(e.tmp / "score-fp32")]) == 2
     assert "holds results of another model" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # an export, and a version registered on a real MLflow server
+def test_a_registered_version_carries_its_ir_to_predict_and_serving(cli_export, mlflow_server, monkeypatch,
+                                                                     capsys):
+    """`export --model M --format openvino` logs the IR to the version's run and tags it; `predict --model M --ir`
+    then runs it, INT8 once the version carries one, with what `predict --openvino` gives for the same file; the
+    tag's servable model (what `mlflow models serve -m` loads) answers as the IR does. A version without an IR
+    gets one clear error, and nothing is written."""
+    import mlflow
+    from conftest import card
+
+    from anodfd import registry, tracking
+    from anodfd.openvino_ir import OpenVinoModel
+    from anodfd.serving import AnomalyMapModel
+
+    e = cli_export
+    run_id, _ = tracking.start_run(mlflow_server, Config(), str(e.tmp / "search"), "search")
+    name, version = registry.register_version(mlflow_server, e.ckpt, "OVREG", card(0.5), run_id)
+    model = ["--model", f"models:/{name}/{version}", "--mlflow-uri", mlflow_server]
+    pair = pair_files(e.tmp)
+
+    capsys.readouterr()
+    assert cli(["predict", *model, "--ir", *pair, "--out", str(e.tmp / "no-ir")]) == 2
+    assert f"{name} v{version} carries no OpenVINO IR" in capsys.readouterr().err
+    assert not (e.tmp / "no-ir").exists()
+
+    assert cli(["export", *model, "--format", "openvino", "--out", str(e.tmp / "registered")]) == 0
+    assert "served by models:/m-" in capsys.readouterr().out
+    tags = tracking.client(mlflow_server).get_model_version(name, str(version)).tags
+    assert tags["openvino"] == f"runs:/{run_id}/openvino/v{version}/model.xml" and "openvino_int8" not in tags
+
+    def predicted(*source: str, out: str) -> tuple[np.ndarray, dict]:
+        assert cli(["predict", *source, *pair, "--out", str(e.tmp / out)]) == 0
+        return (cv2.imread(str(e.tmp / out / "c_map.png"), cv2.IMREAD_GRAYSCALE),
+                json.loads((e.tmp / out / "c.json").read_text()))
+
+    for ir, out in ((e.tmp / "registered" / "model.xml", "fp32"), (int8_model(e), "int8")):
+        if out == "int8":  # as `export --model M --int8` attaches an accepted INT8 IR
+            print(registry.log_export(mlflow_server, model[1], ir, OpenVinoModel(ir).int8))
+        by_tag, direct = predicted(*model, "--ir", out=f"tag-{out}"), predicted("--openvino", str(ir), out=out)
+        np.testing.assert_array_equal(by_tag[0], direct[0])
+        assert by_tag[1]["score"] == direct[1]["score"] and by_tag[1]["boxes"] == direct[1]["boxes"]
+
+    tags = tracking.client(mlflow_server).get_model_version(name, str(version)).tags
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    served = mlflow.pyfunc.load_model(tags["openvino_int8_model"])
+    rng = np.random.default_rng(5)
+    body = {"history": rng.integers(0, 256, (1, 90, 120, 3), dtype=np.uint8)}
+    body["current"] = 255 - body["history"]
+    local = AnomalyMapModel()  # the checkpoint with the same IR beside it, as test_the_pyfunc_serves_the_ir loads it
+    local.load_context(SimpleNamespace(artifacts={"checkpoint": str(e.ckpt), "openvino": str(int8_model(e))}))
+    np.testing.assert_allclose(served.predict(body), local.predict(None, body), atol=1e-6)

@@ -169,5 +169,7 @@ def _copy(src: Path, out: Path, splits: tuple[str, ...], layout: str,
 
 def _replace(target: Path, image: np.ndarray) -> None:
     target.unlink()  # the link `_copy` made: the original must stay as it was
-    if not cv2.imwrite(str(target), image, [cv2.IMWRITE_JPEG_QUALITY, 95]):
+    # A JPEG parameter for a PNG mask makes OpenCV 5 warn once a file.
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if target.suffix.lower() in (".jpg", ".jpeg") else []
+    if not cv2.imwrite(str(target), image, params):
         raise DatasetError(f"{target}: could not be written")
