@@ -53,7 +53,8 @@ def model_card(uri: str, name: str, version: int, tags: dict[str, str], experime
         "|---|---|---|---|---|---|",
         *rows,
         "",
-        (f"- **Serves with threshold** {num('served_threshold')} (calibrated on validation); the champion gate "
+        (f"- **Serves with threshold** {num('served_threshold')} (calibrated on validation"
+         f"{' defect F, `--calibrate defect`' if train.get('calibrate') == 'defect' else ''}); the champion gate "
          "compares F1 at that threshold."
          + (" Regions are kept only where the registered pair's grey difference confirms them (`--confirm diff`)."
             if data.get("confirm") == "diff" else "")),

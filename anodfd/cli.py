@@ -9,6 +9,7 @@ from pathlib import Path
 
 from anodfd.config import (
     ALIGN_METHODS,
+    CALIBRATIONS,
     CONFIRM_METHODS,
     DEPTHS,
     MODEL_NAMES,
@@ -69,6 +70,13 @@ def _data_boxmasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_calibrate_flag(p: argparse.ArgumentParser) -> None:
+    """`anodfd train` and the search: what the served threshold maximises on validation."""
+    p.add_argument("--calibrate", choices=list(CALIBRATIONS), default=None,
+                   help="the served threshold maximises validation pixel F1 (default) or defect F (0.05 grid): "
+                        "defect suits a site that counts defects found and false alarms")
+
+
 # CLI flag -> dotted config keys it sets.
 _FLAGS = {
     "model": ["model.name"], "depth": ["model.depth"], "pretrained": ["model.pretrained"],
@@ -78,7 +86,8 @@ _FLAGS = {
     "augment": ["data.augment"], "misregister": ["data.misregister"], "num_workers": ["data.num_workers"],
     "cache_dir": ["data.cache_dir"], "group_regex": ["data.group_regex"], "val_groups": ["data.val_groups"],
     "epochs": ["train.epochs"], "batch_size": ["train.batch_size"],
-    "lr": ["train.lr"], "schedule": ["train.schedule"], "bce_weight": ["train.bce_weight"],
+    "lr": ["train.lr"], "schedule": ["train.schedule"], "calibrate": ["train.calibrate"],
+    "bce_weight": ["train.bce_weight"],
     "dice_weight": ["train.dice_weight"],
     "focal_weight": ["train.focal_weight"], "pos_weight": ["train.pos_weight"], "seed": ["train.seed"],
     "device": ["train.device"], "max_steps_per_epoch": ["train.max_steps_per_epoch"],
@@ -151,6 +160,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--schedule", choices=list(SCHEDULES), default=None,
                    help="constant learning rate (default, the paper's) or cosine decay to 0 by the last epoch")
+    add_calibrate_flag(p)
     p.add_argument("--bce-weight", type=float, default=None)
     p.add_argument("--dice-weight", type=float, default=None)
     p.add_argument("--focal-weight", type=float, default=None)

@@ -390,6 +390,37 @@ class DefectCounts:
         }
 
 
+DEFECT_GRID = tuple(round(0.05 * k, 2) for k in range(1, 20))  # thresholds `--calibrate defect` tries
+
+
+class DefectGrid:
+    """`DefectCounts` of the same maps cut at each threshold of `DEFECT_GRID`: the threshold with the best defect F,
+    which `--calibrate defect` serves. Ranks add up with `state()`."""
+
+    def __init__(self) -> None:
+        self.counts = {t: DefectCounts() for t in DEFECT_GRID}
+
+    def update(self, probs: np.ndarray, mask: np.ndarray) -> None:
+        regions = defect_regions(mask)  # the mask's defects once, not once per threshold
+        for t, counts in self.counts.items():
+            counts.update((probs >= t).astype(np.uint8), mask, regions=regions)
+
+    def state(self) -> Tensor:
+        return torch.stack([c.state() for c in self.counts.values()])
+
+    @classmethod
+    def from_state(cls, state: Tensor) -> DefectGrid:
+        grid = cls()
+        grid.counts = {t: DefectCounts.from_state(row) for t, row in zip(DEFECT_GRID, state)}
+        return grid
+
+    def best(self) -> tuple[float, float]:
+        """(threshold, defect F) with the best defect F; ties go to the higher threshold, which flags less."""
+        f = {t: c.compute()["defect_f"] for t, c in self.counts.items()}
+        t = max(f, key=lambda t: (round(f[t], 9), t))
+        return t, f[t]
+
+
 def format_row(metrics: dict) -> str:
     """The paper's row for logs: "Pre 0.812 | Re 0.790 | OA 0.991 | F1 0.801 | IoU 0.668 | AUC ..."."""
     names = [

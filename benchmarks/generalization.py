@@ -16,8 +16,9 @@ held-out pairs at the masks' native resolution:
   alarms), as `predict`, `eval` and serving apply it;
 - the same checkpoint unconfirmed, its threshold calibrated on unconfirmed maps of the calibration board (the
   network alone);
-- the confirmed maps again, at the threshold of a 0.05 grid with the best defect F (overlap rule) on the
-  calibration board's boxes instead of the best pixel F1. All three come from the same forward passes.
+- the confirmed maps again, at the threshold ``--calibrate defect`` serves: the one of a 0.05 grid with the best
+  defect F on the calibration board's masks, instead of the best pixel F1. All three come from the same forward
+  passes.
 Columns, per held-out board and pooled: defect F under the overlap rule against the dataset's own boxes and under
 DeepPCB's rule (IoU > 0.33, one to one), box recall, false alarms per pair, pixel F1, and training minutes. The
 table is printed; ``--json`` keeps every figure. ``--work DIR`` keeps each fold's trained run: a rerun with the same
@@ -48,11 +49,10 @@ from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import read_boxes, read_split
 from anodfd.data.shift import box_mask_dataset
 from anodfd.evaluation import evaluate
-from anodfd.metrics import BoxCounts, PixelHistogram
+from anodfd.metrics import BoxCounts, DefectGrid, PixelHistogram
 from anodfd.train.loop import check_resumable, fit
 
 DEEPPCB_FOLDS = ["00041,44000", "13000,50600,92000", "20085,77000"]
-DEFECT_GRID = [round(t, 2) for t in np.arange(0.05, 0.96, 0.05)]  # thresholds tried for defect F
 
 
 class Tally:
@@ -156,22 +156,19 @@ def network(data: Path, regex: str, tallies: tuple[Tally, Tally, Tally], args: a
                  progress=f"scoring the {'calibration' if split == 'val' else 'held-out'} boards")
 
     calib = (PixelHistogram(), PixelHistogram())
-    by_boxes = {t: BoxCounts() for t in DEFECT_GRID}  # confirmed maps: defect F at each threshold of the grid
+    grid = DefectGrid()  # confirmed maps: defect F at each threshold, as `--calibrate defect` counts it
 
     def calibrate(pair, plain: np.ndarray, sure: np.ndarray, mask: np.ndarray) -> None:
         for h, m in zip(calib, (plain, sure)):
             h.update(torch.from_numpy(m)[None, None], torch.from_numpy(mask)[None, None])
-        for t, counts in by_boxes.items():
-            counts.update((sure >= t).astype(np.uint8), read_boxes(pair))
+        grid.update(sure, mask)
 
     both_maps("val", calibrate)
     (t_plain, f1_plain), (t_sure, f1_sure) = (h.best_f1_threshold() for h in calib)
-    # the highest threshold among the best: ties go to fewer detections
-    t_defect = max(DEFECT_GRID, key=lambda t: (round(by_boxes[t].compute()["box_f"], 6), t))
-    f_defect = by_boxes[t_defect].compute()["box_f"]
+    t_defect, f_defect = grid.best()
     print(f"  calibration board: unconfirmed F1 {f1_plain:.3f} at {t_plain:.3f}; confirmed F1 {f1_sure:.3f} at "
           f"{t_sure:.3f} (the checkpoint serves {float(ckpt['threshold']):.3f}); confirmed defect F {f_defect:.3f} "
-          f"at {t_defect:.2f}", flush=True)
+          f"at {t_defect:.2f} (--calibrate defect)", flush=True)
 
     def score(pair, plain: np.ndarray, sure: np.ndarray, mask: np.ndarray) -> None:
         group, boxes = re.search(regex, pair.name).group(1), read_boxes(pair)
@@ -244,7 +241,7 @@ def main() -> None:
 
     taught = "" if args.train_masks == "shipped" else " on box masks"
     network_rows = [f"AnoDFDNet recipe{taught}, unconfirmed", f"AnoDFDNet recipe{taught}, --confirm diff",
-                    f"AnoDFDNet recipe{taught}, --confirm diff, threshold for defect F"]
+                    f"AnoDFDNet recipe{taught}, --confirm diff --calibrate defect"]
     methods = ["template differencing", "ECC + differencing"] + ([] if args.skip_network else network_rows)
     tallies = {m: Tally() for m in methods}
     minutes: dict[str, float | None] = defaultdict(float)

@@ -463,3 +463,35 @@ def test_generalization_reuses_a_run_only_for_the_fold_that_made_it(tmp_path):
     (run / "fold.json").unlink()  # a run from before runs recorded their fold
     with pytest.raises(SystemExit, match="remove it or pass another --work"):
         bench.claim_run(run, fold)
+
+
+def test_defect_grid_serves_the_threshold_with_the_best_defect_f():
+    """`--calibrate defect`: defect F at every grid threshold, counted by hand on one pair. Defect A at 0.9, defect B
+    at 0.32 and an unchanged region at 0.6: every threshold up to 0.30 finds both with one false alarm (F 0.8), up to
+    0.60 A and the false alarm (0.5), up to 0.90 A alone (0.667), above it nothing (0). Ties go to the higher
+    threshold, which flags less; ranks add up through ``state``."""
+    from anodfd.metrics import DEFECT_GRID, DefectGrid
+
+    mask, probs = np.zeros((64, 64), np.uint8), np.zeros((64, 64), np.float32)
+    mask[5:15, 5:15] = probs[5:15, 5:15] = 1
+    probs[5:15, 5:15] = 0.9
+    mask[30:40, 5:15] = 1
+    probs[30:40, 5:15] = 0.32
+    probs[40:50, 40:50] = 0.6
+    grid = DefectGrid()
+    grid.update(probs, mask)
+    f = {t: grid.counts[t].compute()["defect_f"] for t in DEFECT_GRID}
+    expected = {t: 0.8 if t <= 0.3 else 0.5 if t <= 0.6 else 2 / 3 if t <= 0.9 else 0.0 for t in DEFECT_GRID}
+    assert f == pytest.approx(expected)
+    assert grid.best() == (0.3, pytest.approx(0.8))
+
+    # The same map over an unchanged pair, counted on another rank: its three regions are false alarms. Summed,
+    # F is 0.5 up to 0.30 (2 found, 6 detections) and again above 0.60 (1 of 2 found, 1 of 2 detections true).
+    other = DefectGrid()
+    other.update(probs, np.zeros_like(mask))
+    both = DefectGrid()
+    both.update(probs, mask)
+    both.update(probs, np.zeros_like(mask))
+    merged = DefectGrid.from_state(grid.state() + other.state())
+    assert {t: c.counts for t, c in merged.counts.items()} == {t: c.counts for t, c in both.counts.items()}
+    assert merged.best() == (0.9, pytest.approx(0.5))

@@ -544,12 +544,15 @@ def test_the_card_reports_both_box_rules_when_the_test_split_has_boxes():
 
 
 def test_the_card_says_when_detections_are_confirmed_by_differencing():
-    """A `--confirm diff` model serves other regions than its network alone finds: its card says so."""
+    """A `--confirm diff` model serves other regions than its network alone finds, and a `--calibrate defect` one
+    at a threshold chosen for defect F: its card says so."""
     import json
 
-    def serves(data: dict) -> str:
-        tags = {"served_threshold": "0.7", "config": json.dumps({"data": data})}
+    def serves(data: dict, train: dict | None = None) -> str:
+        tags = {"served_threshold": "0.7", "config": json.dumps({"data": data, "train": train or {}})}
         return next(ln for ln in model_card("sqlite:///x.db", "anodfdnet-X", 1, tags).splitlines() if "Serves" in ln)
 
     assert "`--confirm diff`" in serves({"align": "ecc", "confirm": "diff"})
     assert "confirm" not in serves({"align": "ecc", "confirm": "none"}) and "confirm" not in serves({})
+    assert "(calibrated on validation defect F, `--calibrate defect`)" in serves({}, {"calibrate": "defect"})
+    assert "(calibrated on validation)" in serves({}, {"calibrate": "pixel"})

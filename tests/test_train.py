@@ -142,6 +142,26 @@ def test_training_on_native_crops_learns_and_logs_defect_metrics(synth_ol, tmp_p
     assert max(h["defect_recall"] for h in result["history"]) > 0.5
 
 
+def test_calibrate_defect_serves_the_threshold_with_the_best_validation_defect_f(synth_ol, tmp_path):
+    """`--calibrate defect`: the checkpoint serves the grid threshold whose validation defect F is best, as scoring
+    the saved model again finds it, with the pixel F1 there as its calibrated F1; the epoch line shows both."""
+    from anodfd.metrics import DEFECT_GRID, DefectGrid
+
+    config = smoke(synth_ol, **{"train.epochs": 4, "train.calibrate": "defect"})
+    lines: list[str] = []
+    result = fit(config, tmp_path / "run", log=lines.append)
+    ckpt = load_checkpoint(result["best"])
+    model, saved = model_from_checkpoint(ckpt)
+    grid = DefectGrid()
+    pixels, _, _ = evaluate(model, make_dataset(saved.data, "val"), torch.device("cpu"), saved.data.window,
+                            on_pair=lambda i, probs, mask: grid.update(probs, mask))
+    threshold, defect_f = grid.best()
+    assert ckpt["threshold"] == threshold and threshold in DEFECT_GRID
+    assert ckpt["metrics"]["calibrated_defect_f"] == pytest.approx(defect_f) and defect_f > 0.3
+    assert ckpt["metrics"]["calibrated_f1"] == pytest.approx(pixels.compute(threshold)["f1"])
+    assert any(f"defect F {defect_f:.4f} @ {threshold:.3f}" in line for line in lines), lines
+
+
 def test_checkpoint_is_self_describing_and_weights_only(synth_ol, tmp_path):
     config = smoke(synth_ol, **{"train.epochs": 1, "train.max_steps_per_epoch": 2})
     fit(config, tmp_path / "run", log=lambda s: None)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from anodfd import tracking
-from anodfd.cli import add_data_flags, add_group_flags, add_view_flags
+from anodfd.cli import add_calibrate_flag, add_data_flags, add_group_flags, add_view_flags
 from anodfd.config import MAX_EPOCHS, MODEL_NAMES, PRESETS, Config, ConfigError, with_window
 from anodfd.data.cache import read_mask
 from anodfd.data.dataset import make_dataset
@@ -106,6 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="search name; rerunning with it resumes")
     p.add_argument("--resume", action="store_true", help="continue the search --name (the latest one if no --name)")
     p.add_argument("--seed", type=int, default=0)
+    add_calibrate_flag(p)
     p.add_argument("--metric", choices=METRICS, default=None,
                    help="validation metric to maximise (default: the preset's); defect_f is defect-level F at the "
                         "fixed threshold: a defect found when a detection overlaps it")
@@ -189,7 +190,8 @@ def search(args: argparse.Namespace) -> int:
             if getattr(args, k) is not None}
     base = with_window(Config().with_flat(preset["config"]), {
         "data.data": str(data_dir), "train.epochs": max_epochs, "train.seed": args.seed, **view,
-        **({"model.name": args.model} if args.model else {})})
+        **({"model.name": args.model} if args.model else {}),
+        **({"train.calibrate": args.calibrate} if args.calibrate else {})})
 
     base = rank_on_held_out_groups(base)
     # Everything checkable is checked before Ray starts: data (all splits, promotion needs test), tracking.
