@@ -243,6 +243,7 @@ ROWS = [
                    id=f"search{'-'.join(['', *flags])}")
       for flags, named in [(["--seed", "-1"], "--seed -1"), (["--max-epochs", "1000000000"], "--max-epochs 1000000000"),
                            (["--num-samples", "1000000"], "--num-samples 1000000"),
+                           (["--metric", "calibrated_defect_f"], "add --calibrate defect"),
                            (["--storage", "NEW", "--name", "bad name"], "run name 'bad name'"),
                            (["--name", "."], "run name '.'"), (["--name", ".."], "run name '..'")]],
     # 11. synth

@@ -59,7 +59,7 @@ SEARCH_PRESETS = {
 SEARCHED = list(dict.fromkeys([*PAPER.distributions(), *SMOKE.distributions()]))
 # Flags of `anodfd train` that set a dimension the space searches: given, they fix it.
 SPACE_FLAGS = ("resize", "scale", "crop", "crop_pos_fraction", "align", "confirm")
-METRICS = ("f1", "calibrated_f1", "iou", "auc", "defect_f")
+METRICS = ("f1", "calibrated_f1", "iou", "auc", "defect_f", "calibrated_defect_f")
 SEARCH_MARKER = "anodfd_search.json"  # in each search folder: its dataset, so --resume can find the latest
 TRIAL_DRIVER_CPU = 0.1  # the Tune function that launches a trial's TorchTrainer only waits
 MAX_SAMPLES = 10_000  # trials of one search (and trials at once): more is a slipped digit
@@ -109,7 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_calibrate_flag(p)
     p.add_argument("--metric", choices=METRICS, default=None,
                    help="validation metric to maximise (default: the preset's); defect_f is defect-level F at the "
-                        "fixed threshold: a defect found when a detection overlaps it")
+                        "fixed threshold: a defect found when a detection overlaps it; calibrated_defect_f, at the "
+                        "served threshold, needs --calibrate defect")
     p.add_argument("--address", default=None, help="Ray cluster (default $RAY_ADDRESS, else a local Ray instance)")
     p.add_argument("--check", action="store_true",
                    help="on a cluster: check every node (versions, code, GPUs and driver, storage, data, MLflow), "
@@ -200,6 +201,9 @@ def search(args: argparse.Namespace) -> int:
     load_split(data_dir, "test", base.data.layout)
     if metric == "auc":
         check_auc_can_rank(base)
+    if metric == "calibrated_defect_f" and base.train.calibrate != "defect":
+        raise ConfigError("--metric calibrated_defect_f is measured at the threshold --calibrate defect chooses: add "
+                          "--calibrate defect, or rank by another --metric")
     if args.check:
         return check_only(args, str(data_dir), uri)
     name = args.name
