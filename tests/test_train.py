@@ -348,7 +348,8 @@ def test_checkpoints_written_before_views_existed_still_load():
 
 
 @pytest.mark.parametrize("key, value", [("train.threshold", 0.0), ("train.threshold", 1.0), ("data.val_fraction", 0.0),
-                                        ("data.val_fraction", 1.5), ("train.beta1", 1.0), ("train.weight_decay", -1.0)])
+                                        ("data.val_fraction", 1.5), ("train.beta1", 1.0), ("train.weight_decay", -1.0),
+                                        ("train.calibrate", "f1")])
 def test_settings_without_a_flag_are_checked_too(key, value):
     with pytest.raises(ConfigError, match=rf"\({key}\)"):
         Config().with_flat({key: value})
