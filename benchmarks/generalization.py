@@ -118,10 +118,10 @@ def differencing(data: Path, regex: str, tally: Tally, align: str) -> None:
 def network(data: Path, regex: str, tallies: tuple[Tally, Tally, Tally], args: argparse.Namespace,
             out: Path) -> tuple[float | None, dict[str, float]]:
     """Trains the recipe (``--confirm diff``) on the fold's masks (``--train-masks``), or resumes its run in
-    ``out``, and scores its best
-    checkpoint on the held-out boards twice from the same forward passes: unconfirmed and confirmed, each at the
-    threshold that maximises its own pixel F1 on the calibration board. Returns training minutes (None: trained
-    earlier, in a run that did not record them) and both thresholds with their calibration-board pixel F1."""
+    ``out``, and scores its best checkpoint on the held-out boards three times from the same forward passes:
+    unconfirmed and confirmed, each at the threshold that maximises its own pixel F1 on the calibration board, and
+    confirmed at the threshold ``--calibrate defect`` picks there. Returns training minutes (None: trained
+    earlier, in a run that did not record them) and the thresholds with their calibration-board figures."""
     config = with_window(Config().with_flat({
         **PRESETS["smoke"], "data.data": str(data), "model.name": "tiny", "train.epochs": args.epochs,
         "train.seed": args.seed, "train.schedule": args.schedule, "data.align": "ecc", "data.confirm": "diff",
