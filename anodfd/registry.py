@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -354,7 +355,7 @@ def log_export(uri: str, model_uri: str, path: Path, int8: dict | None = None) -
             ir = Path(tmp) / "ir"
             ir.mkdir()
             for f in files:
-                (ir / f"model{f.suffix}").write_bytes(f.read_bytes())
+                shutil.copyfile(f, ir / f"model{f.suffix}")
             model_id = log_pyfunc(uri, load_checkpoint_from_registry(uri, model_uri),
                                   c.get_run(mv.run_id).info.experiment_id, mv.run_id,
                                   {"source_version": f"{name}/{version}", "runtime": kind},

@@ -177,11 +177,11 @@ def epoch_metrics(pixels: PixelHistogram, images: ImageScores, threshold: float,
     maximises pixel F1, or with ``grid`` (``--calibrate defect``) defect F, and ``calibrated_f1`` is the pixel F1
     there either way."""
     metrics = pixels.compute(threshold)
-    best_t, best_f1 = pixels.best_f1_threshold()
-    if grid is not None:
-        best_t, defect_f = grid.best()
+    if grid is None:
+        best_t, best_f1 = pixels.best_f1_threshold()
+    else:
+        best_t, metrics["calibrated_defect_f"] = grid.best()
         best_f1 = pixels.compute(best_t)["f1"]
-        metrics["calibrated_defect_f"] = defect_f
     # Without anomalous pixels in validation every threshold that flags nothing ties at F1 1; a collapsed model
     # is best at 0.0 (flag everything). Neither is a threshold to serve with: the fixed one is kept instead, and
     # `threshold_calibrated` says so.
