@@ -33,7 +33,7 @@ sysdeps:
 
 # The main job on its embedded default: synthetic OL data, local Ray, local MLflow store (./mlflow.db).
 demo: $(STAMP)
-	@test -f data/OL/train.txt || $(PY) -m anodfd synth OL --out data/OL --pairs 60 --size 512x384 --seed 1
+	@test -f data/OL/train.txt || $(PY) -m anodfd synth OL --out data/OL --pairs 76 --test-pairs 16 --size 512x384 --seed 1
 	$(PY) -m anodfd data check data/OL
 	$(PY) tune/search.py --dataset OL --preset smoke
 

@@ -32,7 +32,7 @@ def _synth(args: argparse.Namespace) -> int:
         raise ConfigError(f"--size {args.size!r}: {e}") from None
     check_output(args.out, "--out")
     out = synthesize(args.kind, args.out, pairs=args.pairs, seed=args.seed, size=size, workers=args.workers,
-                     small=args.small_anomalies, force=args.force)
+                     small=args.small_anomalies, force=args.force, test_pairs=args.test_pairs)
     print(f"wrote {out} (contact sheet: {out / 'contact_sheet.png'})")
     return 0
 
@@ -73,8 +73,9 @@ def _data_boxmasks(args: argparse.Namespace) -> int:
 def add_calibrate_flag(p: argparse.ArgumentParser) -> None:
     """`anodfd train` and the search: what the served threshold maximises on validation."""
     p.add_argument("--calibrate", choices=list(CALIBRATIONS), default=None,
-                   help="the served threshold maximises validation pixel F1 (default) or defect F (0.05 grid): "
-                        "defect suits a site that counts defects found and false alarms")
+                   help="the served threshold maximises validation pixel F1 (default; the search's smoke preset: "
+                        "defect) or defect F (0.05 grid): defect suits a site that counts defects found and false "
+                        "alarms")
 
 
 # CLI flag -> dotted config keys it sets.
@@ -507,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=["OL", "FB", "Diff"])
     p.add_argument("--out", required=True, help="output folder (the paper's layout)")
     p.add_argument("--pairs", type=int, default=None, help="total pairs (default: the paper's count)")
+    p.add_argument("--test-pairs", type=int, default=None,
+                   help="pairs in the test split, out of --pairs (default: the paper's share)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", default=None,
                    help="WxH for every pair, e.g. 512x384, sides 32 to 8192 (default: the paper's sizes)")

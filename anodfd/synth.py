@@ -92,11 +92,13 @@ def synthesize(
     progress: bool = True,
     small: bool = False,
     force: bool = False,
+    test_pairs: int | None = None,
 ) -> Path:
     """Write a synthetic ``kind`` dataset (OL, FB or Diff) to ``out`` in the paper's layout; return ``out``.
 
     ``pairs`` is the total pair count (None = the paper's), split like the paper: the same test share, then
-    train+val cut 8:2. ``size`` forces one (width, height) for every pair (None = the paper's sizes).
+    train+val cut 8:2; ``test_pairs`` sets the test count instead of the paper's share (a test split of a few pairs
+    cannot tell a model that finds 80% of its defects from one that finds half). ``size`` forces one (width, height) for every pair (None = the paper's sizes).
     ``workers`` processes draw pairs in parallel (None = all cores, 1 = inline, no processes).
     ``small`` draws every anomaly a few pixels to a few tens of pixels across (`SMALL_AREA`), the defects that
     vanish when a large image is squashed; the paper's sizes start at 0.1% of the image's area.
@@ -115,7 +117,7 @@ def synthesize(
     if root.is_file() or (root.is_dir() and not force and any(root.iterdir())):
         raise ConfigError(f"--out {root}: already holds {'a file' if root.is_file() else 'files'}; pass a new or "
                           "empty folder, or --force to write over it")
-    jobs, splits = _plan(kind, pairs, seed, size, root, small)
+    jobs, splits = _plan(kind, pairs, seed, size, root, small, test_pairs)
     root.mkdir(parents=True, exist_ok=True)
     workers = (os.cpu_count() or 1) if workers is None else max(1, workers)
     workers = min(workers, len(jobs))
@@ -159,7 +161,7 @@ class _Job:
     small: bool = False  # anomalies of `SMALL_AREA` only
 
 
-def _split_counts(kind: str, pairs: int | None) -> tuple[int, int, int]:
+def _split_counts(kind: str, pairs: int | None, test_pairs: int | None = None) -> tuple[int, int, int]:
     """(train, validation, test) pair counts."""
     spec = _SPECS[kind]
     if pairs is None:
@@ -171,6 +173,12 @@ def _split_counts(kind: str, pairs: int | None) -> tuple[int, int, int]:
         if pairs >= 3:
             test = max(1, test)
         trainval = pairs - test
+    if test_pairs is not None:
+        total = trainval + test
+        if not 1 <= test_pairs <= total - 2:
+            raise ConfigError(f"--test-pairs {test_pairs}: must be 1 to {total - 2}, leaving at least one train and "
+                              f"one validation pair of the {total}")
+        trainval, test = total - test_pairs, test_pairs
     val = round(trainval * VAL_FRACTION)
     if trainval >= 2:
         val = max(1, val)
@@ -178,10 +186,11 @@ def _split_counts(kind: str, pairs: int | None) -> tuple[int, int, int]:
 
 
 def _plan(
-    kind: str, pairs: int | None, seed: int, size: tuple[int, int] | None, root: Path, small: bool = False
+    kind: str, pairs: int | None, seed: int, size: tuple[int, int] | None, root: Path, small: bool = False,
+    test_pairs: int | None = None,
 ) -> tuple[list[_Job], dict[str, list[int]]]:
     """One job per pair, and the global indices of each split list (train.txt, validation.txt, test.txt)."""
-    n_train, n_val, n_test = _split_counts(kind, pairs)
+    n_train, n_val, n_test = _split_counts(kind, pairs, test_pairs)
     prefix = _SPECS[kind].prefix
     trainval = n_train + n_val
     jobs = [

@@ -20,8 +20,9 @@ held-out pairs at the masks' native resolution:
   defect F on the calibration board's masks, instead of the best pixel F1. All three come from the same forward
   passes.
 Columns, per held-out board and pooled: defect F under the overlap rule against the dataset's own boxes and under
-DeepPCB's rule (IoU > 0.33, one to one), box recall, false alarms per pair, pixel F1, and training minutes. The
-table is printed; ``--json`` keeps every figure. ``--work DIR`` keeps each fold's trained run: a rerun with the same
+DeepPCB's rule (IoU > 0.33, one to one), box recall, false alarms per pair, pixel F1, and training minutes.
+``--sweep`` adds the confirmed maps at every threshold from 0.05 to 0.95, and found at the defect threshold but
+drawn at the pixel one (`outlined`). The table is printed; ``--json`` keeps every figure. ``--work DIR`` keeps each fold's trained run: a rerun with the same
 folder and folds scores finished runs again instead of training them, and resumes unfinished ones.
 """
 
@@ -37,6 +38,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -49,10 +51,25 @@ from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import read_boxes, read_split
 from anodfd.data.shift import box_mask_dataset
 from anodfd.evaluation import evaluate
-from anodfd.metrics import BoxCounts, DefectGrid, PixelHistogram
+from anodfd.metrics import DEFECT_GRID, BoxCounts, DefectGrid, PixelHistogram
 from anodfd.train.loop import check_resumable, fit
 
 DEEPPCB_FOLDS = ["00041,44000", "13000,50600,92000", "20085,77000"]
+
+
+def outlined(probs: np.ndarray, detect: float, threshold: float) -> np.ndarray:
+    """Regions found at ``detect`` and drawn at ``threshold`` (HxW bool): each 8-connected region of ``probs >=
+    detect`` keeps its pixels ``>= threshold``, or all of them when none reaches it. ``--sweep`` scores it to ask
+    whether a low threshold's extra boxes are faint defects of their own (kept whole here) or wider outlines of
+    regions the higher threshold finds anyway (drawn at the higher one here)."""
+    if detect >= threshold:
+        return probs >= threshold
+    n, labels = cv2.connectedComponents((probs >= detect).astype(np.uint8), connectivity=8)
+    peak = np.zeros(n, np.float32)
+    np.maximum.at(peak, labels.ravel(), probs.ravel().astype(np.float32))
+    whole = peak < threshold
+    whole[0] = False  # the background
+    return (probs >= threshold) | whole[labels]
 
 
 class Tally:
@@ -116,11 +133,13 @@ def differencing(data: Path, regex: str, tally: Tally, align: str) -> None:
 
 
 def network(data: Path, regex: str, tallies: tuple[Tally, Tally, Tally], args: argparse.Namespace,
-            out: Path) -> tuple[float | None, dict[str, float]]:
+            out: Path, sweep: dict[str, Tally] | None = None) -> tuple[float | None, dict[str, float]]:
     """Trains the recipe (``--confirm diff``) on the fold's masks (``--train-masks``), or resumes its run in
     ``out``, and scores its best checkpoint on the held-out boards three times from the same forward passes:
     unconfirmed and confirmed, each at the threshold that maximises its own pixel F1 on the calibration board, and
-    confirmed at the threshold ``--calibrate defect`` picks there. Returns training minutes (None: trained
+    confirmed at the threshold ``--calibrate defect`` picks there; with ``sweep``, the confirmed maps also at every
+    threshold of the defect grid and `outlined` (found at the defect threshold, drawn at the pixel one). Returns
+    training minutes (None: trained
     earlier, in a run that did not record them) and the thresholds with their calibration-board figures."""
     config = with_window(Config().with_flat({
         **PRESETS["smoke"], "data.data": str(data), "model.name": "tiny", "train.epochs": args.epochs,
@@ -175,6 +194,11 @@ def network(data: Path, regex: str, tallies: tuple[Tally, Tally, Tally], args: a
         tallies[0].add(group, plain >= t_plain, mask, boxes)
         tallies[1].add(group, sure >= t_sure, mask, boxes)
         tallies[2].add(group, sure >= t_defect, mask, boxes)
+        if sweep is not None:
+            sweep["found at the defect threshold, drawn at the pixel one"].add(
+                group, outlined(sure, t_defect, t_sure), mask, boxes)
+            for t in DEFECT_GRID:
+                sweep[f"confirmed at {t:.2f}"].add(group, sure >= t, mask, boxes)
 
     both_maps("test", score)
     return minutes, {"threshold": t_plain, "calibration_f1": f1_plain, "confirmed_threshold": t_sure,
@@ -221,6 +245,9 @@ def main() -> None:
     p.add_argument("--schedule", choices=list(SCHEDULES), default="cosine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-network", action="store_true", help="the differencing rows only")
+    p.add_argument("--sweep", action="store_true",
+                   help="also the confirmed maps at every threshold of the defect grid (0.05 to 0.95), and found at the "
+                        "defect threshold but drawn at the pixel one: where between the two thresholds the targets hold")
     p.add_argument("--train-masks", choices=["shipped", "boxes"], default="shipped",
                    help="what the network learns from: the shipped masks, or masks derived from the boxes on the "
                         "registered pair (`anodfd data boxmasks`, written once under --work); scored against the "
@@ -243,7 +270,9 @@ def main() -> None:
     network_rows = [f"AnoDFDNet recipe{taught}, unconfirmed", f"AnoDFDNet recipe{taught}, --confirm diff",
                     f"AnoDFDNet recipe{taught}, --confirm diff --calibrate defect"]
     methods = ["template differencing", "ECC + differencing"] + ([] if args.skip_network else network_rows)
-    tallies = {m: Tally() for m in methods}
+    sweep_rows = (["found at the defect threshold, drawn at the pixel one"]
+                  + [f"confirmed at {t:.2f}" for t in DEFECT_GRID]) if args.sweep and not args.skip_network else []
+    tallies = {m: Tally() for m in methods + sweep_rows}
     minutes: dict[str, float | None] = defaultdict(float)
     calibration: dict[str, dict[str, float]] = {}  # per fold: thresholds and calibration-board pixel F1
     work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="anodfd-generalization-"))
@@ -271,7 +300,8 @@ def main() -> None:
                 claim_run(run, {"held": sorted(held), "calibrate": calibrate}
                           | ({"train_masks": "boxes"} if train_labels else {}))
                 spent, calibration[",".join(sorted(held))] = network(
-                    root, args.group_regex, tuple(tallies[r] for r in network_rows), args, run)
+                    root, args.group_regex, tuple(tallies[r] for r in network_rows), args, run,
+                    {r: tallies[r] for r in sweep_rows} if sweep_rows else None)
                 total = minutes[network_rows[0]]
                 minutes[network_rows[0]] = None if spent is None or total is None else total + spent
             report(tallies, minutes, calibration, args, k + 1)

@@ -210,6 +210,8 @@ ROWS = [
     pytest.param(a, lambda e: ([*command(e, "eval", e.ckpt), "--batch-size", "-3"], "--batch-size -3"),
                  id="eval-batch-size-negative"),
     pytest.param(a, lambda e: (["synth", "OL", "--out", e.out, "--pairs", "0"], "--pairs 0"), id="synth-pairs-0"),
+    pytest.param(a, lambda e: (["synth", "OL", "--out", e.out, "--pairs", "10", "--test-pairs", "9"], "--test-pairs 9"),
+                 id="synth-test-pairs-leave-no-training"),
     # 8. predict checks every input before its first output
     pytest.param(a, lambda e: (["predict", "--checkpoint", e.ckpt, *e.folders(["p0.jpg", "p1.jpg", "p2.jpg"],
                                                                             {"p2.jpg": b"not an image"}),
@@ -243,7 +245,7 @@ ROWS = [
                    id=f"search{'-'.join(['', *flags])}")
       for flags, named in [(["--seed", "-1"], "--seed -1"), (["--max-epochs", "1000000000"], "--max-epochs 1000000000"),
                            (["--num-samples", "1000000"], "--num-samples 1000000"),
-                           (["--metric", "calibrated_defect_f"], "add --calibrate defect"),
+                           (["--calibrate", "pixel", "--metric", "calibrated_defect_f"], "add --calibrate defect"),
                            (["--storage", "NEW", "--name", "bad name"], "run name 'bad name'"),
                            (["--name", "."], "run name '.'"), (["--name", ".."], "run name '..'")]],
     # 11. synth

@@ -465,6 +465,25 @@ def test_generalization_reuses_a_run_only_for_the_fold_that_made_it(tmp_path):
         bench.claim_run(run, fold)
 
 
+def test_outlined_draws_found_regions_at_the_higher_threshold():
+    """`--sweep`'s found-low, drawn-high row: a region that reaches the pixel threshold is drawn at it; a faint region
+    that never does is kept whole; nothing under the detection threshold is drawn."""
+    from conftest import load_benchmark
+
+    bench = load_benchmark("generalization")
+    probs = np.zeros((8, 12), np.float32)
+    probs[1:6, 1:6] = 0.3  # a wide outline at 0.3 ...
+    probs[2:4, 2:4] = 0.8  # ... around a 2x2 core at 0.8
+    probs[1:3, 8:11] = 0.2  # a faint region that never reaches 0.6
+    probs[6, 9] = 0.05  # under the detection threshold
+    out = bench.outlined(probs, 0.1, 0.6)
+    expected = np.zeros_like(out)
+    expected[2:4, 2:4] = True
+    expected[1:3, 8:11] = True
+    assert np.array_equal(out, expected)
+    assert np.array_equal(bench.outlined(probs, 0.6, 0.6), probs >= 0.6)  # detecting at the pixel threshold or above
+
+
 def test_defect_grid_serves_the_threshold_with_the_best_defect_f():
     """`--calibrate defect`: defect F at every grid threshold, counted by hand on one pair. Defect A at 0.9, defect B
     at 0.32 and an unchanged region at 0.6: every threshold up to 0.30 finds both with one false alarm (F 0.8), up to

@@ -76,6 +76,8 @@ def test_split_counts_follow_the_paper() -> None:
     assert _split_counts("OL", 3) == (1, 1, 1)
     assert sum(_split_counts("Diff", 1)) == 1
     assert _split_counts("Diff", 100) == (64, 16, 20)
+    assert _split_counts("OL", 76, test_pairs=16) == (48, 12, 16)  # make demo's: the rest still cut 8:2
+    assert _split_counts("OL", None, test_pairs=100) == (1062, 266, 100)
 
 
 def test_same_seed_same_bytes_and_worker_count_does_not_matter(tmp_path: Path) -> None:

@@ -51,8 +51,11 @@ SEARCH_PRESETS = {
     "paper": {"config": PRESETS["paper"], "num_samples": 20, "max_epochs": 100, "metric": "f1", "space": PAPER,
               "first": [BENCHMARK_RECIPE, PAPER_RECIPE], "grace_period": GRACE_PERIOD},
     # A tiny network at small views: a few short trials, minutes on a laptop; the first is the preset's own
-    # settings. Early in training every pixel can sit below 0.5, so it ranks by F1 at the calibrated threshold.
-    "smoke": {"config": PRESETS["smoke"], "num_samples": 4, "max_epochs": 15, "metric": "calibrated_f1",
+    # settings. Early in training every pixel can sit below 0.5, so it ranks by F1 at the calibrated threshold,
+    # which is chosen for defect F: the champion is judged by the defects it finds at it (docs/results/demo.md:
+    # 80% of the test defects in 3 of 3 search seeds, against 2 of 3 at the pixel-F1 threshold).
+    "smoke": {"config": {**PRESETS["smoke"], "train.calibrate": "defect"}, "num_samples": 4, "max_epochs": 15,
+              "metric": "calibrated_f1",
               "space": SMOKE, "first": [Config().with_flat(PRESETS["smoke"]).flat()], "grace_period": GRACE_PERIOD},
 }
 # Every dimension any preset searches, in the summary table's order.
