@@ -21,7 +21,8 @@ held-out pairs at the masks' native resolution:
   passes.
 Columns, per held-out board and pooled: defect F under the overlap rule against the dataset's own boxes and under
 DeepPCB's rule (IoU > 0.33, one to one), box recall, false alarms per pair, pixel F1, and training minutes.
-``--sweep`` adds the confirmed maps at every threshold from 0.05 to 0.95, and found at the defect threshold but
+``--augment`` and ``--misregister`` train the recipe with another augmentation (each such run is kept apart under
+``--work``). ``--sweep`` adds the confirmed maps at every threshold from 0.05 to 0.95, and found at the defect threshold but
 drawn at the pixel one (`outlined`). The table is printed; ``--json`` keeps every figure. ``--work DIR`` keeps each fold's trained run: a rerun with the same
 folder and folds scores finished runs again instead of training them, and resumes unfinished ones.
 """
@@ -50,6 +51,7 @@ from anodfd.data.cache import read_mask, read_rgb
 from anodfd.data.dataset import make_dataset
 from anodfd.data.layouts import read_boxes, read_split
 from anodfd.data.shift import box_mask_dataset
+from anodfd.data.transforms import AUGMENTS
 from anodfd.evaluation import evaluate
 from anodfd.metrics import DEFECT_GRID, BoxCounts, DefectGrid, PixelHistogram
 from anodfd.train.loop import check_resumable, fit
@@ -139,12 +141,11 @@ def network(data: Path, regex: str, tallies: tuple[Tally, Tally, Tally], args: a
     unconfirmed and confirmed, each at the threshold that maximises its own pixel F1 on the calibration board, and
     confirmed at the threshold ``--calibrate defect`` picks there; with ``sweep``, the confirmed maps also at every
     threshold of the defect grid and `outlined` (found at the defect threshold, drawn at the pixel one). Returns
-    training minutes (None: trained
-    earlier, in a run that did not record them) and the thresholds with their calibration-board figures."""
+    training minutes (None: trained earlier, in a run that did not record them) and the thresholds with their calibration-board figures."""
     config = with_window(Config().with_flat({
         **PRESETS["smoke"], "data.data": str(data), "model.name": "tiny", "train.epochs": args.epochs,
         "train.seed": args.seed, "train.schedule": args.schedule, "data.align": "ecc", "data.confirm": "diff",
-        "data.cache_dir": args.cache_dir or ""}),
+        "data.augment": args.augment, "data.misregister": args.misregister, "data.cache_dir": args.cache_dir or ""}),
         {"data.resize": 0, "data.scale": 1.0, "data.crop": 256, "data.crop_pos_fraction": 0.5})
     record = out / "train_minutes.json"  # summed over the sessions that trained this run
     earlier = (json.loads(record.read_text())["minutes"] if record.exists()
@@ -252,11 +253,17 @@ def main() -> None:
                    help="what the network learns from: the shipped masks, or masks derived from the boxes on the "
                         "registered pair (`anodfd data boxmasks`, written once under --work); scored against the "
                         "shipped masks and the boxes either way")
+    p.add_argument("--augment", choices=list(AUGMENTS), default="paper",
+                   help="the recipe's training augmentation; strong adds scale, shift and photometric changes")
+    p.add_argument("--misregister", type=float, default=0.0,
+                   help="train on histories shifted, rotated and scaled by up to this fraction after registration")
     p.add_argument("--cache-dir", default=None, help="decode cache (default $ANODFD_CACHE_DIR or ~/.cache/anodfd)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--work", type=Path, default=None,
                    help="keep fold views and trained runs here, reused by a rerun (default: a temporary folder)")
     args = p.parse_args()
+    if not 0 <= args.misregister < 0.5:
+        sys.exit(f"--misregister {args.misregister}: must be 0 or more and under 0.5 (a fraction of the side)")
     src = args.data.resolve()
     if not (src / "boxes").is_dir() or not (src / "A").is_dir():
         sys.exit(f"{src}: no A/ and boxes/ folders; give --data an A/B layout that ships boxes (DeepPCB's trainval)")
@@ -266,7 +273,10 @@ def main() -> None:
     if unknown:
         sys.exit(f"--folds names boards {', '.join(sorted(unknown))} that {src} does not have ({', '.join(sorted(groups))})")
 
-    taught = "" if args.train_masks == "shipped" else " on box masks"
+    lever = {**({"train_masks": "boxes"} if args.train_masks == "boxes" else {}),
+             **({"augment": args.augment} if args.augment != "paper" else {}),
+             **({"misregister": args.misregister} if args.misregister else {})}  # what sets this run apart
+    taught = "".join(f" {'on box masks' if k == 'train_masks' else f'with --{k} {v}'}" for k, v in lever.items())
     network_rows = [f"AnoDFDNet recipe{taught}, unconfirmed", f"AnoDFDNet recipe{taught}, --confirm diff",
                     f"AnoDFDNet recipe{taught}, --confirm diff --calibrate defect"]
     methods = ["template differencing", "ECC + differencing"] + ([] if args.skip_network else network_rows)
@@ -296,9 +306,9 @@ def main() -> None:
             differencing(root, args.group_regex, tallies["template differencing"], "none")
             differencing(root, args.group_regex, tallies["ECC + differencing"], "ecc")
             if not args.skip_network:
-                run = work / f"run-{'boxes-' if train_labels else ''}{'-'.join(sorted(held))}"
-                claim_run(run, {"held": sorted(held), "calibrate": calibrate}
-                          | ({"train_masks": "boxes"} if train_labels else {}))
+                tag = "".join(f"{'boxes' if k == 'train_masks' else f'{k}{v}'}-" for k, v in lever.items())
+                run = work / f"run-{tag}{'-'.join(sorted(held))}"
+                claim_run(run, {"held": sorted(held), "calibrate": calibrate} | lever)
                 spent, calibration[",".join(sorted(held))] = network(
                     root, args.group_regex, tuple(tallies[r] for r in network_rows), args, run,
                     {r: tallies[r] for r in sweep_rows} if sweep_rows else None)
