@@ -98,7 +98,8 @@ def synthesize(
 
     ``pairs`` is the total pair count (None = the paper's), split like the paper: the same test share, then
     train+val cut 8:2; ``test_pairs`` sets the test count instead of the paper's share (a test split of a few pairs
-    cannot tell a model that finds 80% of its defects from one that finds half). ``size`` forces one (width, height) for every pair (None = the paper's sizes).
+    cannot tell a model that finds 80% of its defects from one that finds half). ``size`` forces one (width,
+    height) for every pair (None = the paper's sizes).
     ``workers`` processes draw pairs in parallel (None = all cores, 1 = inline, no processes).
     ``small`` draws every anomaly a few pixels to a few tens of pixels across (`SMALL_AREA`), the defects that
     vanish when a large image is squashed; the paper's sizes start at 0.1% of the image's area.

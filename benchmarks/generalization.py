@@ -22,9 +22,10 @@ held-out pairs at the masks' native resolution:
 Columns, per held-out board and pooled: defect F under the overlap rule against the dataset's own boxes and under
 DeepPCB's rule (IoU > 0.33, one to one), box recall, false alarms per pair, pixel F1, and training minutes.
 ``--augment`` and ``--misregister`` train the recipe with another augmentation (each such run is kept apart under
-``--work``). ``--sweep`` adds the confirmed maps at every threshold from 0.05 to 0.95, and found at the defect threshold but
-drawn at the pixel one (`outlined`). The table is printed; ``--json`` keeps every figure. ``--work DIR`` keeps each fold's trained run: a rerun with the same
-folder and folds scores finished runs again instead of training them, and resumes unfinished ones.
+``--work``). ``--sweep`` adds the confirmed maps at every threshold from 0.05 to 0.95, and found at the defect
+threshold but drawn at the pixel one (`outlined`). The table is printed; ``--json`` keeps every figure. ``--work
+DIR`` keeps each fold's trained run: a rerun with the same folder and folds scores finished runs again instead of
+training them, and resumes unfinished ones.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 
 from anodfd.checkpoint import inference_model, load_checkpoint
-from anodfd.config import PRESETS, SCHEDULES, Config, with_window
+from anodfd.config import PRESETS, SCHEDULES, Config, ConfigError, with_window
 from anodfd.confirm import confirmed, evidence
 from anodfd.data.align import align_pair
 from anodfd.data.cache import read_mask, read_rgb
@@ -134,6 +135,16 @@ def differencing(data: Path, regex: str, tally: Tally, align: str) -> None:
         tally.add(re.search(regex, p.name).group(1), evidence(hist, cur), mask, read_boxes(p))
 
 
+def recipe(data: Path, args: argparse.Namespace) -> Config:
+    """The recipe's config on ``data``, with the command line's seed, schedule and augmentation: built once before
+    any compute, so that a bad value fails there, with the config's own one-line rule."""
+    return with_window(Config().with_flat({
+        **PRESETS["smoke"], "data.data": str(data), "model.name": "tiny", "train.epochs": args.epochs,
+        "train.seed": args.seed, "train.schedule": args.schedule, "data.align": "ecc", "data.confirm": "diff",
+        "data.augment": args.augment, "data.misregister": args.misregister, "data.cache_dir": args.cache_dir or ""}),
+        {"data.resize": 0, "data.scale": 1.0, "data.crop": 256, "data.crop_pos_fraction": 0.5})
+
+
 def network(data: Path, regex: str, tallies: tuple[Tally, Tally, Tally], args: argparse.Namespace,
             out: Path, sweep: dict[str, Tally] | None = None) -> tuple[float | None, dict[str, float]]:
     """Trains the recipe (``--confirm diff``) on the fold's masks (``--train-masks``), or resumes its run in
@@ -141,12 +152,9 @@ def network(data: Path, regex: str, tallies: tuple[Tally, Tally, Tally], args: a
     unconfirmed and confirmed, each at the threshold that maximises its own pixel F1 on the calibration board, and
     confirmed at the threshold ``--calibrate defect`` picks there; with ``sweep``, the confirmed maps also at every
     threshold of the defect grid and `outlined` (found at the defect threshold, drawn at the pixel one). Returns
-    training minutes (None: trained earlier, in a run that did not record them) and the thresholds with their calibration-board figures."""
-    config = with_window(Config().with_flat({
-        **PRESETS["smoke"], "data.data": str(data), "model.name": "tiny", "train.epochs": args.epochs,
-        "train.seed": args.seed, "train.schedule": args.schedule, "data.align": "ecc", "data.confirm": "diff",
-        "data.augment": args.augment, "data.misregister": args.misregister, "data.cache_dir": args.cache_dir or ""}),
-        {"data.resize": 0, "data.scale": 1.0, "data.crop": 256, "data.crop_pos_fraction": 0.5})
+    training minutes (None: trained earlier, in a run that did not record them) and the thresholds with their
+    calibration-board figures."""
+    config = recipe(data, args)
     record = out / "train_minutes.json"  # summed over the sessions that trained this run
     earlier = (json.loads(record.read_text())["minutes"] if record.exists()
                else 0.0 if not (out / "last.pt").exists() else None)
@@ -262,9 +270,11 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None,
                    help="keep fold views and trained runs here, reused by a rerun (default: a temporary folder)")
     args = p.parse_args()
-    if not 0 <= args.misregister < 0.5:
-        sys.exit(f"--misregister {args.misregister}: must be 0 or more and under 0.5 (a fraction of the side)")
     src = args.data.resolve()
+    try:
+        recipe(src, args)
+    except ConfigError as e:
+        sys.exit(str(e))
     if not (src / "boxes").is_dir() or not (src / "A").is_dir():
         sys.exit(f"{src}: no A/ and boxes/ folders; give --data an A/B layout that ships boxes (DeepPCB's trainval)")
     groups = {re.search(args.group_regex, x.name).group(1) for x in read_split(src, "train") + read_split(src, "val")}
